@@ -1,0 +1,16 @@
+"""gblr: Generalized Block Low-Rank layers with structure learned under a compute budget."""
+
+from gblr import cost
+from gblr.layers import STRUCTURES, GBLRLinear, StructuredLinear, get_structure
+from gblr.ops import gaudi_mask
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "cost",
+    "gaudi_mask",
+    "GBLRLinear",
+    "StructuredLinear",
+    "STRUCTURES",
+    "get_structure",
+]

@@ -1,0 +1,12 @@
+"""Structured linear layers: GBLR and the structured family it generalises."""
+
+from gblr.layers.base import STRUCTURES, StructuredLinear, get_structure, register_structure
+from gblr.layers.gblr import GBLRLinear
+
+__all__ = [
+    "STRUCTURES",
+    "StructuredLinear",
+    "get_structure",
+    "register_structure",
+    "GBLRLinear",
+]

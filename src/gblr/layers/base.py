@@ -1,0 +1,140 @@
+"""The interface shared by every structured linear layer, and their registry."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from gblr.cost import check_positive, dense_cost
+
+__all__ = [
+    "StructuredLinear",
+    "STRUCTURES",
+    "register_structure",
+    "get_structure",
+    "check_matrix",
+]
+
+#: Structure name -> layer class (``"gblr"``, ``"lowrank"``, ``"monarch"``, ...).
+STRUCTURES: dict[str, type[StructuredLinear]] = {}
+
+
+def register_structure(name: str):
+    """Class decorator that records a structured layer under ``name``."""
+
+    def wrap(cls: type[StructuredLinear]) -> type[StructuredLinear]:
+        if name in STRUCTURES:
+            raise ValueError(f"structure {name!r} is already registered")
+        cls.structure_name = name
+        STRUCTURES[name] = cls
+        return cls
+
+    return wrap
+
+
+def get_structure(name: str) -> type[StructuredLinear]:
+    """The layer class registered as ``name``; a clear error lists the known names."""
+    try:
+        return STRUCTURES[name]
+    except KeyError:
+        known = ", ".join(sorted(STRUCTURES))
+        raise ValueError(f"unknown structure {name!r}; known structures: {known}") from None
+
+
+def check_matrix(weight: torch.Tensor, name: str = "weight") -> torch.Tensor:
+    """Validate a dense ``(out, in)`` matrix: 2-D, floating point, finite."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D (out, in) matrix, got shape {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {weight.dtype}")
+    if weight.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(weight.shape)}")
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+    return weight
+
+
+class StructuredLinear(nn.Module, ABC):
+    """Base class of the structured ``nn.Linear`` replacements.
+
+    Subclasses implement :meth:`_forward_2d` (on a ``(tokens, in)`` input),
+    :meth:`to_dense`, :meth:`flops` and :meth:`from_dense`. The base class
+    validates shapes, flattens leading dimensions and handles the bias.
+    """
+
+    structure_name: ClassVar[str] = "structured"
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = check_positive("in_features", in_features)
+        self.out_features = check_positive("out_features", out_features)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.out_features, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+
+    # -- to implement -------------------------------------------------------------------------
+    @abstractmethod
+    def _forward_2d(self, x: torch.Tensor) -> torch.Tensor:
+        """``W x`` (no bias) for ``x`` of shape ``(tokens, in)``."""
+
+    @abstractmethod
+    def to_dense(self) -> torch.Tensor:
+        """The ``(out, in)`` matrix this layer applies (bias excluded)."""
+
+    @abstractmethod
+    def flops(self) -> int:
+        """MACs per token of the forward pass (bias excluded)."""
+
+    @classmethod
+    @abstractmethod
+    def from_dense(
+        cls, weight: torch.Tensor, budget: float, bias: torch.Tensor | None = None, **kwargs: Any
+    ) -> StructuredLinear:
+        """Project a dense ``(out, in)`` matrix onto this structure within ``budget``."""
+
+    # -- shared -------------------------------------------------------------------------------
+    def reset_bias(self) -> None:
+        """Initialise the bias as ``nn.Linear`` does."""
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def num_parameters(self) -> int:
+        """Number of stored parameters, bias included."""
+        return sum(p.numel() for p in self.parameters())
+
+    def dense_flops(self) -> int:
+        """MACs per token of the dense layer this one replaces."""
+        return dense_cost(self.in_features, self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{type(self).__name__} expects inputs of shape (..., {self.in_features}), "
+                f"got {tuple(x.shape)}"
+            )
+        lead = x.shape[:-1]
+        y = self._forward_2d(x.reshape(-1, self.in_features))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}"
+        )

@@ -1,0 +1,449 @@
+"""The GBLR layer: a sum of low-rank components, each confined to a learned box.
+
+``W = sum_c diag(m_out_c) U_c V_c diag(m_in_c)`` where ``m_in_c`` and
+``m_out_c`` are Gaudi masks whose widths and locations are trainable.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gblr.cost import (
+    INPUT_AXIS,
+    OUTPUT_AXIS,
+    check_budget,
+    check_positive,
+    grouped_component_cost,
+    max_rank_for_budget,
+)
+from gblr.layers.base import StructuredLinear, check_matrix, register_structure
+from gblr.ops.gaudi import EVAL_MASK_THRESHOLD, gaudi_mask, round_to_grid
+
+__all__ = ["GBLRLinear", "INIT_SCHEMES", "LOCATION_INITS", "FORWARD_PATHS"]
+
+INIT_SCHEMES = ("svd", "lowrank", "sparse_lowrank", "random")
+LOCATION_INITS = ("even", "constant", "random")
+FORWARD_PATHS = ("auto", "dense", "lowrank")
+
+
+def _svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Balanced truncated-SVD factors ``U (out, rank)``, ``V (rank, in)`` of ``weight``."""
+    u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
+    root = s[:rank].sqrt()
+    return (u[:, :rank] * root).to(weight.dtype), (root[:, None] * vh[:rank]).to(weight.dtype)
+
+
+@register_structure("gblr")
+class GBLRLinear(StructuredLinear):
+    """Generalized Block Low-Rank drop-in replacement for ``nn.Linear``.
+
+    Args:
+        in_features, out_features: sizes, as for ``nn.Linear``.
+        num_components: number of components ``K``; default ``min(in, out) // rank_per_component``.
+        rank_per_component: rank ``r`` of each component.
+        bias: learn an additive bias.
+        sigma: Gaussian low-pass of the masks (None: sharp boxes).
+        init: ``"svd"`` (all widths 1, factors from the SVD of a dense init), ``"lowrank"``
+            (enough full-width components to meet ``budget``, the rest off but able to regrow),
+            ``"sparse_lowrank"`` (half the budget in full-width components, half in short ones)
+            or ``"random"`` (all widths 1, random factors; allows any ``K``).
+        budget: fraction of dense cost used by the ``"lowrank"`` and ``"sparse_lowrank"`` inits.
+        location_init: ``"even"``, ``"constant"`` (all 0) or ``"random"``.
+        path: forward path, ``"dense"`` (build W, then ``F.linear``), ``"lowrank"``
+            (``x -> (x V_m^T) U_m^T``) or ``"auto"`` (whichever needs fewer MACs).
+
+    ``widths`` and ``locations`` are ``(2, K)`` fractions, row 0 the input axis and row 1
+    the output axis. In the forward pass both are rounded to the index grid with a
+    straight-through gradient. In evaluation mode a component at most one index wide on
+    either axis is off and mask entries below ``1e-3`` are zero; :meth:`flops` always
+    reports this evaluation-mode cost.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_components: int | None = None,
+        rank_per_component: int = 1,
+        bias: bool = True,
+        sigma: float | None = None,
+        init: str = "svd",
+        budget: float | None = None,
+        location_init: str = "even",
+        path: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        r = check_positive("rank_per_component", rank_per_component)
+        min_dim = min(self.in_features, self.out_features)
+        if r > min_dim:
+            raise ValueError(
+                f"rank_per_component={r} exceeds min(in_features, out_features)={min_dim}"
+            )
+        k = min_dim // r if num_components is None else check_positive(
+            "num_components", num_components
+        )
+        if init not in INIT_SCHEMES:
+            raise ValueError(f"init must be one of {INIT_SCHEMES}, got {init!r}")
+        if init != "random" and k * r > min_dim:
+            raise ValueError(
+                f"num_components * rank_per_component = {k * r} exceeds "
+                f"min(in_features, out_features) = {min_dim}, the rank that init={init!r} "
+                "can fill; use fewer components or init='random'"
+            )
+        if location_init not in LOCATION_INITS:
+            raise ValueError(
+                f"location_init must be one of {LOCATION_INITS}, got {location_init!r}"
+            )
+        if init in ("lowrank", "sparse_lowrank"):
+            if budget is None:
+                raise ValueError(f"init={init!r} needs a budget")
+            check_budget(budget)
+        self.num_components = k
+        self.rank_per_component = r
+        self.init = init
+        self.budget = budget
+        self.location_init = location_init
+        self.path = path
+        self.sigma = sigma
+        factory = {"device": device, "dtype": dtype}
+        self.U = nn.Parameter(torch.empty(self.out_features, k * r, **factory))
+        self.V = nn.Parameter(torch.empty(k * r, self.in_features, **factory))
+        self.widths = nn.Parameter(torch.empty(2, k, **factory))
+        self.locations = nn.Parameter(torch.empty(2, k, **factory))
+        self.reset_parameters()
+
+    # -- settings ------------------------------------------------------------------------------
+    @property
+    def sigma(self) -> float | None:
+        """Width of the Gaussian low-pass on the masks (None: sharp boxes)."""
+        return self._sigma
+
+    @sigma.setter
+    def sigma(self, value: float | None) -> None:
+        if value is not None and not (float(value) > 0 and math.isfinite(float(value))):
+            raise ValueError(f"sigma must be a positive number or None, got {value!r}")
+        self._sigma = None if value is None else float(value)
+
+    @property
+    def path(self) -> str:
+        """Forward path: ``"auto"``, ``"dense"`` or ``"lowrank"``."""
+        return self._path
+
+    @path.setter
+    def path(self, value: str) -> None:
+        if value not in FORWARD_PATHS:
+            raise ValueError(f"path must be one of {FORWARD_PATHS}, got {value!r}")
+        self._path = value
+
+    # -- initialisation ------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise factors, widths, locations and bias following ``init``/``location_init``."""
+        k, r = self.num_components, self.rank_per_component
+        dense = torch.empty(self.out_features, self.in_features, dtype=torch.float32)
+        nn.init.kaiming_uniform_(dense, a=math.sqrt(5))
+        if self.init == "random":
+            std = (1.0 / (3.0 * self.in_features * k * r)) ** 0.25
+            self.U.normal_(0.0, std)
+            self.V.normal_(0.0, std)
+        else:
+            u, v = _svd_factors(dense, k * r)
+            self.U.copy_(u)
+            self.V.copy_(v)
+        self.widths.copy_(self._initial_widths())
+        self.locations.copy_(self._initial_locations())
+        self.reset_bias()
+
+    def _initial_widths(self) -> torch.Tensor:
+        k, r = self.num_components, self.rank_per_component
+        n_in, n_out = self.in_features, self.out_features
+        widths = torch.ones(2, k)
+        if self.init in ("svd", "random"):
+            return widths
+        limit = self.budget * n_in * n_out
+        full_share = limit if self.init == "lowrank" else limit / 2
+        n_full = min(k, int(full_share // (r * (n_in + n_out))))
+        widths[:, n_full:] = 0.0
+        if self.init == "sparse_lowrank" and n_full < k:
+            # remaining half of the budget split evenly over the short components
+            n_short = k - n_full
+            frac = (limit - n_full * r * (n_in + n_out)) / (n_short * r * (n_in + n_out))
+            widths[:, n_full:] = min(1.0, max(frac, 0.0))
+        return widths
+
+    def _initial_locations(self) -> torch.Tensor:
+        k = self.num_components
+        if self.location_init == "constant":
+            return torch.zeros(2, k)
+        if self.location_init == "random":
+            return torch.rand(2, k)
+        return (torch.arange(k, dtype=torch.float32) / k).expand(2, k).clone()
+
+    # -- masks ---------------------------------------------------------------------------------
+    def _axis_mask(self, axis: int, n: int) -> torch.Tensor:
+        width = round_to_grid(self.widths[axis].clamp(0.0, 1.0), n)
+        location = round_to_grid(torch.remainder(self.locations[axis], 1.0), n)
+        return gaudi_mask(width, location, n, self.sigma)
+
+    def active_components(self) -> torch.Tensor:
+        """Boolean ``(K,)``: components more than one index wide on both axes (evaluation rule)."""
+        with torch.no_grad():
+            w = self.widths.detach().clamp(0.0, 1.0)
+            cols = torch.round(w[INPUT_AXIS] * self.in_features)
+            rows = torch.round(w[OUTPUT_AXIS] * self.out_features)
+            return (cols > 1) & (rows > 1)
+
+    def masks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(m_in (K, in), m_out (K, out))`` as the forward pass uses them in the current mode."""
+        m_in = self._axis_mask(INPUT_AXIS, self.in_features)
+        m_out = self._axis_mask(OUTPUT_AXIS, self.out_features)
+        if not self.training:
+            on = self.active_components().to(m_in.dtype)[:, None]
+            m_in = torch.where(m_in.abs() < EVAL_MASK_THRESHOLD, 0.0, m_in) * on
+            m_out = torch.where(m_out.abs() < EVAL_MASK_THRESHOLD, 0.0, m_out) * on
+        return m_in, m_out
+
+    @torch.no_grad()
+    def eval_masks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The evaluation-mode masks, whatever the current mode."""
+        was_training = self.training
+        self.train(False)
+        try:
+            return self.masks()
+        finally:
+            self.train(was_training)
+
+    def _masked_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        m_in, m_out = self.masks()
+        r = self.rank_per_component
+        if r > 1:
+            m_in = m_in.repeat_interleave(r, dim=0)
+            m_out = m_out.repeat_interleave(r, dim=0)
+        u = self.U * m_out.t().to(self.U.dtype)
+        v = self.V * m_in.to(self.V.dtype)
+        return u, v
+
+    # -- the interface -------------------------------------------------------------------------
+    def _choose_path(self, tokens: int) -> str:
+        if self.path != "auto":
+            return self.path
+        kr = self.num_components * self.rank_per_component
+        n_in, n_out = self.in_features, self.out_features
+        lowrank_macs = tokens * kr * (n_in + n_out)
+        dense_macs = kr * n_in * n_out + tokens * n_in * n_out
+        return "lowrank" if lowrank_macs <= dense_macs else "dense"
+
+    def _forward_2d(self, x: torch.Tensor) -> torch.Tensor:
+        u, v = self._masked_factors()
+        if self._choose_path(x.shape[0]) == "dense":
+            return F.linear(x, u @ v)
+        return F.linear(F.linear(x, v), u)
+
+    def to_dense(self) -> torch.Tensor:
+        """The ``(out, in)`` matrix applied in the current mode."""
+        u, v = self._masked_factors()
+        return u @ v
+
+    def component_supports(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Boolean evaluation-mode supports ``(K, in)`` and ``(K, out)`` of every component."""
+        m_in, m_out = self.eval_masks()
+        return m_in != 0, m_out != 0
+
+    def flops(self) -> int:
+        """Evaluation-mode MACs per token: components with identical boxes cost one block."""
+        in_support, out_support = self.component_supports()
+        ranks = torch.full((self.num_components,), self.rank_per_component, dtype=torch.long)
+        return grouped_component_cost(in_support, out_support, ranks)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, num_components={self.num_components}, "
+            f"rank_per_component={self.rank_per_component}, sigma={self.sigma}, path={self.path!r}"
+        )
+
+    # -- exact constructors --------------------------------------------------------------------
+    @classmethod
+    def _from_components(
+        cls,
+        u: torch.Tensor,
+        v: torch.Tensor,
+        widths: torch.Tensor,
+        locations: torch.Tensor,
+        bias: torch.Tensor | None,
+        rank_per_component: int = 1,
+        **kwargs: Any,
+    ) -> GBLRLinear:
+        out_features, kr = u.shape
+        in_features = v.shape[1]
+        k = kr // rank_per_component
+        layer = cls(
+            in_features,
+            out_features,
+            num_components=k,
+            rank_per_component=rank_per_component,
+            bias=bias is not None,
+            init="random",
+            device=u.device,
+            dtype=u.dtype,
+            **kwargs,
+        )
+        with torch.no_grad():
+            layer.U.copy_(u)
+            layer.V.copy_(v)
+            layer.widths.copy_(widths)
+            layer.locations.copy_(locations)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        layer.init = "svd"
+        return layer
+
+    @classmethod
+    def from_low_rank(
+        cls, U: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None, **kwargs: Any
+    ) -> GBLRLinear:
+        """Exact GBLR form of ``U @ V``: one full-width component per rank."""
+        if U.dim() != 2 or V.dim() != 2 or U.shape[1] != V.shape[0]:
+            raise ValueError(
+                f"U (out, R) and V (R, in) must agree, got {tuple(U.shape)} and {tuple(V.shape)}"
+            )
+        rank = U.shape[1]
+        widths = torch.ones(2, rank)
+        locations = torch.zeros(2, rank)
+        return cls._from_components(U, V, widths, locations, bias, **kwargs)
+
+    @staticmethod
+    def _check_blocks(weight: torch.Tensor, block_shape: tuple[int, int]) -> tuple[int, int]:
+        if len(block_shape) != 2:
+            raise ValueError(f"block_shape must be (rows, cols), got {block_shape!r}")
+        p = check_positive("block_shape[0]", block_shape[0])
+        q = check_positive("block_shape[1]", block_shape[1])
+        out_features, in_features = weight.shape
+        if out_features % p or in_features % q:
+            raise ValueError(
+                f"block_shape {(p, q)} does not tile a weight of shape {tuple(weight.shape)}"
+            )
+        if p < 2 or q < 2:
+            raise ValueError(
+                f"block_shape {(p, q)}: GBLR components must span at least 2 indices per axis"
+            )
+        return p, q
+
+    @classmethod
+    def _from_block_factors(
+        cls,
+        weight: torch.Tensor,
+        block_shape: tuple[int, int],
+        blocks: list[tuple[int, int]],
+        rank: int,
+        bias: torch.Tensor | None,
+        **kwargs: Any,
+    ) -> GBLRLinear:
+        p, q = block_shape
+        out_features, in_features = weight.shape
+        us, vs, widths, locations = [], [], [], []
+        for i, j in blocks:
+            rows, cols = slice(i * p, (i + 1) * p), slice(j * q, (j + 1) * q)
+            u_blk, v_blk = _svd_factors(weight[rows, cols], rank)
+            u = weight.new_zeros(out_features, rank)
+            v = weight.new_zeros(rank, in_features)
+            u[rows] = u_blk
+            v[:, cols] = v_blk
+            us.append(u)
+            vs.append(v)
+            widths.append(torch.tensor([[q / in_features], [p / out_features]]).expand(2, rank))
+            locations.append(
+                torch.tensor([[j * q / in_features], [i * p / out_features]]).expand(2, rank)
+            )
+        if not blocks:
+            raise ValueError("at least one block must be kept")
+        return cls._from_components(
+            torch.cat(us, 1), torch.cat(vs, 0), torch.cat(widths, 1), torch.cat(locations, 1),
+            bias, **kwargs,
+        )
+
+    @classmethod
+    def from_block_sparse(
+        cls,
+        weight: torch.Tensor,
+        block_mask: torch.Tensor,
+        block_shape: tuple[int, int],
+        bias: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> GBLRLinear:
+        """Exact GBLR form of ``weight`` restricted to the kept blocks of a grid.
+
+        ``block_shape = (rows, cols)`` of one block; ``block_mask`` is a boolean
+        ``(out/rows, in/cols)`` grid. Each kept block becomes ``min(rows, cols)``
+        rank-1 components spanning exactly that block, so it costs ``rows * cols``.
+        """
+        check_matrix(weight)
+        p, q = cls._check_blocks(weight, block_shape)
+        grid = (weight.shape[0] // p, weight.shape[1] // q)
+        block_mask = torch.as_tensor(block_mask)
+        if tuple(block_mask.shape) != grid:
+            raise ValueError(f"block_mask must have shape {grid}, got {tuple(block_mask.shape)}")
+        blocks = [tuple(ij) for ij in block_mask.bool().nonzero().tolist()]
+        return cls._from_block_factors(weight, (p, q), blocks, min(p, q), bias, **kwargs)
+
+    @classmethod
+    def from_block_low_rank(
+        cls,
+        weight: torch.Tensor,
+        block_shape: tuple[int, int],
+        rank: int,
+        bias: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> GBLRLinear:
+        """Exact GBLR form of the block-low-rank matrix nearest ``weight``.
+
+        Every ``rows x cols`` block is replaced by its rank-``rank`` truncated SVD,
+        held as ``rank`` components spanning that block.
+        """
+        check_matrix(weight)
+        p, q = cls._check_blocks(weight, block_shape)
+        rank = check_positive("rank", rank)
+        if rank > min(p, q):
+            raise ValueError(f"rank={rank} exceeds the block's min dimension {min(p, q)}")
+        grid = (weight.shape[0] // p, weight.shape[1] // q)
+        blocks = [(i, j) for i in range(grid[0]) for j in range(grid[1])]
+        return cls._from_block_factors(weight, (p, q), blocks, rank, bias, **kwargs)
+
+    @classmethod
+    def from_dense(
+        cls,
+        weight: torch.Tensor,
+        budget: float,
+        bias: torch.Tensor | None = None,
+        rank_per_component: int = 1,
+        **kwargs: Any,
+    ) -> GBLRLinear:
+        """GBLR start from a dense matrix: its truncated SVD at ``budget``.
+
+        ``min(in, out) // rank_per_component`` components hold the singular vectors;
+        those that fit the budget are full width, the others are off (width 0)
+        but keep their factors so that training can regrow them.
+        """
+        check_matrix(weight)
+        budget = check_budget(budget)
+        out_features, in_features = weight.shape
+        r = check_positive("rank_per_component", rank_per_component)
+        rank = max_rank_for_budget(in_features, out_features, budget) // r * r
+        if rank == 0:
+            raise ValueError(
+                f"budget={budget} is too small for one rank-{r} component of a "
+                f"{out_features}x{in_features} matrix (needs {r * (in_features + out_features)} "
+                f"MACs, budget allows {budget * in_features * out_features:.0f})"
+            )
+        k = min(in_features, out_features) // r
+        u, v = _svd_factors(weight, k * r)
+        widths = torch.zeros(2, k)
+        widths[:, : rank // r] = 1.0
+        locations = (torch.arange(k, dtype=torch.float32) / k).expand(2, k).clone()
+        return cls._from_components(u, v, widths, locations, bias, rank_per_component=r, **kwargs)

@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from gblr import gaudi_mask
+
+
+def box(n, start, length):
+    m = torch.zeros(n)
+    for i in range(length):
+        m[(start + i) % n] = 1.0
+    return m
+
+
+@pytest.mark.parametrize("n", [7, 8, 16, 33])
+def test_exact_boxes_with_wraparound(n):
+    cases = [(s, length) for s in range(n) for length in range(n + 1)]
+    w = torch.tensor([length / n for _, length in cases], dtype=torch.float64)
+    l = torch.tensor([s / n for s, _ in cases], dtype=torch.float64)
+    masks = gaudi_mask(w, l, n)
+    expected = torch.stack([box(n, s, length) for s, length in cases]).double()
+    torch.testing.assert_close(masks, expected, atol=1e-9, rtol=0)
+
+
+def test_zero_and_full_width():
+    w = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    l = torch.tensor([0.3, 0.7, 0.0, 0.0])
+    m = gaudi_mask(w, l, 10)
+    torch.testing.assert_close(m[0], torch.zeros(10), atol=1e-6, rtol=0)
+    torch.testing.assert_close(m[1], torch.ones(10), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("sigma", [None, 2.0])
+def test_dc_term_is_width(sigma):
+    w = torch.rand(5, dtype=torch.float64)
+    l = torch.rand(5, dtype=torch.float64)
+    m = gaudi_mask(w, l, 12, sigma)
+    # X[0] = w: the mask's mean times n / n is w
+    torch.testing.assert_close(m.sum(-1) / 12, w)
+
+
+@pytest.mark.parametrize("n,sigma", [(7, None), (8, None), (9, 3.0), (10, 1.0)])
+def test_gradcheck(n, sigma):
+    w = torch.tensor([0.0, 0.31, 0.5, 0.93, 1.0], dtype=torch.float64, requires_grad=True)
+    l = torch.tensor([0.1, 0.77, 0.0, 0.45, 0.9], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: gaudi_mask(a, b, n, sigma), (w, l))
+
+
+def test_gradient_at_zero_width_is_nonzero():
+    w = torch.zeros(3, requires_grad=True)
+    gaudi_mask(w, torch.rand(3), 16).sum().backward()
+    assert bool((w.grad.abs() > 0).all())
+
+
+def test_float32_under_autocast():
+    w, l = torch.rand(4), torch.rand(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m = gaudi_mask(w, l, 16)
+    assert m.dtype == torch.float32
+    torch.testing.assert_close(m, gaudi_mask(w, l, 16))
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="1-D"):
+        gaudi_mask(torch.rand(2, 2), torch.rand(2, 2), 4)
+    with pytest.raises(ValueError, match="same length"):
+        gaudi_mask(torch.rand(2), torch.rand(3), 4)
+    with pytest.raises(ValueError, match="n must"):
+        gaudi_mask(torch.rand(2), torch.rand(2), 0)
