@@ -478,3 +478,26 @@ def test_default_monarch_rank_follows_dao_et_al():
     assert layer.rank == 48
     assert layer.flops() == (768 + 768) * 768 // 4
     assert math.isclose(layer.num_parameters(), 2 * 4 * 192 * 192)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("cls,n_in,n_out,kwargs", LAYERS, ids=LAYER_IDS)
+def test_cuda_forward_and_projection(cls, n_in, n_out, kwargs):
+    layer = cls(n_in, n_out, device="cuda", **kwargs)
+    assert all(t.device.type == "cuda" for t in [*layer.parameters(), *layer.buffers()])
+    x = torch.randn(4, 3, n_in, device="cuda")
+    torch.testing.assert_close(layer(x), x @ layer.to_dense().T + layer.bias)
+    weight = torch.randn(n_out, n_in, device="cuda")
+    approx = cls.from_dense(weight, 0.5)
+    assert approx.to_dense().device.type == "cuda"
+    assert approx.flops() <= 0.5 * n_in * n_out
+    cpu = cls.from_dense(weight.cpu(), 0.5)
+    if cls is not BlockSparseLinear:  # equal norms may order differently across devices
+        torch.testing.assert_close(approx.to_dense().cpu(), cpu.to_dense(), atol=1e-4, rtol=1e-4)
+
+
+def test_meta_device_construction():
+    for cls, n_in, n_out, kwargs in LAYERS:
+        layer = cls(n_in, n_out, device="meta", **kwargs)
+        assert layer.flops() > 0 and layer.num_parameters() > 0

@@ -130,16 +130,16 @@ class BlockSparseLinear(StructuredLinear):
         grid = (n_out // p, n_in // q)
         self.block_shape = (p, q)
         if block_mask is not None:
-            mask = _check_block_mask(block_mask, grid).to(device=device)
+            mask = _check_block_mask(block_mask, grid).cpu()
         else:
             total = grid[0] * grid[1]
-            mask = torch.zeros(total, dtype=torch.bool, device=device)
-            mask[torch.randperm(total, device=device)[:count]] = True
+            mask = torch.zeros(total, dtype=torch.bool)
+            mask[torch.randperm(total)[:count]] = True
             mask = mask.reshape(grid)
         rows, cols = mask.nonzero(as_tuple=True)
         self.num_blocks = int(rows.numel())
-        self.register_buffer("block_rows", rows.long())
-        self.register_buffer("block_cols", cols.long())
+        self.register_buffer("block_rows", rows.to(device=device, dtype=torch.long))
+        self.register_buffer("block_cols", cols.to(device=device, dtype=torch.long))
         self.blocks = nn.Parameter(
             torch.empty(self.num_blocks, p, q, device=device, dtype=dtype)
         )
