@@ -47,9 +47,10 @@ def _resolve_nblocks(
     if budget is None:
         raise ValueError("BlockDiagLinear needs nblocks or budget")
     best: tuple[int, int] | None = None
+    valid = []
     for nb in range(1, min(in_features, out_features) + 1):
         try:
-            check_nblocks(nb, in_features, out_features)
+            valid.append(check_nblocks(nb, in_features, out_features))
         except ValueError:
             continue
         if not within_budget(blockdiag_cost(in_features, out_features, nb), budget,
@@ -59,10 +60,7 @@ def _resolve_nblocks(
         if best is None or key > best:
             best = key
     if best is None:
-        smallest = min(
-            blockdiag_cost(in_features, out_features, nb)
-            for nb in range(1, min(in_features, out_features) + 1)
-        )
+        smallest = min(blockdiag_cost(in_features, out_features, nb) for nb in valid)
         raise ValueError(
             f"budget={budget} is too small for a block-diagonal {out_features}x{in_features} "
             f"weight (the cheapest costs {smallest} MACs, budget allows "

@@ -61,7 +61,10 @@ def _resolve(
             cost = block_low_rank_cost(n_in, n_out, p, q, rank)
             return budget is None or within_budget(cost, budget, n_in, n_out)
 
-        block_shape = default_block_shape(n_out, n_in, target, feasible)
+        wanted = f"rank={rank}" if rank is not None else "rank 1"
+        if budget is not None:
+            wanted += f" within budget={budget}"
+        block_shape = default_block_shape(n_out, n_in, target, feasible, wanted)
     p, q = check_block_shape(block_shape, n_out, n_in)
     if rank is None:
         rank = _rank_for_budget(n_in, n_out, p, q, budget)

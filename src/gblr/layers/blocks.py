@@ -79,12 +79,13 @@ def default_block_shape(
     in_features: int,
     target: tuple[float, float],
     feasible: Callable[[int, int], bool],
-    name: str = "budget",
+    requirement: str,
 ) -> tuple[int, int]:
     """The tiling ``(rows, cols)`` nearest ``target`` (in log scale) among feasible ones.
 
     Candidates are all pairs of divisors of ``out_features`` and ``in_features``;
-    ``feasible(rows, cols)`` filters them. Ties go to the larger block.
+    ``feasible(rows, cols)`` filters them; ``requirement`` describes the filter in the
+    error raised when no candidate passes. Ties go to the larger block.
     """
     best: tuple[float, int, tuple[int, int]] | None = None
     for p in divisors(out_features):
@@ -97,8 +98,8 @@ def default_block_shape(
                 best = key
     if best is None:
         raise ValueError(
-            f"no block shape tiling a ({out_features}, {in_features}) weight fits the "
-            f"requested {name}"
+            f"no block shape tiling a ({out_features}, {in_features}) weight allows "
+            f"{requirement}"
         )
     return best[2]
 

@@ -66,7 +66,10 @@ def _resolve_shape(
             return budget is None or within_budget(block_sparse_cost(count, p, q), budget,
                                                    n_in, n_out)
 
-        block_shape = default_block_shape(n_out, n_in, target, feasible)
+        wanted = f"num_blocks={num_blocks}" if num_blocks is not None else "one block"
+        if budget is not None:
+            wanted += f" within budget={budget}"
+        block_shape = default_block_shape(n_out, n_in, target, feasible, wanted)
     p, q = check_block_shape(block_shape, n_out, n_in)
     total = (n_out // p) * (n_in // q)
     if block_mask is not None:
