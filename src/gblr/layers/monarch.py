@@ -1,13 +1,14 @@
 """Monarch linear layer (Dao et al., 2022): two block-diagonal factors and a permutation.
 
-``W = P2 L P R`` up to the padding of non-dividing sizes: ``R`` is block-diagonal
-with ``nblocks`` blocks ``(nblocks*rank) x ceil(in/nb)``, ``P`` the stride
-permutation that regroups its outputs by output block, ``L`` block-diagonal with
-``nblocks`` blocks ``ceil(out/nb) x (nblocks*rank)``. Equivalently, on the
-``nblocks x nblocks`` grid of ``ceil(out/nb) x ceil(in/nb)`` blocks of ``W``, every
-block has rank ``rank``; with a square ``n x n`` weight, ``nblocks = sqrt(n)`` and
-``rank = 1`` this is the Monarch matrix of the paper, and ``rank = n / nblocks**2``
-is the Monarch layer with ``nblocks`` square blocks per factor.
+``W = L P R`` (sizes that ``nblocks`` does not divide are zero-padded): ``R`` is
+block-diagonal with ``nblocks`` blocks ``(nblocks*rank) x ceil(in/nb)``, ``P`` the
+stride permutation that regroups its outputs by output block, ``L`` block-diagonal
+with ``nblocks`` blocks ``ceil(out/nb) x (nblocks*rank)``. The paper's outer
+permutation of the outputs is left out, as in its reference code. Equivalently, on
+the ``nblocks x nblocks`` grid of ``ceil(out/nb) x ceil(in/nb)`` blocks of ``W``,
+every block has rank ``rank``. With a square ``n x n`` weight, ``nblocks = sqrt(n)``
+and ``rank = 1`` this is the Monarch matrix of the paper, and
+``rank = n / nblocks**2`` the Monarch layer with ``nblocks`` square blocks per factor.
 """
 
 from __future__ import annotations
