@@ -13,6 +13,7 @@ from gblr.layers import (
     get_structure,
 )
 from gblr.ops import gaudi_mask
+from gblr.projection import Calibration, ProjectionRecord, allocate, project, project_many
 
 __version__ = "0.1.0"
 
@@ -28,4 +29,9 @@ __all__ = [
     "StructuredLinear",
     "STRUCTURES",
     "get_structure",
+    "project",
+    "project_many",
+    "allocate",
+    "Calibration",
+    "ProjectionRecord",
 ]
