@@ -17,7 +17,7 @@ from gblr.projection.svd import lowrank_factors
 __all__ = ["project", "ProjectionRecord", "DEFAULT_STEPS"]
 
 #: Gradient steps of the GBLR structure search when ``steps=None``.
-DEFAULT_STEPS = 100
+DEFAULT_STEPS = 30
 
 
 @dataclass

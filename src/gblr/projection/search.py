@@ -54,8 +54,8 @@ class SearchOptions:
     lr_structure: float = 0.005
     sigma_start: float = 20.0
     sigma_end: float = 400.0
-    refit_steps: int = 50
-    sparse_fractions: tuple[float, ...] = (0.5, 0.65, 0.8)
+    refit_steps: int = 20
+    sparse_fractions: tuple[float, ...] = (0.2, 0.5, 0.65, 0.8)
     block_sizes: tuple[int, ...] = (2,)
     alternations: int = 6
     max_components: float = 64.0
