@@ -292,38 +292,48 @@ def sparse_start(
         u, v = lowrank_factors((w - sparse_part).to(weight.dtype), rank, calibration)
         low = (u.double() @ v.double())
     resid = w - low
-    us, vs = [u.double()], [v.double()]
-    i_len = [torch.full((rank // r,), in_features)]
-    i_start = [torch.zeros(rank // r, dtype=torch.long)]
-    o_len = [torch.full((rank // r,), out_features)]
-    o_start = [torch.zeros(rank // r, dtype=torch.long)]
     n_i = len(i_lens)
-    for j in chosen.tolist():
-        a, b = divmod(j, n_i)
-        rs, cs = int(o_starts[a]), int(i_starts[b])
-        h, wd = int(o_lens[a]), int(i_lens[b])
-        k = int(comps[j])
-        # a dense block: unit vectors on its shorter side, the residual's rows/columns on
-        # the other (an exact factorization, no SVD needed)
-        ub = torch.zeros(out_features, k * r, dtype=w.dtype, device=w.device)
-        vb = torch.zeros(k * r, in_features, dtype=w.dtype, device=w.device)
-        idx = torch.arange(min(h, wd), device=w.device)
+    chosen = chosen.to(torch.long)
+    rows_idx, cols_idx = chosen // n_i, chosen % n_i
+    k_lr = rank // r
+    k_blocks = comps[chosen]
+    total = k_lr + int(k_blocks.sum())
+    dev = w.device
+    big_u = torch.zeros(out_features, total * r, dtype=w.dtype, device=dev)
+    big_v = torch.zeros(total * r, in_features, dtype=w.dtype, device=dev)
+    big_u[:, :rank] = u.double()
+    big_v[:rank] = v.double()
+    i_len = [torch.full((k_lr,), in_features)]
+    i_start = [torch.zeros(k_lr, dtype=torch.long)]
+    o_len = [torch.full((k_lr,), out_features)]
+    o_start = [torch.zeros(k_lr, dtype=torch.long)]
+    offset = rank
+    # dense blocks, grouped by shape: unit vectors on the block's shorter side and the
+    # residual's rows (or columns) on the other, an exact factorization without an SVD
+    shapes = torch.stack([o_lens[rows_idx], i_lens[cols_idx]], 1)
+    for h, wd in torch.unique(shapes, dim=0).tolist():
+        sel = (shapes[:, 0] == h) & (shapes[:, 1] == wd)
+        rs = o_starts[rows_idx[sel]].to(dev)
+        cs = i_starts[cols_idx[sel]].to(dev)
+        n_sel, k = rs.numel(), -(-min(h, wd) // r)
+        base = offset + torch.arange(n_sel, device=dev) * (k * r)
         if h <= wd:
-            ub[rs + idx, idx] = 1.0
-            vb[:h, cs:cs + wd] = resid[rs:rs + h, cs:cs + wd]
+            span = cs[:, None] + torch.arange(wd, device=dev)
+            for t in range(h):
+                big_u[rs + t, base + t] = 1.0
+                big_v[(base + t)[:, None], span] = resid[(rs + t)[:, None], span]
         else:
-            vb[idx, cs + idx] = 1.0
-            ub[rs:rs + h, :wd] = resid[rs:rs + h, cs:cs + wd]
-        us.append(ub)
-        vs.append(vb)
-        i_len.append(torch.full((k,), wd))
-        i_start.append(torch.full((k,), cs))
-        o_len.append(torch.full((k,), h))
-        o_start.append(torch.full((k,), rs))
+            span = rs[:, None] + torch.arange(h, device=dev)
+            for t in range(wd):
+                big_v[base + t, cs + t] = 1.0
+                big_u[span, (base + t)[:, None]] = resid[span, (cs + t)[:, None]]
+        offset += n_sel * k * r
+        i_len.append(torch.full((n_sel * k,), wd))
+        i_start.append(cs.cpu().repeat_interleave(k))
+        o_len.append(torch.full((n_sel * k,), h))
+        o_start.append(rs.cpu().repeat_interleave(k))
     boxes = tuple(torch.cat(x) for x in (i_len, i_start, o_len, o_start))
-    return _build(
-        torch.cat(us, 1).to(weight.dtype), torch.cat(vs, 0).to(weight.dtype), boxes, r
-    )
+    return _build(big_u.to(weight.dtype), big_v.to(weight.dtype), boxes, r)
 
 
 # -- the search --------------------------------------------------------------------------------
