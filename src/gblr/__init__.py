@@ -1,7 +1,7 @@
 """gblr: Generalized Block Low-Rank layers with structure learned under a compute budget."""
 
 from gblr import cost
-from gblr.layers import STRUCTURES, GBLRLinear, StructuredLinear, get_structure
+from gblr.layers import STRUCTURES, GBLRConv2d, GBLRLinear, StructuredLinear, get_structure
 from gblr.ops import gaudi_mask
 
 __version__ = "0.1.0"
@@ -10,6 +10,7 @@ __all__ = [
     "cost",
     "gaudi_mask",
     "GBLRLinear",
+    "GBLRConv2d",
     "StructuredLinear",
     "STRUCTURES",
     "get_structure",

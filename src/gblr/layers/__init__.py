@@ -1,6 +1,7 @@
 """Structured linear layers: GBLR and the structured family it generalises."""
 
 from gblr.layers.base import STRUCTURES, StructuredLinear, get_structure, register_structure
+from gblr.layers.conv import GBLRConv2d
 from gblr.layers.gblr import GBLRLinear
 
 __all__ = [
@@ -9,4 +10,5 @@ __all__ = [
     "get_structure",
     "register_structure",
     "GBLRLinear",
+    "GBLRConv2d",
 ]
