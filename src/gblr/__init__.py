@@ -1,6 +1,7 @@
 """gblr: Generalized Block Low-Rank layers with structure learned under a compute budget."""
 
 from gblr import cost
+from gblr.accounting import FlopsReport, count_flops, flops_report
 from gblr.layers import STRUCTURES, GBLRConv2d, GBLRLinear, StructuredLinear, get_structure
 from gblr.ops import gaudi_mask
 
@@ -14,4 +15,7 @@ __all__ = [
     "StructuredLinear",
     "STRUCTURES",
     "get_structure",
+    "flops_report",
+    "count_flops",
+    "FlopsReport",
 ]

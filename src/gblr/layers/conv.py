@@ -11,7 +11,7 @@ modules; this class only arranges them as a convolution.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,8 @@ class GBLRConv2d(nn.Module):
     pixel of one image, all output channels), the sum of the GBLR costs; :meth:`macs`
     multiplies it by the number of output positions of an input size.
     """
+
+    structure_name: ClassVar[str] = "gblr"
 
     def __init__(
         self,
@@ -260,8 +262,12 @@ class GBLRConv2d(nn.Module):
         if unbatched:
             x = x.unsqueeze(0)
         if not self.training:
+            factors = [linear.masked_factors() for linear in self.linears]
+            u = torch.stack([f[0] for f in factors])
+            v = torch.stack([f[1] for f in factors])
             y = costed_conv2d(
-                x, self.to_dense(), self.stride, self.padding, self.dilation, self.flops()
+                x, u, v, self.kernel_size, self.per_tap, self.stride, self.padding,
+                self.dilation, self.flops(),
             )
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)[:, None, None]

@@ -1,0 +1,1 @@
+"""Benchmarks: each runs as ``python -m gblr.bench.<name>`` and writes results/<name>/."""
