@@ -2,7 +2,18 @@
 
 from gblr import cost
 from gblr.accounting import FlopsReport, count_flops, flops_report
-from gblr.layers import STRUCTURES, GBLRConv2d, GBLRLinear, StructuredLinear, get_structure
+from gblr.layers import (
+    STRUCTURES,
+    BlockDiagLinear,
+    BlockLowRankLinear,
+    BlockSparseLinear,
+    GBLRConv2d,
+    GBLRLinear,
+    LowRankLinear,
+    MonarchLinear,
+    StructuredLinear,
+    get_structure,
+)
 from gblr.ops import gaudi_mask
 
 __version__ = "0.1.0"
@@ -12,6 +23,11 @@ __all__ = [
     "gaudi_mask",
     "GBLRLinear",
     "GBLRConv2d",
+    "LowRankLinear",
+    "MonarchLinear",
+    "BlockSparseLinear",
+    "BlockLowRankLinear",
+    "BlockDiagLinear",
     "StructuredLinear",
     "STRUCTURES",
     "get_structure",
