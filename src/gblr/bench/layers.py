@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -142,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (15)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (2)")
     parser.add_argument("--out", type=Path, default=Path("results/layers"), help="output folder")
-    args = parser.parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(given)
     if args.threads <= 0:
         parser.error("--threads must be positive")
     torch.set_num_threads(args.threads)
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(shapes, tokens, reps, warmup=1 if args.quick else 2)
     result["target_met"] = all(r["ratio"] <= TARGET_RATIO for r in result["rows"])
     result["meta"] = {
-        "command": "python -m gblr.bench.layers" + (" --quick" if args.quick else ""),
+        "command": " ".join(["python -m gblr.bench.layers", *given]),
         "threads": args.threads,
         "torch": torch.__version__,
         "processor": platform.processor() or platform.machine(),
