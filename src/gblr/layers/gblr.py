@@ -272,7 +272,9 @@ class GBLRLinear(StructuredLinear):
     def _cost_key(self) -> tuple:
         """Changes whenever the evaluation-mode cost may change (in-place updates included)."""
         w, l = self.widths, self.locations
-        return (w._version, l._version, w.data_ptr(), l.data_ptr(), w.device, self.sigma)
+        return (
+            w._version, l._version, w.data_ptr(), l.data_ptr(), w.device, w.dtype, self.sigma
+        )
 
     def flops(self) -> int:
         """Evaluation-mode MACs per token: components with identical boxes cost one block.
