@@ -32,12 +32,12 @@ QUICK_SHAPES = [(32, 64), (64, 32)]
 TARGET_RATIO = 1.5
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
+def _sync(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], object], device: torch.device = torch.device("cpu")) -> float:
+def _timed(fn: Callable[[], object], device: torch.device | None = None) -> float:
     _sync(device)
     start = time.perf_counter()
     fn()
