@@ -1,11 +1,13 @@
 """gblr: Generalized Block Low-Rank layers with structure learned under a compute budget."""
 
 from gblr import cost
+from gblr.accounting import FlopsReport, count_flops, flops_report
 from gblr.layers import (
     STRUCTURES,
     BlockDiagLinear,
     BlockLowRankLinear,
     BlockSparseLinear,
+    GBLRConv2d,
     GBLRLinear,
     LowRankLinear,
     MonarchLinear,
@@ -21,6 +23,7 @@ __all__ = [
     "cost",
     "gaudi_mask",
     "GBLRLinear",
+    "GBLRConv2d",
     "LowRankLinear",
     "MonarchLinear",
     "BlockSparseLinear",
@@ -34,4 +37,7 @@ __all__ = [
     "allocate",
     "Calibration",
     "ProjectionRecord",
+    "flops_report",
+    "count_flops",
+    "FlopsReport",
 ]
