@@ -26,8 +26,9 @@ class ProjectionRecord:
 
     ``error`` and ``svd_error`` are relative (``||W_hat - W|| / ||W||``, or the output
     error ``||(W_hat - W) C^{1/2}|| / ||W C^{1/2}||`` when calibrated); ``svd_error`` is the
-    truncated (whitened) SVD's at the same budget. ``cost`` is the evaluation-mode MACs
-    per token and ``dense_cost`` the dense layer's.
+    truncated (whitened) SVD's at the same budget (for GBLR with ``rank_per_component``
+    r > 1, at the largest rank that is a multiple of r, the SVD start's). ``cost`` is the
+    evaluation-mode MACs per token and ``dense_cost`` the dense layer's.
     """
 
     name: str
