@@ -1,6 +1,7 @@
 """gblr: Generalized Block Low-Rank layers with structure learned under a compute budget."""
 
 from gblr import cost
+from gblr.deploy import PackedGBLRLinear, deploy, load_packed, save_packed
 from gblr.layers import STRUCTURES, GBLRLinear, StructuredLinear, get_structure
 from gblr.ops import gaudi_mask
 
@@ -13,4 +14,8 @@ __all__ = [
     "StructuredLinear",
     "STRUCTURES",
     "get_structure",
+    "deploy",
+    "PackedGBLRLinear",
+    "save_packed",
+    "load_packed",
 ]

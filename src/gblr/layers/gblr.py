@@ -262,6 +262,15 @@ class GBLRLinear(StructuredLinear):
         ranks = torch.full((self.num_components,), self.rank_per_component, dtype=torch.long)
         return grouped_component_cost(in_support, out_support, ranks)
 
+    def packed(self, tokens: int | tuple[int, ...] = 64, dtype: torch.dtype | None = None):
+        """Frozen inference form computing only the bands: a ``PackedGBLRLinear``.
+
+        ``tokens``: the tokens per call the grouping is tuned for (see ``gblr.deploy``).
+        """
+        from gblr.deploy.packed import PackedGBLRLinear
+
+        return PackedGBLRLinear.from_gblr(self, tokens=tokens, dtype=dtype)
+
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, num_components={self.num_components}, "
