@@ -358,7 +358,8 @@ class PackedGBLRLinear(nn.Module):
         if tok != sorted(tok):
             raise ValueError(f"plans must be sorted by their token count, got {tok}")
         # switch between consecutive packings at the geometric mean of their token counts
-        self._switch = [float(np.sqrt(max(a, 1) * max(b, 1))) for a, b in zip(tok[:-1], tok[1:], strict=True)]
+        pairs = zip(tok[:-1], tok[1:], strict=True)
+        self._switch = [float(np.sqrt(max(a, 1) * max(b, 1))) for a, b in pairs]
         self.true_flops = int(true_flops) if true_flops is not None else None
 
     @classmethod
