@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         shapes, tokens, steps, reps = [(48, 96)], [1, 16], 20, args.reps or 3
         e2e_args = (2, 16, 0.5, 1, False)
     else:
-        shapes, tokens, steps, reps = [(768, 3072), (3072, 768)], [1, 64, 4096], 150, \
+        shapes, tokens, steps, reps = [(768, 3072), (3072, 768)], [1, 64, 4096], 80, \
             args.reps or 7
         e2e_args = (32, 128, 0.5, reps, True)
     cache = None if args.quick else args.cache
