@@ -3,15 +3,15 @@
 Stands in for the projection search (SPEC section 5) until it is available: all
 ``min(in, out)`` components start full width from the SVD of a target matrix, then
 Adam on the factors and SGD on widths and locations fit the target while a reweighted
-proximal L1 step pulls the widths down (its strength steered from the measured evaluation-mode cost) until
-the layer's cost is within the budget; the structure is then frozen and the factors
-fine-tuned. The result has components of many widths at many locations, as in training.
+proximal L1 step pulls the widths down (its strength steered from the measured
+evaluation-mode cost) until the layer's cost is within the budget; the structure is
+then frozen and the factors fine-tuned. The result has components of many widths at many
+locations, as in training.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from gblr.cost import budget_to_macs, check_budget
 from gblr.layers.gblr import GBLRLinear
