@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from gblr.bench.shrink import shrink_to_budget, structured_target
-from gblr.cost import max_rank_for_budget
 from gblr.deploy import deploy
 from gblr.layers.gblr import GBLRLinear
+from gblr.layers.lowrank import LowRankLinear
 
 __all__ = ["time_side_by_side", "layer_table", "minilm_end_to_end", "main"]
 
@@ -53,11 +53,6 @@ def time_side_by_side(
                 fn()
             samples[name].append((time.perf_counter() - t0) / n)
     return {n: statistics.median(s) for n, s in samples.items()}
-
-
-def _lowrank(in_f: int, out_f: int, rank: int) -> nn.Module:
-    """Low-rank layer as two ``nn.Linear`` (``x -> U (V x) + b``)."""
-    return nn.Sequential(nn.Linear(in_f, rank, bias=False), nn.Linear(rank, out_f))
 
 
 @torch.no_grad()
@@ -95,11 +90,10 @@ def layer_table(
         packed = layer.packed(tokens=tuple(tokens))
         dense = nn.Linear(in_f, out_f)
         dense.weight.copy_(weight)
-        rank = max_rank_for_budget(in_f, out_f, budget)
-        lowrank = _lowrank(in_f, out_f, rank)
-        svd_layer = GBLRLinear.from_dense(weight, budget).eval()
+        lowrank = LowRankLinear.from_dense(weight, budget, bias=dense.bias.detach())
+        rank = lowrank.rank
         err_gblr = float((layer.to_dense() - weight).norm() / weight.norm())
-        err_svd = float((svd_layer.to_dense() - weight).norm() / weight.norm())
+        err_svd = float((lowrank.to_dense() - weight).norm() / weight.norm())
         dense_cost = in_f * out_f
         for t in tokens:
             x = torch.randn(t, in_f)
@@ -144,7 +138,7 @@ def _compress_minilm(model: nn.Module, budget: float) -> int:
     """Replace every ``nn.Linear`` of the encoder by ``GBLRLinear.from_dense`` at ``budget``."""
     count = 0
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name.startswith("encoder."):
+        if type(module) is nn.Linear and name.startswith("encoder."):
             layer = GBLRLinear.from_dense(
                 module.weight.detach(), budget,
                 bias=None if module.bias is None else module.bias.detach(),
@@ -237,7 +231,7 @@ def _markdown(meta: dict, rows: list[dict], e2e: dict | None) -> str:
         "",
         "GBLR layers: fitted to a dense target (decaying spectrum) while widths shrink to "
         f"{meta['budget']:.0%} of dense cost ({meta['shrink_steps']} shrink steps); low-rank: "
-        "two `nn.Linear` at the largest rank within the same budget.",
+        "`LowRankLinear` (truncated SVD) at the largest rank within the same budget.",
         "",
         "| shape | tokens | true cost | packed MACs | GEMMs | dense ms | low-rank ms | packed ms "
         "| packed vs dense | packed / low-rank time |",
