@@ -199,7 +199,7 @@ def test_cyclic_band():
 
 def test_group_bands_follows_the_cost_model():
     starts, lengths, ranks = [0, 10, 50, 52], [5, 5, 10, 10], [1, 1, 1, 1]
-    free = group_bands(starts, lengths, ranks, 100, tokens=4096, overhead=0.0)
+    free = group_bands(starts, lengths, ranks, 100, tokens=4096, overhead=0.0, io=0.0)
     assert sorted(m for g in free for m in g[2]) == [0, 1, 2, 3]
     assert len(free) == 4  # no overhead: no padding is worth it
     one = group_bands(starts, lengths, ranks, 100, tokens=1, overhead=1e9)

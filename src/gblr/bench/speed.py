@@ -55,7 +55,6 @@ def time_side_by_side(
     return {n: statistics.median(s) for n, s in samples.items()}
 
 
-@torch.no_grad()
 def _trained_layer(
     in_f: int, out_f: int, budget: float, shrink_steps: int, cache: Path | None, progress: bool
 ) -> tuple[torch.Tensor, GBLRLinear]:
@@ -74,6 +73,7 @@ def _trained_layer(
     return weight, layer
 
 
+@torch.no_grad()
 def layer_table(
     shapes: list[tuple[int, int]],
     tokens: list[int],
@@ -281,7 +281,11 @@ def _markdown(meta: dict, rows: list[dict], e2e: dict | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny settings (a smoke test)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch threads (1 by default: on a shared 2-core machine multi-threaded GEMMs "
+        "stall on the scheduler and timings become noise)",
+    )
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--budget", type=float, default=0.3)
     parser.add_argument("--out", type=Path, default=Path("results/speed"))

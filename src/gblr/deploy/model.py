@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from gblr.deploy.packed import MEMORY_TOKENS, OP_OVERHEAD_MACS, PackedGBLRLinear
+from gblr.deploy.packed import IO_MACS, MEMORY_TOKENS, OP_OVERHEAD_MACS, PackedGBLRLinear
 
 __all__ = ["deploy", "DeployReport", "LayerReport"]
 
@@ -74,6 +74,7 @@ def deploy(
     dtype: torch.dtype | None = None,
     memory_tokens: int = MEMORY_TOKENS,
     overhead: float = OP_OVERHEAD_MACS,
+    io: float = IO_MACS,
 ) -> DeployReport:
     """Replace every :class:`~gblr.GBLRLinear` inside ``model`` by a :class:`PackedGBLRLinear`.
 
@@ -100,7 +101,8 @@ def deploy(
     ]
     for name, layer in targets:
         packed = PackedGBLRLinear.from_gblr(
-            layer, tokens=tokens, dtype=dtype, memory_tokens=memory_tokens, overhead=overhead
+            layer, tokens=tokens, dtype=dtype, memory_tokens=memory_tokens, overhead=overhead,
+            io=io,
         )
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
