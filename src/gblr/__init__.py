@@ -1,12 +1,14 @@
 """gblr: Generalized Block Low-Rank layers with structure learned under a compute budget."""
 
 from gblr import cost
+from gblr.accounting import FlopsReport, count_flops, flops_report
 from gblr.deploy import PackedGBLRLinear, deploy, load_packed, save_packed
 from gblr.layers import (
     STRUCTURES,
     BlockDiagLinear,
     BlockLowRankLinear,
     BlockSparseLinear,
+    GBLRConv2d,
     GBLRLinear,
     LowRankLinear,
     MonarchLinear,
@@ -21,6 +23,7 @@ __all__ = [
     "cost",
     "gaudi_mask",
     "GBLRLinear",
+    "GBLRConv2d",
     "LowRankLinear",
     "MonarchLinear",
     "BlockSparseLinear",
@@ -33,4 +36,7 @@ __all__ = [
     "PackedGBLRLinear",
     "save_packed",
     "load_packed",
+    "flops_report",
+    "count_flops",
+    "FlopsReport",
 ]
