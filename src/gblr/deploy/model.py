@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from gblr.deploy.packed import IO_MACS, MEMORY_TOKENS, OP_OVERHEAD_MACS, PackedGBLRLinear
+from gblr.deploy.packed import PackedGBLRLinear
 
 __all__ = ["deploy", "DeployReport", "LayerReport"]
 
@@ -72,15 +72,17 @@ def deploy(
     model: nn.Module,
     tokens: int | Sequence[int] = 64,
     dtype: torch.dtype | None = None,
-    memory_tokens: int = MEMORY_TOKENS,
-    overhead: float = OP_OVERHEAD_MACS,
-    io: float = IO_MACS,
+    memory_tokens: int | None = None,
+    overhead: float | None = None,
+    io: float | None = None,
 ) -> DeployReport:
     """Replace every :class:`~gblr.GBLRLinear` inside ``model`` by a :class:`PackedGBLRLinear`.
 
     The evaluation-mode structure is packed whatever the current mode; other modules are
     left alone (other structured layers are listed in the report as skipped). ``tokens`` is
-    the tokens-per-call the grouping is tuned for (a sequence: one packing per entry).
+    the tokens-per-call the grouping is tuned for (a sequence: one packing per entry);
+    ``memory_tokens``, ``overhead`` and ``io`` override the device's time model
+    (``gblr.deploy.packed.TIME_MODELS``).
     Returns a :class:`DeployReport`. To pack a lone layer use ``GBLRLinear.packed()``.
     """
     from gblr.layers.base import StructuredLinear

@@ -40,6 +40,7 @@ __all__ = [
     "OP_OVERHEAD_MACS",
     "IO_MACS",
     "ALIGN",
+    "TIME_MODELS",
 ]
 
 #: Below this many tokens a GEMM is bound by reading its weights: it costs as if it had
@@ -52,6 +53,13 @@ OP_OVERHEAD_MACS = 300_000
 #: output band (stage 2), so a group of rank ``r`` over ``L`` indices costs ``(r + IO) L``.
 #: Measured on CPU (MKL, 768x3072 layers): 32 beats 8 by 3x at 4096 tokens.
 IO_MACS = 32
+#: Time model per device type: ``(memory_tokens, overhead, io)``. The CPU entry is
+#: measured (MKL, 1-2 threads); the CUDA entry is an estimate (a ~5 us launch at tens of
+#: TMAC/s; GEMMs below a few hundred tokens bound by weight reads), not yet calibrated.
+TIME_MODELS: dict[str, tuple[int, float, float]] = {
+    "cpu": (MEMORY_TOKENS, OP_OVERHEAD_MACS, IO_MACS),
+    "cuda": (256, 1e8, 64),
+}
 #: Band edges that do not wrap are widened to multiples of this many indices (64 bytes
 #: of float32), which makes the sliced GEMMs faster.
 ALIGN = 16
@@ -199,7 +207,10 @@ class _Plan(nn.Module):
         # dense blocks: list of (col_a, col_b, row_a, row_b, weight index)
         self._dense = [tuple(p) for p in spec["dense"]]
         perm = spec["perm"]
-        self.register_buffer("perm", torch.tensor(perm, dtype=torch.long) if perm else None)
+        device = weights[0].device if len(weights) else None
+        self.register_buffer(
+            "perm", torch.tensor(perm, dtype=torch.long, device=device) if perm else None
+        )
         self.out_features = spec["out"]
         self.macs = int(spec["macs"])
 
@@ -397,14 +408,15 @@ class PackedGBLRLinear(nn.Module):
         layer: nn.Module,
         tokens: int | Sequence[int] = 64,
         dtype: torch.dtype | None = None,
-        memory_tokens: int = MEMORY_TOKENS,
-        overhead: float = OP_OVERHEAD_MACS,
-        io: float = IO_MACS,
+        memory_tokens: int | None = None,
+        overhead: float | None = None,
+        io: float | None = None,
     ) -> PackedGBLRLinear:
         """Pack a GBLR layer's evaluation-mode structure (whatever its current mode).
 
         ``memory_tokens``, ``overhead`` and ``io`` are the time model of the grouping
-        (see :func:`group_bands`).
+        (see :func:`group_bands`); by default the entry of :data:`TIME_MODELS` for the
+        layer's device type.
         """
         from gblr.layers.gblr import GBLRLinear
 
@@ -414,6 +426,10 @@ class PackedGBLRLinear(nn.Module):
         if not token_list or any(not isinstance(t, int) or t < 1 for t in token_list):
             raise ValueError(f"tokens must be a positive int or a sequence of them, got {tokens}")
         dtype = dtype or layer.U.dtype
+        model = TIME_MODELS.get(layer.U.device.type, TIME_MODELS["cpu"])
+        memory_tokens = model[0] if memory_tokens is None else memory_tokens
+        overhead = model[1] if overhead is None else overhead
+        io = model[2] if io is None else io
         m_in, m_out = layer.eval_masks()
         r = layer.rank_per_component
         k = layer.num_components
