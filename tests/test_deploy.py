@@ -232,6 +232,12 @@ def test_deploy_model_in_place_and_report():
     assert "total" in str(report)
     assert torch.allclose(model(x), ref, atol=1e-5, rtol=1e-5)
     assert deploy(model).layers == []  # nothing left to pack
+    conv_model = nn.Sequential(gblr.GBLRConv2d(3, 4, 3).eval(), nn.Flatten())
+    x_img = torch.randn(1, 3, 6, 6)
+    ref_img = conv_model(x_img)
+    conv_report = deploy(conv_model)
+    assert conv_report.layers == [] and conv_report.skipped == ["0"]
+    assert torch.equal(conv_model(x_img), ref_img)
     with pytest.raises(TypeError, match="packed"):
         deploy(random_layer(4, 4, 2))
     assert gblr.deploy is deploy

@@ -79,7 +79,8 @@ def deploy(
     """Replace every :class:`~gblr.GBLRLinear` inside ``model`` by a :class:`PackedGBLRLinear`.
 
     The evaluation-mode structure is packed whatever the current mode; other modules are
-    left alone (other structured layers are listed in the report as skipped). ``tokens`` is
+    left alone (other structured layers and GBLR convolutions are listed in the report as
+    skipped). ``tokens`` is
     the tokens-per-call the grouping is tuned for (a sequence: one packing per entry);
     ``memory_tokens``, ``overhead`` and ``io`` override the device's time model
     (``gblr.deploy.packed.TIME_MODELS``).
@@ -95,12 +96,19 @@ def deploy(
             "deploy() swaps layers inside a model in place; pack a lone layer with "
             "layer.packed()"
         )
+    from gblr.layers.conv import GBLRConv2d
+
     report = DeployReport()
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, GBLRLinear)]
+    # a GBLR convolution computes from its GBLRLinear children's factors: it stays whole
+    convs = [n for n, m in model.named_modules() if isinstance(m, GBLRConv2d)]
+    targets = [
+        (n, m) for n, m in model.named_modules()
+        if isinstance(m, GBLRLinear) and not any(n.startswith(c + ".") for c in convs)
+    ]
     report.skipped = [
         n for n, m in model.named_modules()
         if isinstance(m, StructuredLinear) and not isinstance(m, GBLRLinear)
-    ]
+    ] + convs
     for name, layer in targets:
         packed = PackedGBLRLinear.from_gblr(
             layer, tokens=tokens, dtype=dtype, memory_tokens=memory_tokens, overhead=overhead,
