@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         e2e_args = (2, 16, 0.5, 1, False)
     else:
         shapes, tokens, steps, reps = [(768, 3072), (3072, 768)], [1, 64, 4096], 80, \
-            args.reps or 7
+            args.reps or 15
         e2e_args = (32, 128, 0.5, reps, True)
     cache = None if args.quick else args.cache
     rows = [] if args.no_layers else layer_table(
