@@ -164,6 +164,9 @@ def test_bfloat16_and_inference_mode():
         ref = layer(x)
     assert out.dtype == torch.bfloat16
     assert (out.float() - ref).norm() / ref.norm() < 2e-2
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # and a float32 packing under autocast
+        auto = layer.packed(tokens=4096)(x)
+    assert (auto.float() - ref).norm() / ref.norm() < 2e-2
     # a float32 packing converted with .to(bfloat16) works as well
     p32 = layer.packed().to(torch.bfloat16)
     with torch.inference_mode():
