@@ -200,6 +200,7 @@ class _Plan(nn.Module):
         for i, w in enumerate(weights):
             self.register_buffer(f"w{i}", w)
         self._weights_n = len(weights)
+        self._names = tuple(f"w{i}" for i in range(len(weights)))
         # stage 1: list of groups, each a list of (col_a, col_b, weight index)
         self._s1 = [tuple(tuple(p) for p in g) for g in spec["stage1"]]
         # stage 2: list of (h_a, h_b, [(row_a, row_b, weight index), ...])
@@ -215,10 +216,13 @@ class _Plan(nn.Module):
         self.macs = int(spec["macs"])
 
     def weights(self) -> list[torch.Tensor]:
+        """Weight buffers in index order: stage 1 ``(r, cols)``, stage 2 ``(r, rows)``,
+        dense blocks ``(cols, rows)`` (laid out as each GEMM reads them fastest)."""
         return [getattr(self, f"w{i}") for i in range(self._weights_n)]
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        w = self.weights()
+        buffers = self._buffers  # direct lookups: a decode step is only a few GEMVs long
+        w = [buffers[name] for name in self._names]
         hs = []
         for group in self._s1:
             a, b, i = group[0]
@@ -235,7 +239,7 @@ class _Plan(nn.Module):
             if first[2][0][0] == 0 and first[2][0][1] == self.out_features:
                 # a group spanning every output row starts y (with the bias) in one call
                 a, b, ((_, _, i),) = first
-                y = F.linear(h[:, a:b], w[i], bias)
+                y = h[:, a:b] @ w[i] if bias is None else torch.addmm(bias, h[:, a:b], w[i])
                 rest = self._s2[1:]
             else:
                 rest = self._s2
@@ -247,9 +251,9 @@ class _Plan(nn.Module):
         for a, b, pieces in rest:
             hg = h[:, a:b]
             for ra, rb, i in pieces:
-                y[:, ra:rb].addmm_(hg, w[i].t())
+                y[:, ra:rb].addmm_(hg, w[i])
         for ca, cb, ra, rb, i in self._dense:
-            y[:, ra:rb].addmm_(x[:, ca:cb], w[i].t())
+            y[:, ra:rb].addmm_(x[:, ca:cb], w[i])
         return y
 
 
@@ -294,7 +298,7 @@ def _build_plan(
             for pa, pb in _pieces(ra, rl, out_f):
                 co = 0
                 for qa, qb in _pieces(ca, cl, in_f):
-                    i = add(block[ro : ro + pb - pa, co : co + qb - qa])
+                    i = add(block[ro : ro + pb - pa, co : co + qb - qa].t())
                     dense_specs.append((qa, qb, pa, pb, i))
                     co += qb - qa
                 ro += pb - pa
@@ -346,7 +350,7 @@ def _build_plan(
             ug = u_m[rows][:, idx]
             pieces, o = [], 0
             for a, b in _pieces(start, length, out_f):
-                pieces.append((a, b, add(ug[o : o + b - a])))
+                pieces.append((a, b, add(ug[o : o + b - a].t())))
                 o += b - a
             stage2.append((hpos, hpos + int(idx.numel()), pieces))
             hpos += int(idx.numel())
