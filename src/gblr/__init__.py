@@ -16,6 +16,7 @@ from gblr.layers import (
     get_structure,
 )
 from gblr.ops import gaudi_mask
+from gblr.projection import Calibration, ProjectionRecord, allocate, project, project_many
 
 __version__ = "0.1.0"
 
@@ -36,6 +37,11 @@ __all__ = [
     "PackedGBLRLinear",
     "save_packed",
     "load_packed",
+    "project",
+    "project_many",
+    "allocate",
+    "Calibration",
+    "ProjectionRecord",
     "flops_report",
     "count_flops",
     "FlopsReport",

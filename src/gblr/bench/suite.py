@@ -42,6 +42,7 @@ class BenchSpec:
 BENCHMARKS: dict[str, BenchSpec] = {
     "layers": BenchSpec("gblr.bench.layers", "Layer training step (GBLR vs dense)", cuda=True),
     "speed": BenchSpec("gblr.bench.speed", "Deployment speed (packed GBLR)", cuda=True),
+    "approx": BenchSpec("gblr.bench.approx", "Projecting MiniLM-L6's weights onto each structure"),
 }
 
 #: The paper's own numbers (Lee & Kim, ICLR 2024), reported beside ours, never mixed with them:
