@@ -105,6 +105,24 @@ def test_block_sparse_becomes_dense_blocks_at_true_cost():
     assert len(packed.plans[0].spec["dense"]) == 5
 
 
+def test_tiny_blocks_go_to_one_sparse_matrix(tmp_path):
+    torch.manual_seed(15)
+    w = torch.randn(24, 40, dtype=torch.float64)
+    grid = torch.rand(12, 20) < 0.2
+    grid[0, 0] = True
+    layer = GBLRLinear.from_block_sparse(w, grid, (2, 2)).eval()
+    packed = check_exact(layer, tokens=(1, 4096))
+    assert packed.plans[0].sp_val is not None and packed.plans[0].spec["dense"] == []
+    assert packed.flops() == layer.flops() == int(grid.sum()) * 4
+    assert packed.num_gemms() == 1
+    save_packed(packed, tmp_path / "sparse.safetensors")
+    x = torch.randn(3, 40, dtype=torch.float64)
+    assert torch.equal(load_packed(tmp_path / "sparse.safetensors")(x), packed(x))
+    with torch.inference_mode():
+        out = layer.float().packed(dtype=torch.bfloat16)(x.bfloat16())
+    assert (out.double() - layer.double()(x)).norm() / layer(x).norm() < 2e-2
+
+
 def test_low_rank_is_one_gemm_pair():
     torch.manual_seed(5)
     u, v = torch.randn(50, 6, dtype=torch.float64), torch.randn(6, 70, dtype=torch.float64)

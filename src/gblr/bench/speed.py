@@ -92,11 +92,15 @@ def _projected_minilm(
     out_f, in_f = weight.shape
     file = None if cache is None else cache / f"minilm_{key}_b{budget}.pt"
     if file is not None and file.exists():
-        layer = GBLRLinear(in_f, out_f, bias=False, init="random")
-        layer.load_state_dict(torch.load(file))
+        state = torch.load(file)
+        layer = GBLRLinear(in_f, out_f, num_components=state["widths"].shape[1], bias=False,
+                           init="random")
+        layer.load_state_dict(state)
         return weight, layer.eval()
     with torch.enable_grad():
         layer = GBLRLinear.from_dense(weight, budget, progress=progress).eval()
+    if layer.sigma is not None or layer.rank_per_component != 1:
+        raise ValueError("expected sharp rank-1 components from the projection")
     if file is not None:
         file.parent.mkdir(parents=True, exist_ok=True)
         torch.save(layer.state_dict(), file)

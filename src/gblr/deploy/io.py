@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gblr.deploy.packed import PackedGBLRLinear, _Plan
+from gblr.deploy.packed import SPARSE_BUFFERS, PackedGBLRLinear, _Plan
 
 __all__ = ["save_packed", "load_packed"]
 
@@ -37,6 +37,9 @@ def save_packed(module: nn.Module, path: str | Path) -> None:
         for j, plan in enumerate(layer.plans):
             for i, w in enumerate(plan.weights()):
                 tensors[f"{name}/plan{j}.w{i}"] = w.detach().cpu().contiguous()
+            for key in SPARSE_BUFFERS:
+                if getattr(plan, key) is not None:
+                    tensors[f"{name}/plan{j}.{key}"] = getattr(plan, key).cpu().contiguous()
             plans.append({**plan.spec, "n_weights": len(plan.weights())})
         if layer.bias is not None:
             tensors[f"{name}/bias"] = layer.bias.detach().cpu().contiguous()
@@ -55,7 +58,11 @@ def _build(entry: dict, tensors: dict[str, torch.Tensor], name: str) -> PackedGB
     for j, spec in enumerate(entry["plans"]):
         weights = [tensors[f"{name}/plan{j}.w{i}"] for i in range(spec["n_weights"])]
         spec = {k: v for k, v in spec.items() if k != "n_weights"}
-        plans.append(_Plan(spec, weights))
+        sparse = {
+            key: tensors[f"{name}/plan{j}.{key}"]
+            for key in SPARSE_BUFFERS if f"{name}/plan{j}.{key}" in tensors
+        }
+        plans.append(_Plan(spec, weights, sparse))
     bias = tensors[f"{name}/bias"] if entry["bias"] else None
     return PackedGBLRLinear(
         entry["in_features"], entry["out_features"], plans, bias, entry["true_flops"]
