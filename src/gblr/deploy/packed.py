@@ -23,6 +23,7 @@ that wraps around the end of an axis is split into two GEMMs on contiguous slice
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -353,7 +354,9 @@ def _build_plan(
             (out_f, in_f), check_invariants=True,
         ).coalesce()
         if tokens <= SPARSE_CSR_TOKENS:
-            csr = coo.to_sparse_csr()
+            with warnings.catch_warnings():  # "CSR support is in beta": known, and tested
+                warnings.simplefilter("ignore", UserWarning)
+                csr = coo.to_sparse_csr()
             sparse = {"sp_crow": csr.crow_indices().contiguous(),
                       "sp_col": csr.col_indices().contiguous(),
                       "sp_val": csr.values().to(dtype).contiguous()}
