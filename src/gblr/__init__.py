@@ -2,6 +2,7 @@
 
 from gblr import cost
 from gblr.accounting import FlopsReport, count_flops, flops_report
+from gblr.deploy import PackedGBLRLinear, deploy, load_packed, save_packed
 from gblr.layers import (
     STRUCTURES,
     BlockDiagLinear,
@@ -32,6 +33,10 @@ __all__ = [
     "StructuredLinear",
     "STRUCTURES",
     "get_structure",
+    "deploy",
+    "PackedGBLRLinear",
+    "save_packed",
+    "load_packed",
     "project",
     "project_many",
     "allocate",
