@@ -3,6 +3,7 @@
 from gblr import cost
 from gblr.layers import STRUCTURES, GBLRLinear, StructuredLinear, get_structure
 from gblr.ops import gaudi_mask
+from gblr.train import BudgetController, SigmaSchedule, param_groups
 
 __version__ = "0.1.0"
 
@@ -13,4 +14,7 @@ __all__ = [
     "StructuredLinear",
     "STRUCTURES",
     "get_structure",
+    "param_groups",
+    "BudgetController",
+    "SigmaSchedule",
 ]

@@ -1,0 +1,43 @@
+"""One switch that builds the linear layers the paper replaces: dense, GBLR or a baseline."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from gblr.cost import check_budget
+from gblr.layers.base import get_structure
+from gblr.layers.gblr import GBLRLinear
+
+__all__ = ["LINEAR_KINDS", "make_linear"]
+
+#: Values of the ``linear`` switch of every model in :mod:`gblr.models`.
+LINEAR_KINDS = ("dense", "gblr", "lowrank", "monarch", "blr", "blocksparse")
+
+
+def make_linear(
+    kind: str,
+    in_features: int,
+    out_features: int,
+    budget: float = 1.0,
+    bias: bool = True,
+    gblr: dict[str, Any] | None = None,
+) -> nn.Module:
+    """A ``in -> out`` layer of structure ``kind`` at ``budget`` (fraction of dense cost).
+
+    ``"dense"`` is ``nn.Linear`` (the budget is ignored); ``"gblr"`` is :class:`GBLRLinear`
+    built with the keyword arguments in ``gblr`` (``init``, ``num_components``, ...; ``budget``
+    is passed for the budget-aware inits); the others come from the structure registry,
+    ``get_structure(kind)(in, out, budget=budget, bias=bias)``.
+    """
+    if kind not in LINEAR_KINDS:
+        raise ValueError(f"linear must be one of {LINEAR_KINDS}, got {kind!r}")
+    if kind == "dense":
+        return nn.Linear(in_features, out_features, bias=bias)
+    budget = check_budget(budget)
+    if kind == "gblr":
+        opts = dict(gblr or {})
+        opts.setdefault("budget", budget)
+        return GBLRLinear(in_features, out_features, bias=bias, **opts)
+    return get_structure(kind)(in_features, out_features, budget=budget, bias=bias)
