@@ -6,7 +6,9 @@ import importlib
 import sys
 
 #: subcommand -> (module with a ``main(argv)`` function, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("gblr.train.runner", "train a model with learned structure (Hydra experiments)"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@ from gblr.cost import check_budget
 from gblr.layers.base import get_structure
 from gblr.layers.gblr import GBLRLinear
 
-__all__ = ["LINEAR_KINDS", "make_linear"]
+__all__ = ["LINEAR_KINDS", "make_linear", "project_linears"]
 
 #: Values of the ``linear`` switch of every model in :mod:`gblr.models`.
 LINEAR_KINDS = ("dense", "gblr", "lowrank", "monarch", "blr", "blocksparse")
@@ -41,3 +41,36 @@ def make_linear(
         opts.setdefault("budget", budget)
         return GBLRLinear(in_features, out_features, bias=bias, **opts)
     return get_structure(kind)(in_features, out_features, budget=budget, bias=bias)
+
+
+def project_linears(
+    model: nn.Module,
+    kind: str,
+    budget: float,
+    names: tuple[str, ...],
+    gblr: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Replace, in place, every ``nn.Linear`` whose attribute name is in ``names`` by its
+    projection onto structure ``kind`` at ``budget`` (``cls.from_dense``): the fine-tuning start.
+    """
+    if kind not in LINEAR_KINDS:
+        raise ValueError(f"linear must be one of {LINEAR_KINDS}, got {kind!r}")
+    if kind == "dense":
+        return model
+    budget = check_budget(budget)
+    cls = get_structure(kind)
+    kwargs = {}
+    if kind == "gblr":
+        kwargs = {k: v for k, v in dict(gblr or {}).items()
+                  if k in ("rank_per_component", "path", "sigma")}
+    targets = [(parent, child_name, child)
+               for parent in model.modules()
+               for child_name, child in parent.named_children()
+               if child_name in names and isinstance(child, nn.Linear)]
+    if not targets:
+        raise ValueError(f"model has no nn.Linear named any of {names} to project")
+    for parent, child_name, child in targets:
+        bias = None if child.bias is None else child.bias.detach()
+        new = cls.from_dense(child.weight.detach(), budget, bias=bias, **kwargs)
+        setattr(parent, child_name, new.to(child.weight.device))
+    return model

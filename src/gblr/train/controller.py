@@ -8,7 +8,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gblr.cost import check_budget, check_positive
+from gblr.cost import (
+    INPUT_AXIS,
+    OUTPUT_AXIS,
+    check_budget,
+    check_positive,
+    grouped_component_cost,
+)
 from gblr.layers.gblr import GBLRLinear
 from gblr.train.groups import gblr_layers
 
@@ -32,20 +38,32 @@ class LayerCost:
         return self.cost / self.dense
 
 
+def _box_support(width: torch.Tensor, location: torch.Tensor, n: int) -> torch.Tensor:
+    # the exact box that the rounded (width, location) select with sigma=None, (K, n) bool
+    count = torch.round(width.clamp(0.0, 1.0) * n).long()
+    start = torch.round(torch.remainder(location, 1.0) * n).long() % n
+    offset = torch.remainder(torch.arange(n, device=width.device)[None, :] - start[:, None], n)
+    return offset < count[:, None]
+
+
 @torch.no_grad()
 def sharp_flops(layer: GBLRLinear) -> int:
-    """:meth:`GBLRLinear.flops` with ``sigma=None``: the cost of the boxes the layer ends with.
+    """Evaluation-mode cost of the boxes the layer ends with (``sigma=None``), in MACs/token.
 
-    While ``sigma`` is annealed a blurred mask has many entries above the evaluation
-    threshold, so the cost at the current ``sigma`` overstates what training converges to;
-    the controller steers this sharp cost, which is the deployed one.
+    Equal to :meth:`GBLRLinear.flops` with ``sigma=None``: with no low-pass the rounded Gaudi
+    masks are exact 0/1 boxes (SPEC §2), so the supports are computed directly from the
+    rounded widths and locations instead of through the FFT, and costed by the same rule
+    (:func:`gblr.cost.grouped_component_cost`). While ``sigma`` is annealed a blurred mask has
+    more entries above the evaluation threshold, so the cost at the current ``sigma`` would
+    overstate what training converges to; the controller steers this sharp, deployed cost.
     """
-    sigma = layer.sigma
-    layer.sigma = None
-    try:
-        return int(layer.flops())
-    finally:
-        layer.sigma = sigma
+    w = layer.widths.detach()
+    loc = layer.locations.detach()
+    on = layer.active_components()[:, None]
+    in_support = _box_support(w[INPUT_AXIS], loc[INPUT_AXIS], layer.in_features) & on
+    out_support = _box_support(w[OUTPUT_AXIS], loc[OUTPUT_AXIS], layer.out_features) & on
+    ranks = torch.full((layer.num_components,), layer.rank_per_component, dtype=torch.long)
+    return grouped_component_cost(in_support, out_support, ranks)
 
 
 @torch.no_grad()
