@@ -1,7 +1,17 @@
 """gblr: Generalized Block Low-Rank layers with structure learned under a compute budget."""
 
 from gblr import cost
-from gblr.layers import STRUCTURES, GBLRLinear, StructuredLinear, get_structure
+from gblr.layers import (
+    STRUCTURES,
+    BlockDiagLinear,
+    BlockLowRankLinear,
+    BlockSparseLinear,
+    GBLRLinear,
+    LowRankLinear,
+    MonarchLinear,
+    StructuredLinear,
+    get_structure,
+)
 from gblr.ops import gaudi_mask
 from gblr.train import BudgetController, SigmaSchedule, param_groups
 
@@ -11,6 +21,11 @@ __all__ = [
     "cost",
     "gaudi_mask",
     "GBLRLinear",
+    "LowRankLinear",
+    "MonarchLinear",
+    "BlockSparseLinear",
+    "BlockLowRankLinear",
+    "BlockDiagLinear",
     "StructuredLinear",
     "STRUCTURES",
     "get_structure",
