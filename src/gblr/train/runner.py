@@ -182,6 +182,8 @@ def run(cfg) -> dict[str, Any]:
     check_budget(cfg.budget)
     if cfg.resume is not None and not Path(str(cfg.resume)).is_file():
         raise FileNotFoundError(f"resume={cfg.resume!r}: no such checkpoint")
+    if cfg.threads is not None:
+        torch.set_num_threads(int(cfg.threads))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     train_dl, val_dl, test_dl, info = build_data(cfg)
     model = build_model(cfg, info)
