@@ -101,10 +101,12 @@ class BudgetController:
     ``w <- clamp(softshrink(w, lam * lr), 0, 1)`` to every width. ``lam`` is steered
     multiplicatively from the measured cost (up when the cost lags the path, down when it is
     ahead). A shrink that would take the total cost below ``target * (1 - tolerance)`` is cut
-    back by bisection; a layer at or under ``floor`` of its dense cost is not shrunk. At the
-    end call :meth:`enforce`, which makes ``cost <= target`` exactly with the smallest uniform
-    extra shrink. Everything is a deterministic function of the parameters and the step
-    count, so identical replicas of a distributed run stay identical without communication.
+    back by bisection, and an undershoot caused by the gradient step itself is undone by the
+    smallest uniform width growth that restores the target; a layer at or under ``floor`` of
+    its dense cost is not shrunk. At the end call :meth:`enforce`, which makes
+    ``cost <= target`` exactly with the smallest uniform extra shrink. Everything is a
+    deterministic function of the parameters and the step count, so identical replicas of a
+    distributed run stay identical without communication.
 
     Args:
         model: the model; its GBLR layers are found by type.
@@ -232,6 +234,8 @@ class BudgetController:
         ref = self.reference(self.steps)
         err = (cost - ref) / ref
         self.lam *= math.exp(self.gain * max(-1.0, min(1.0, 10.0 * err)))
+        if cost < self.target * (1.0 - self.tolerance):
+            return self._regrow()
         if cost <= ref or self.lam <= 0:
             return cost
         amount = self.lam * self._lr()
@@ -264,6 +268,28 @@ class BudgetController:
         if restored:
             self._costs = self._measure()
         return self.cost_fraction
+
+    @torch.no_grad()
+    def _regrow(self) -> float:
+        """Undo an undershoot caused by the gradient step: the smallest uniform width growth
+        that brings the cost back to the target."""
+        before = self._snapshot()
+
+        def apply(amount: float) -> float:
+            self._shrink_from(before, [-amount] * len(before))
+            self._costs = self._measure()
+            return self.cost_fraction
+
+        if apply(1.0) < self.target:
+            return self.cost_fraction  # even full width is below the target: nothing to steer
+        lo, hi = 0.0, 1.0  # cost(lo) < target <= cost(hi)
+        for _ in range(20):
+            mid = 0.5 * (lo + hi)
+            if apply(mid) >= self.target:
+                hi = mid
+            else:
+                lo = mid
+        return apply(hi)
 
     @torch.no_grad()
     def enforce(self) -> float:

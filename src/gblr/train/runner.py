@@ -87,7 +87,8 @@ def build_data(cfg) -> tuple[DataLoader, DataLoader, DataLoader, dict]:
     workers = int(d.num_workers)
     common = {"num_workers": workers, "persistent_workers": workers > 0}
     loaders = (
-        DataLoader(train, batch_size=int(d.batch_size), shuffle=True, drop_last=True, **common),
+        DataLoader(train, batch_size=int(d.batch_size), drop_last=True,
+                   sampler=D.EpochShuffleSampler(len(train), int(cfg.seed)), **common),
         DataLoader(val, batch_size=int(d.eval_batch_size), **common),
         DataLoader(test, batch_size=int(d.eval_batch_size), **common),
     )
