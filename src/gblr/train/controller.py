@@ -214,7 +214,9 @@ class BudgetController:
         return [layer.widths.detach().clone() for _, layer in self.layers]
 
     @torch.no_grad()
-    def _shrink_from(self, before: list[torch.Tensor], amounts: list[float]) -> None:
+    def _shrink_from(
+        self, before: list[torch.Tensor], amounts: list[float] | list[torch.Tensor]
+    ) -> None:
         for (_, layer), w, amount in zip(self.layers, before, amounts, strict=True):
             layer.widths.copy_((w.clamp(0, 1) - amount).clamp(0, 1))
 
@@ -271,12 +273,14 @@ class BudgetController:
 
     @torch.no_grad()
     def _regrow(self) -> float:
-        """Undo an undershoot caused by the gradient step: the smallest uniform width growth
-        that brings the cost back to the target."""
+        """Undo an undershoot caused by the gradient step: the smallest uniform growth of the
+        widths of the components that are on that brings the cost back to the target."""
         before = self._snapshot()
+        # only components that are still on grow; components that were switched off stay off
+        alive = [(w > 0).all(dim=0, keepdim=True).to(w.dtype) for w in before]
 
         def apply(amount: float) -> float:
-            self._shrink_from(before, [-amount] * len(before))
+            self._shrink_from(before, [-amount * a for a in alive])
             self._costs = self._measure()
             return self.cost_fraction
 
