@@ -146,8 +146,8 @@ class BudgetController:
             raise ValueError(f"floor must be in [0, target={self.target}), got {floor!r}")
         if not 0.0 <= float(tolerance) < 1.0:
             raise ValueError(f"tolerance must be in [0, 1), got {tolerance!r}")
-        if lam is not None and not float(lam) >= 0:
-            raise ValueError(f"lam must be >= 0, got {lam!r}")
+        if lam is not None and not float(lam) > 0:
+            raise ValueError(f"lam must be positive, got {lam!r}")
         if not float(gain) > 0:
             raise ValueError(f"gain must be positive, got {gain!r}")
         if not float(lr) > 0:
@@ -195,7 +195,8 @@ class BudgetController:
 
     def _default_lam(self) -> float:
         if self.initial_cost <= self.target:
-            return 0.0
+            # already within budget: a small positive strength that the updates can scale up
+            return 0.01 / max(1.0, self.reach * self.total_steps) / self._lr()
         widths = torch.cat([lay.widths.detach().clamp(0, 1).flatten() for _, lay in self.layers])
         needed = float(widths.mean()) * (1.0 - self.target / self.initial_cost)
         return needed / max(1.0, self.reach * self.total_steps) / self._lr()
@@ -238,7 +239,7 @@ class BudgetController:
         self.lam *= math.exp(self.gain * max(-1.0, min(1.0, 10.0 * err)))
         if cost < self.target * (1.0 - self.tolerance):
             return self._regrow()
-        if cost <= ref or self.lam <= 0:
+        if cost <= ref:
             return cost
         amount = self.lam * self._lr()
         shrinkable = self._shrinkable()
