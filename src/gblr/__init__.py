@@ -1,11 +1,13 @@
 """gblr: Generalized Block Low-Rank layers with structure learned under a compute budget."""
 
 from gblr import cost
+from gblr.accounting import FlopsReport, count_flops, flops_report
 from gblr.layers import (
     STRUCTURES,
     BlockDiagLinear,
     BlockLowRankLinear,
     BlockSparseLinear,
+    GBLRConv2d,
     GBLRLinear,
     LowRankLinear,
     MonarchLinear,
@@ -13,6 +15,7 @@ from gblr.layers import (
     get_structure,
 )
 from gblr.ops import gaudi_mask
+from gblr.projection import Calibration, ProjectionRecord, allocate, project, project_many
 from gblr.train import BudgetController, SigmaSchedule, param_groups
 
 __version__ = "0.1.0"
@@ -21,6 +24,7 @@ __all__ = [
     "cost",
     "gaudi_mask",
     "GBLRLinear",
+    "GBLRConv2d",
     "LowRankLinear",
     "MonarchLinear",
     "BlockSparseLinear",
@@ -32,4 +36,12 @@ __all__ = [
     "param_groups",
     "BudgetController",
     "SigmaSchedule",
+    "project",
+    "project_many",
+    "allocate",
+    "Calibration",
+    "ProjectionRecord",
+    "flops_report",
+    "count_flops",
+    "FlopsReport",
 ]

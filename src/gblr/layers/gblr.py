@@ -19,9 +19,9 @@ from gblr.cost import (
     check_budget,
     check_positive,
     grouped_component_cost,
-    max_rank_for_budget,
 )
 from gblr.layers.base import StructuredLinear, check_matrix, register_structure
+from gblr.ops.costed import costed_linear
 from gblr.ops.gaudi import EVAL_MASK_THRESHOLD, gaudi_mask, round_to_grid
 
 __all__ = ["GBLRLinear", "INIT_SCHEMES", "LOCATION_INITS", "FORWARD_PATHS"]
@@ -220,7 +220,8 @@ class GBLRLinear(StructuredLinear):
         finally:
             self.train(was_training)
 
-    def _masked_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def masked_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``U_m (out, K r)`` and ``V_m (K r, in)``, current-mode masks applied: ``W = U_m V_m``."""
         m_in, m_out = self.masks()
         r = self.rank_per_component
         if r > 1:
@@ -240,15 +241,26 @@ class GBLRLinear(StructuredLinear):
         dense_macs = kr * n_in * n_out + tokens * n_in * n_out
         return "lowrank" if lowrank_macs <= dense_macs else "dense"
 
+    def _apply_2d(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        u, v = self.masked_factors()
+        dense = self._choose_path(x.shape[0]) == "dense"
+        if not self.training:
+            # evaluation: an op that FlopCounterMode counts at the layer's cost (flops())
+            y = costed_linear(x, u, v, self.flops(), dense)
+            return y if bias is None else y + bias.to(y.dtype)
+        if dense:
+            return F.linear(x, u @ v, bias)
+        return F.linear(F.linear(x, v), u, bias)
+
     def _forward_2d(self, x: torch.Tensor) -> torch.Tensor:
-        u, v = self._masked_factors()
-        if self._choose_path(x.shape[0]) == "dense":
-            return F.linear(x, u @ v)
-        return F.linear(F.linear(x, v), u)
+        return self._apply_2d(x, None)
+
+    def _linear_2d(self, x: torch.Tensor) -> torch.Tensor:
+        return self._apply_2d(x, self.bias)
 
     def to_dense(self) -> torch.Tensor:
         """The ``(out, in)`` matrix applied in the current mode."""
-        u, v = self._masked_factors()
+        u, v = self.masked_factors()
         return u @ v
 
     def component_supports(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,11 +268,27 @@ class GBLRLinear(StructuredLinear):
         m_in, m_out = self.eval_masks()
         return m_in != 0, m_out != 0
 
+    def _cost_key(self) -> tuple:
+        """Changes whenever the evaluation-mode cost may change (in-place updates included)."""
+        w, l = self.widths, self.locations
+        return (
+            w._version, l._version, w.data_ptr(), l.data_ptr(), w.device, w.dtype, self.sigma
+        )
+
     def flops(self) -> int:
-        """Evaluation-mode MACs per token: components with identical boxes cost one block."""
+        """Evaluation-mode MACs per token: components with identical boxes cost one block.
+
+        Cached until ``widths``, ``locations`` or ``sigma`` change.
+        """
+        key = self._cost_key()
+        cached = self.__dict__.get("_cost_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
         in_support, out_support = self.component_supports()
         ranks = torch.full((self.num_components,), self.rank_per_component, dtype=torch.long)
-        return grouped_component_cost(in_support, out_support, ranks)
+        cost = grouped_component_cost(in_support, out_support, ranks)
+        self.__dict__["_cost_cache"] = (key, cost)
+        return cost
 
     def extra_repr(self) -> str:
         return (
@@ -421,29 +449,38 @@ class GBLRLinear(StructuredLinear):
         weight: torch.Tensor,
         budget: float,
         bias: torch.Tensor | None = None,
+        *,
         rank_per_component: int = 1,
-        **kwargs: Any,
+        steps: int | None = None,
+        calibration: Any = None,
+        second_moment: torch.Tensor | None = None,
+        device: torch.device | str | None = None,
+        progress: bool = False,
+        sigma: float | None = None,
+        path: str = "auto",
+        **opts: Any,
     ) -> GBLRLinear:
-        """GBLR start from a dense matrix: its truncated SVD at ``budget``.
+        """Project a dense ``(out, in)`` matrix onto GBLR with ``gblr.project``.
 
-        ``min(in, out) // rank_per_component`` components hold the singular vectors;
-        those that fit the budget are full width, the others are off (width 0)
-        but keep their factors so that training can regrow them.
+        The result's evaluation-mode ``flops()`` is at most ``budget * in * out`` and its
+        error is never above the truncated SVD's at that budget. ``steps=0`` returns the
+        truncated-SVD start itself: ``min(in, out) // rank_per_component`` components, those
+        that fit the budget at full width and the others off (width 0) but able to regrow.
+        ``calibration`` is inputs ``X (N, in)`` or a ``gblr.Calibration``; a second moment
+        ``C = X^T X / N`` goes in ``second_moment=``. ``sigma`` and ``path`` are set on the
+        returned layer; ``**opts`` are search settings (``gblr.projection.SearchOptions``).
         """
-        check_matrix(weight)
-        budget = check_budget(budget)
-        out_features, in_features = weight.shape
-        r = check_positive("rank_per_component", rank_per_component)
-        rank = max_rank_for_budget(in_features, out_features, budget) // r * r
-        if rank == 0:
-            raise ValueError(
-                f"budget={budget} is too small for one rank-{r} component of a "
-                f"{out_features}x{in_features} matrix (needs {r * (in_features + out_features)} "
-                f"MACs, budget allows {budget * in_features * out_features:.0f})"
-            )
-        k = min(in_features, out_features) // r
-        u, v = _svd_factors(weight, k * r)
-        widths = torch.zeros(2, k)
-        widths[:, : rank // r] = 1.0
-        locations = (torch.arange(k, dtype=torch.float32) / k).expand(2, k).clone()
-        return cls._from_components(u, v, widths, locations, bias, rank_per_component=r, **kwargs)
+        from gblr.projection import Calibration, project
+
+        if second_moment is not None:
+            if calibration is not None:
+                raise ValueError("pass either calibration= or second_moment=, not both")
+            calibration = Calibration.from_second_moment(second_moment)
+        layer, _ = project(
+            weight, budget, structure="gblr", rank_per_component=rank_per_component,
+            steps=steps, calibration=calibration, device=device, progress=progress,
+            bias=bias, **opts,
+        )
+        layer.sigma = sigma
+        layer.path = path
+        return layer

@@ -107,7 +107,7 @@ def _load_dense_state(model: nn.Module, path: str) -> None:
 
 def build_model(cfg, info: dict) -> nn.Module:
     """The model named by ``cfg.model`` for data described by ``info``."""
-    from gblr.models import GPT, MlpMixer, VisionTransformer, project_linears
+    from gblr.models import GPT, MlpMixer, ResNet18, VisionTransformer, project_linears
 
     m = cfg.model
     linear = str(m.linear)
@@ -129,6 +129,13 @@ def build_model(cfg, info: dict) -> nn.Module:
         if finetune:
             _load_dense_state(model, str(m.init_from))
             project_linears(model, linear, budget, REPLACED[m.arch], gblr_opts)
+    elif m.arch == "resnet18":
+        if info["task"] != "classify" or len(info.get("img_size", ())) != 2:
+            raise ValueError("model.arch=resnet18 needs an image classification data set")
+        if finetune:
+            raise ValueError("model.init_from is not supported for resnet18")
+        model = ResNet18(num_classes=info["num_classes"], in_chans=info["in_chans"],
+                         linear=linear, budget=budget, gblr=gblr_opts, **opts)
     elif m.arch == "gpt":
         if info["task"] != "lm":
             raise ValueError("model.arch=gpt needs a text data set")
@@ -140,7 +147,7 @@ def build_model(cfg, info: dict) -> nn.Module:
             opts["n_positions"] = max(int(info["block_size"]), 1)
         model = GPT(linear=linear, budget=budget, gblr=gblr_opts, **opts)
     else:
-        raise ValueError(f"unknown model.arch {m.arch!r}; known: mixer, vit, gpt")
+        raise ValueError(f"unknown model.arch {m.arch!r}; known: mixer, vit, gpt, resnet18")
     model.linear = linear
     return model
 
