@@ -318,3 +318,28 @@ def test_mask_figure(tmp_path):
 
     plt.close(fig)
 
+
+
+@pytest.mark.slow  # eight tiny trainings in subprocesses, about a minute
+def test_train_benchmark_quick(tmp_path):
+    if not _shakespeare_available():
+        pytest.skip("../shared/data/shakespeare is absent")
+    from gblr.bench.train import main
+
+    assert main(["--quick", "--jobs", "2", "--work", str(tmp_path / "w"),
+                 "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "results.md").read_text()
+    assert "| gblr |" in text and "| monarch |" in text
+    assert (tmp_path / "out" / "layer_costs.png").is_file()
+
+
+def test_resnet18_gblr_convs_are_controlled():
+    from gblr.models import ResNet18
+
+    model = ResNet18(num_classes=5, width=8, small_input=True, linear="gblr", budget=0.5)
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 5)
+    ctl = BudgetController(model, 0.3, total_steps=5)
+    assert len(ctl.layers) == 16  # the 3x3 convs of the 8 residual blocks
+    assert ctl.enforce() <= 0.3
+    with pytest.raises(ValueError, match="linear"):
+        ResNet18(linear="monarch")

@@ -55,8 +55,15 @@ def _run(job: dict, work: Path, data_root: Path) -> dict:
            "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", *job["overrides"]]
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
+    # the child runs the same gblr as this process (the checkout's src, not another install)
+    import gblr
+
+    src = str(Path(gblr.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [src, *filter(None, [os.environ.get("PYTHONPATH")])])}
     with open(out / "stdout.log", "w") as log:
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False,
+                            env=env).returncode
     summary_path = out / "summary.json"
     if rc != 0 or not summary_path.is_file():
         tail = (out / "stdout.log").read_text()[-2000:]
@@ -73,6 +80,10 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
+def _budget(r: dict) -> str:
+    return "—" if r["linear"] == "dense" else str(r["budget"])
+
+
 def _table(results: list[dict]) -> str:
     lines = []
     mnist = [r for r in results if r["suite"] == "mnist1d"]
@@ -85,7 +96,7 @@ def _table(results: list[dict]) -> str:
             if not rs:
                 continue
             lines.append(
-                f"| {kind} | {rs[0]['budget']} | {len(rs)} | "
+                f"| {kind} | {_budget(rs[0])} | {len(rs)} | "
                 f"{_mean_std([100 * r['cost_fraction'] for r in rs])} | "
                 f"{_mean_std([100 * r['test_acc'] for r in rs])} | "
                 f"{statistics.mean(r['fit_seconds'] for r in rs):.0f} |")
@@ -98,7 +109,7 @@ def _table(results: list[dict]) -> str:
         for kind in STRUCTURES:
             for r in (r for r in text if r["linear"] == kind):
                 lines.append(
-                    f"| {kind} | {r['budget']} | {100 * r['cost_fraction']:.2f} | "
+                    f"| {kind} | {_budget(r)} | {100 * r['cost_fraction']:.2f} | "
                     f"{r['test_loss']:.4f} | {r['test_ppl']:.3f} | {r['fit_seconds']:.0f} |")
         lines.append("")
     return "\n".join(lines)
