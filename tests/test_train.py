@@ -343,3 +343,15 @@ def test_resnet18_gblr_convs_are_controlled():
     assert ctl.enforce() <= 0.3
     with pytest.raises(ValueError, match="linear"):
         ResNet18(linear="monarch")
+
+
+def test_compare_runs_each_structure_and_writes_the_table(tmp_path, capsys):
+    cfg = runner.compose(["experiment=mnist1d/compare", "trainer.fast_dev_run=true",
+                          f"out_dir={tmp_path}", "trainer.enable_progress_bar=false", "threads=1",
+                          f"data.root={tmp_path / 'data'}", "data.num_samples=400"])
+    summaries = runner.run_all(cfg)
+    assert [s["linear"] for s in summaries] == ["gblr", "dense"]
+    assert (tmp_path / "gblr" / "summary.json").is_file()
+    assert (tmp_path / "dense" / "summary.json").is_file()
+    table = (tmp_path / "compare.md").read_text()
+    assert "| gblr | 0.3 |" in table and "| dense | — |" in table

@@ -288,7 +288,8 @@ def _format_compare(summaries: list[dict[str, Any]]) -> str:
     for s in summaries:
         metric = (f"{100 * s['test_acc']:.2f}%" if "test_acc" in s
                   else f"{s.get('test_ppl', float('nan')):.3f}")
-        lines.append(f"| {s['linear']} | {s['budget']} | {100 * s['cost_fraction']:.2f} | "
+        budget = "—" if s["linear"] == "dense" else s["budget"]
+        lines.append(f"| {s['linear']} | {budget} | {100 * s['cost_fraction']:.2f} | "
                      f"{s.get('test_loss', float('nan')):.4f} | {metric} | "
                      f"{s['fit_seconds']:.0f} |")
     return "\n".join(lines)
@@ -302,16 +303,21 @@ def run_all(cfg) -> list[dict[str, Any]]:
     for kind in kinds:
         if kind not in LINEAR_KINDS:
             raise ValueError(f"compare entries must be in {LINEAR_KINDS}, got {kind!r}")
+    raw_out = str(OmegaConf.to_container(cfg, resolve=False)["out_dir"])
+    per_kind = "${model.linear}" in raw_out  # else each structure gets a sub-folder
     summaries = []
     for kind in kinds:
         sub = cfg.copy()
         OmegaConf.set_struct(sub, True)
         sub.model.linear = kind
+        if len(kinds) > 1 and not per_kind:
+            sub.out_dir = str(Path(str(cfg.out_dir)) / kind)
         summaries.append(run(sub))
     if len(kinds) > 1:
         table = _format_compare(summaries)
         print(f"\n## {cfg.name}: comparison at equal budget\n\n{table}\n")
-        root = Path(str(cfg.out_dir)).parent.parent
+        root = Path(str(sub.out_dir)).parent
+        root = root.parent if per_kind else root
         root.mkdir(parents=True, exist_ok=True)
         (root / "compare.md").write_text(f"# {cfg.name}\n\n{table}\n")
     return summaries
