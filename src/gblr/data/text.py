@@ -89,7 +89,7 @@ def text_splits(
     """``(train, val, test, info)`` windows from ``root/{train,valid,test}.txt``.
 
     ``root`` may also be a single file, split 90/5/5. ``tokenizer`` is ``"char"`` (the
-    vocabulary of the training text) or ``"bpe"`` (GPT-2). ``max_chars`` truncates each split
+    characters of all three splits) or ``"bpe"`` (GPT-2). ``max_chars`` truncates each split
     (for quick runs).
     """
     if tokenizer not in ("char", "bpe"):
