@@ -17,6 +17,7 @@ from gblr.layers import (
 )
 from gblr.ops import gaudi_mask
 from gblr.projection import Calibration, ProjectionRecord, allocate, project, project_many
+from gblr.train import BudgetController, SigmaSchedule, param_groups
 
 __version__ = "0.1.0"
 
@@ -37,6 +38,9 @@ __all__ = [
     "PackedGBLRLinear",
     "save_packed",
     "load_packed",
+    "param_groups",
+    "BudgetController",
+    "SigmaSchedule",
     "project",
     "project_many",
     "allocate",
