@@ -126,7 +126,11 @@ def layer_table(
     rows = []
     for spec in shapes:
         if isinstance(spec, str):
-            weight, layer = _projected_minilm(spec, budget, cache, progress)
+            try:
+                weight, layer = _projected_minilm(spec, budget, cache, progress)
+            except ImportError as exc:
+                print(f"MiniLM row {spec} skipped: {exc}")
+                continue
             source = f"MiniLM {spec.removesuffix('.weight')}, projected"
         else:
             weight, layer = _trained_layer(*spec, budget, shrink_steps, cache, progress)
