@@ -27,3 +27,18 @@ def test_failed_benchmark_is_reported(tmp_path):
     page = tmp_path / "R.md"
     suite.write_results_page(runs, page, "python -m gblr.bench layers")
     assert "did not complete: failed (exit 1)" in page.read_text()
+
+
+def test_collect_rebuilds_page_from_existing_results(tmp_path):
+    out = tmp_path / "results"
+    (out / "layers").mkdir(parents=True)
+    (out / "layers" / "results.md").write_text("# Title\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
+    (out / "layers-cuda").mkdir()
+    (out / "layers-cuda" / "results.md").write_text("# T\n\ncuda table\n")
+    page = tmp_path / "R.md"
+    assert suite.main(["layers", "--collect", "--out", str(out), "--page", str(page)]) == 0
+    text = page.read_text()
+    assert "| 1 | 2 |" in text and "cuda table" in text
+    assert "Layer training step (GBLR vs dense) — CUDA" in text
+    assert suite.main(["speed", "--collect", "--out", str(out), "--page", str(page)]) == 1
+    assert "no results in" in page.read_text()

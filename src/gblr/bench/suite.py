@@ -9,6 +9,7 @@ tables and figures into one page with the machine, versions, date and command.
     python -m gblr.bench all            # full CPU-sized settings
     python -m gblr.bench all --quick    # tiny settings, a few minutes
     python -m gblr.bench layers speed   # a subset
+    python -m gblr.bench all --collect  # rebuild RESULTS.md from results/ without rerunning
 """
 
 from __future__ import annotations
@@ -127,9 +128,23 @@ def _section(run: dict, spec: BenchSpec, page_dir: Path) -> str:
     for figure in sorted(run["out"].glob("*.png")):
         rel = os.path.relpath(figure, page_dir)
         lines += ["", f"![{figure.stem}]({rel})"]
-    lines.append("")
-    lines.append(f"_Run time: {run['seconds']:.0f} s._")
+    if run["seconds"] is not None:
+        lines += ["", f"_Run time: {run['seconds']:.0f} s._"]
     return "\n".join(lines) + "\n"
+
+
+def _collect(names: list[str], out: Path) -> list[dict]:
+    """Runs as found on disk: each benchmark's folder and, where present, its CUDA folder."""
+    runs = []
+    for name in names:
+        for folder, device in ((out / name, None), (out / f"{name}-cuda", "cuda")):
+            if device is not None and not folder.exists():
+                continue
+            found = (folder / "results.md").exists()
+            status = "ok" if found else f"no results in {folder}"
+            runs.append({"name": name, "out": folder, "status": status, "seconds": None,
+                         "device": device})
+    return runs
 
 
 def write_results_page(runs: list[dict], page: Path, command: str) -> None:
@@ -164,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder for each benchmark's output (results)")
     parser.add_argument("--page", type=Path, default=Path("RESULTS.md"),
                         help="results page to write (RESULTS.md)")
+    parser.add_argument("--collect", action="store_true",
+                        help="run nothing: rebuild the page from the results already in --out")
     parser.add_argument("--no-cuda", action="store_true",
                         help="skip the GPU section even when CUDA is present")
     args = parser.parse_args(given)
@@ -173,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown benchmark(s) {unknown}; known: all, {', '.join(BENCHMARKS)}")
     cuda = torch.cuda.is_available() and not args.no_cuda
     runs = []
-    for name in names:
+    if args.collect:
+        runs = _collect(names, args.out)
+    for name in [] if args.collect else names:
         spec = BENCHMARKS[name]
         runs.append(_run_one(name, spec, args.out / name, args.quick, None))
         if cuda and spec.cuda:
