@@ -124,6 +124,8 @@ def _section(run: dict, spec: BenchSpec, page_dir: Path) -> str:
     body = table.read_text().strip().splitlines()
     if body and body[0].startswith("# "):
         body = body[1:]  # the page supplies its own heading
+    while body and not body[0].strip():
+        body = body[1:]
     lines += [line.replace("\n", "") for line in body]
     for figure in sorted(run["out"].glob("*.png")):
         rel = os.path.relpath(figure, page_dir)
