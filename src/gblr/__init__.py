@@ -1,6 +1,12 @@
 """gblr: Generalized Block Low-Rank layers with structure learned under a compute budget."""
 
 from gblr import cost
+from gblr.convert import (
+    CompressionConfig,
+    compress,
+    load_compressed,
+    save_compressed,
+)
 from gblr.layers import STRUCTURES, GBLRLinear, StructuredLinear, get_structure
 from gblr.ops import gaudi_mask
 
@@ -13,4 +19,8 @@ __all__ = [
     "StructuredLinear",
     "STRUCTURES",
     "get_structure",
+    "CompressionConfig",
+    "compress",
+    "save_compressed",
+    "load_compressed",
 ]

@@ -6,7 +6,9 @@ import importlib
 import sys
 
 #: subcommand -> (module with a ``main(argv)`` function, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "compress": ("gblr.convert.cli", "compress a pretrained model, distil it, report and save"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,234 @@
+"""Fine-tuning after projection: distil the compressed model towards the dense teacher.
+
+The student learns its factors and, for GBLR layers, its structure (widths and
+locations); after every optimizer step :func:`project_widths_to_budget` shrinks all
+widths by one common amount, just enough that the evaluation-mode cost of the
+compressed layers stays within the budget.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from gblr.convert.evaluate import last_hidden, mean_pool
+from gblr.cost import INPUT_AXIS, OUTPUT_AXIS, check_positive
+from gblr.layers.base import StructuredLinear
+
+__all__ = [
+    "DistillResult",
+    "distill",
+    "structured_cost",
+    "project_widths_to_budget",
+    "LOSSES",
+]
+
+#: What the student matches: every hidden state, the mean-pooled embedding, or both.
+LOSSES = ("hidden", "embedding", "both")
+
+
+def _has_structure(layer: nn.Module) -> bool:
+    return isinstance(layer, StructuredLinear) and hasattr(layer, "widths") and hasattr(
+        layer, "locations"
+    )
+
+
+def _component_costs(layer: StructuredLinear, widths: torch.Tensor) -> torch.Tensor:
+    """Upper bound of each component's evaluation-mode cost for ``widths`` (no box grouping)."""
+    w = widths.clamp(0.0, 1.0)
+    cols = torch.round(w[INPUT_AXIS] * layer.in_features)
+    rows = torch.round(w[OUTPUT_AXIS] * layer.out_features)
+    r = float(layer.rank_per_component)
+    cost = torch.minimum(r * (rows + cols), rows * cols)
+    return torch.where((cols > 1) & (rows > 1), cost, torch.zeros_like(cost))
+
+
+def structured_cost(model: nn.Module) -> tuple[int, int]:
+    """``(cost, dense cost)`` in MACs per token of the model's structured layers (eval mode)."""
+    layers = [m for m in model.modules() if isinstance(m, StructuredLinear)]
+    return sum(int(m.flops()) for m in layers), sum(m.dense_flops() for m in layers)
+
+
+@torch.no_grad()
+def project_widths_to_budget(layers: Iterable[StructuredLinear], max_cost: float) -> float:
+    """Shrink the widths of GBLR ``layers`` so that their summed cost is ``<= max_cost``.
+
+    Widths are clamped to ``[0, 1]`` and locations wrapped into ``[0, 1)``; then, if the
+    cost (counted without merging identical boxes, an upper bound of the evaluation-mode
+    cost) exceeds ``max_cost``, every width becomes ``clamp(w - tau, 0, 1)`` with the
+    smallest ``tau`` (found by bisection) that meets it. Returns ``tau``. This is the
+    budget projection used during distillation; ``max_cost`` covers these layers only.
+    """
+    layers = [m for m in layers if _has_structure(m)]
+    for m in layers:
+        m.widths.clamp_(0.0, 1.0)
+        m.locations.remainder_(1.0)
+    if not layers:
+        return 0.0
+    start = [m.widths.detach().clone() for m in layers]
+
+    def cost(tau: float) -> float:
+        return sum(
+            float(_component_costs(m, (w - tau).clamp(0.0, 1.0)).sum())
+            for m, w in zip(layers, start, strict=True)
+        )
+
+    if cost(0.0) <= max_cost:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    if cost(hi) > max_cost:
+        raise ValueError(f"max_cost={max_cost} cannot be met even with every component off")
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        if cost(mid) <= max_cost:
+            hi = mid
+        else:
+            lo = mid
+    for m, w in zip(layers, start, strict=True):
+        m.widths.copy_((w - hi).clamp(0.0, 1.0))
+    return hi
+
+
+def _outputs(model: nn.Module, batch: dict[str, torch.Tensor], hidden: bool) -> Any:
+    if hidden:
+        return model(**batch, output_hidden_states=True)
+    return model(**batch)
+
+
+def _loss(student: Any, teacher: Any, mask: torch.Tensor, kind: str) -> torch.Tensor:
+    terms = []
+    if kind in ("hidden", "both"):
+        s_states = getattr(student, "hidden_states", None) or (last_hidden(student),)
+        t_states = getattr(teacher, "hidden_states", None) or (last_hidden(teacher),)
+        m = mask.unsqueeze(-1).to(s_states[-1].dtype)
+        per_layer = [
+            (((s - t) ** 2) * m).sum() / (((t ** 2) * m).sum().clamp_min(1e-12))
+            for s, t in zip(s_states[1:] or s_states, t_states[1:] or t_states, strict=True)
+        ]
+        terms.append(torch.stack(per_layer).mean())
+    if kind in ("embedding", "both"):
+        s_emb = mean_pool(last_hidden(student).float(), mask)
+        t_emb = mean_pool(last_hidden(teacher).float(), mask)
+        terms.append((1.0 - F.cosine_similarity(s_emb, t_emb, dim=1)).mean())
+    return torch.stack(terms).sum()
+
+
+@dataclass
+class DistillResult:
+    """What a distillation run did: steps, time, losses and cost at the end."""
+
+    steps: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+    cost: int = 0
+    dense_cost: int = 0
+
+    @property
+    def cost_fraction(self) -> float:
+        return self.cost / self.dense_cost if self.dense_cost else 0.0
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    steps: int | None = None,
+    minutes: float | None = None,
+    budget: float | None = None,
+    loss: str = "both",
+    lr: float = 1e-4,
+    structure_lr: float = 5e-3,
+    weight_decay: float = 0.0,
+    progress: bool = True,
+) -> DistillResult:
+    """Train ``student`` to reproduce ``teacher`` on text batches, holding the budget.
+
+    ``batches`` yields dicts of model inputs with an ``attention_mask``. Runs ``steps``
+    optimizer steps, or as many as fit in ``minutes`` (the first limit reached when both
+    are given). ``loss`` picks the target: normalised error of every hidden state,
+    ``1 - cosine`` of mean-pooled embeddings, or their sum. Dropout is off. All student
+    parameters train; widths and locations in their own group (Adam betas ``(0, 0.999)``, no weight
+    decay, ``structure_lr``). ``budget`` (default: the student's cost fraction at the start)
+    is held on the structured layers after every step by :func:`project_widths_to_budget`.
+    """
+    if steps is None and minutes is None:
+        raise ValueError("give steps or minutes (or both) to bound the distillation")
+    if steps is not None:
+        check_positive("steps", steps)
+    if minutes is not None and not (float(minutes) > 0 and math.isfinite(float(minutes))):
+        raise ValueError(f"minutes must be a positive number, got {minutes!r}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    structured = [m for m in student.modules() if isinstance(m, StructuredLinear)]
+    if not structured:
+        raise ValueError("student has no structured layers; compress it first")
+    cost0, dense = structured_cost(student)
+    if budget is None:
+        budget = cost0 / dense
+    learnable = [m for m in structured if _has_structure(m)]
+    fixed_cost = sum(int(m.flops()) for m in structured if not _has_structure(m))
+    max_cost = budget * dense - fixed_cost
+    structure_params = [p for m in learnable for p in (m.widths, m.locations)]
+    ids = {id(p) for p in structure_params}
+    weights = [p for p in student.parameters() if id(p) not in ids and p.requires_grad]
+    groups = [{"params": weights, "lr": lr, "weight_decay": weight_decay}]
+    if structure_params:
+        groups.append({"params": structure_params, "lr": structure_lr, "weight_decay": 0.0,
+                       "betas": (0.0, 0.999)})
+    optimizer = torch.optim.AdamW(groups)
+    project_widths_to_budget(learnable, max_cost)
+
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    was_training = student.training
+    # dropout off (the student should match the teacher's deterministic outputs), while the
+    # structured layers train so that components that are off can grow back
+    student.eval()
+    for m in structured:
+        m.train()
+    device = next(student.parameters()).device
+    deadline = None if minutes is None else time.perf_counter() + 60.0 * float(minutes)
+    start = time.perf_counter()
+    losses: list[float] = []
+    iterator: Iterator[dict[str, torch.Tensor]] = iter(batches)
+    bar = tqdm(total=steps, desc="distil", unit="step", disable=not progress)
+    want_hidden = loss in ("hidden", "both")
+    step = 0
+    try:
+        while (steps is None or step < steps) and (
+            deadline is None or time.perf_counter() < deadline
+        ):
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                break
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.no_grad():
+                t_out = _outputs(teacher, batch, want_hidden)
+            s_out = _outputs(student, batch, want_hidden)
+            value = _loss(s_out, t_out, batch["attention_mask"], loss)
+            optimizer.zero_grad(set_to_none=True)
+            value.backward()
+            optimizer.step()
+            project_widths_to_budget(learnable, max_cost)
+            losses.append(float(value.detach()))
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    finally:
+        bar.close()
+        student.train(was_training)
+    cost, dense = structured_cost(student)
+    if cost > budget * dense * (1 + 1e-9):
+        raise RuntimeError(f"budget not held: cost {cost} > {budget} * {dense}")
+    return DistillResult(steps=step, seconds=time.perf_counter() - start, losses=losses,
+                         cost=cost, dense_cost=dense)

@@ -1,0 +1,227 @@
+"""Save a compressed model and rebuild it exactly from its base architecture.
+
+A saved directory holds ``compression.json`` (the config, a fingerprint of the base
+model's architecture, and for every structured layer its structure and constructor
+arguments) and ``model.safetensors`` (every tensor of the compressed model, widths and
+locations included, with its SHA-256 recorded in the JSON).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from gblr.convert.fingerprint import architecture_fingerprint
+from gblr.convert.replace import COMPRESSION_ATTR, dense_weight, set_submodule
+from gblr.convert.select import layer_kind
+from gblr.layers.base import StructuredLinear, get_structure
+
+__all__ = ["save_compressed", "load_compressed", "CONFIG_FILE", "WEIGHTS_FILE", "FORMAT"]
+
+CONFIG_FILE = "compression.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT = "gblr-compressed-v1"
+_SKIP_ARGS = ("self", "device", "dtype")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _json_value(value: Any, where: str) -> Any:
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple):
+        return [_json_value(v, where) for v in value]
+    raise TypeError(f"{where} is a {type(value).__name__}, which cannot be saved to JSON")
+
+
+def constructor_args(layer: StructuredLinear, name: str = "layer") -> dict[str, Any]:
+    """The constructor arguments that rebuild ``layer``'s shapes, read from its attributes."""
+    args: dict[str, Any] = {}
+    params = inspect.signature(type(layer).__init__).parameters
+    for arg, p in params.items():
+        if arg in _SKIP_ARGS or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if arg == "bias":
+            args[arg] = layer.bias is not None
+        elif hasattr(layer, arg):
+            args[arg] = _json_value(getattr(layer, arg), f"{name}: constructor argument {arg!r}")
+        elif p.default is p.empty:
+            raise TypeError(
+                f"{name}: {type(layer).__name__} does not store its constructor argument {arg!r} "
+                "as an attribute, so it cannot be rebuilt"
+            )
+    return args
+
+
+def save_compressed(model: nn.Module, directory: str | Path, overwrite: bool = False) -> Path:
+    """Write ``model`` (the output of ``gblr.compress``) to ``directory``.
+
+    An existing ``directory`` is an error unless ``overwrite=True``; the files are written
+    to a temporary directory first, so a failure never leaves a half-written save or
+    destroys the previous one.
+    """
+    from safetensors.torch import save_model
+
+    directory = Path(directory)
+    if directory.exists() and not overwrite:
+        raise FileExistsError(
+            f"{str(directory)!r} already exists; pass overwrite=True to replace it"
+        )
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{str(directory)!r} exists and is not a directory")
+    info = getattr(model, COMPRESSION_ATTR, None)
+    if not isinstance(info, dict):
+        raise ValueError(
+            "model carries no compression record; save a model returned by gblr.compress "
+            "or gblr.load_compressed"
+        )
+    layers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, StructuredLinear):
+            layers[name] = {
+                "structure": module.structure_name,
+                "class": f"{type(module).__module__}.{type(module).__qualname__}",
+                "kind": info["layers"].get(name),
+                "args": constructor_args(module, f"layer {name!r}"),
+            }
+    missing = sorted(set(info["layers"]) - set(layers))
+    if missing or not layers:
+        raise ValueError(
+            f"compressed layers {missing[:4]} are no longer structured layers in the model"
+            if missing else "model has no structured layers to save"
+        )
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT,
+                                                              "fingerprint": info["fingerprint"]})
+        record = {
+            "format": FORMAT,
+            "config": info["config"],
+            "base_fingerprint": info["fingerprint"],
+            "base_name": str(getattr(getattr(model, "config", None), "_name_or_path", "") or ""),
+            "layers": layers,
+            "weights_sha256": _sha256(tmp / WEIGHTS_FILE),
+        }
+        (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        if directory.exists():
+            backup = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+            os.replace(directory, backup / "old")
+            os.replace(tmp, directory)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def _read_record(directory: Path) -> dict[str, Any]:
+    path = directory / CONFIG_FILE
+    if not directory.is_dir():
+        raise ValueError(f"{str(directory)!r} is not a directory written by gblr.save_compressed")
+    if not path.is_file():
+        raise ValueError(f"{str(directory)!r} has no {CONFIG_FILE}; not a gblr compressed model")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is corrupted (not valid JSON: {err})") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a {FORMAT} record (format={record.get('format')!r})"
+                         if isinstance(record, dict) else f"{path} is not a JSON object")
+    for key in ("base_fingerprint", "layers", "weights_sha256"):
+        if key not in record:
+            raise ValueError(f"{path} is corrupted: key {key!r} is missing")
+    return record
+
+
+def load_compressed(
+    base_model_or_factory: nn.Module | Callable[[], nn.Module], directory: str | Path
+) -> nn.Module:
+    """Rebuild a model saved by :func:`save_compressed` on top of its base architecture.
+
+    ``base_model_or_factory`` is the dense model it was compressed from (or a model of the
+    same architecture, or a function returning one); it is changed in place and returned.
+    Its outputs equal the saved model's bit for bit on CPU. A file from another model, a
+    corrupted or truncated file, or a changed layer raise a ``ValueError``.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    directory = Path(directory)
+    record = _read_record(directory)
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ValueError(f"{str(directory)!r} has no {WEIGHTS_FILE}")
+    if _sha256(weights) != record["weights_sha256"]:
+        raise ValueError(f"{weights} is corrupted: its SHA-256 differs from the one recorded")
+    base = base_model_or_factory
+    if not isinstance(base, nn.Module):
+        if not callable(base):
+            raise TypeError(
+                "base_model_or_factory must be an nn.Module or a function returning one, "
+                f"got {type(base).__name__}"
+            )
+        base = base()
+        if not isinstance(base, nn.Module):
+            raise TypeError(f"the factory returned {type(base).__name__}, not an nn.Module")
+    if any(isinstance(m, StructuredLinear) for m in base.modules()):
+        raise ValueError("the base model already holds structured layers; pass the dense model")
+    if architecture_fingerprint(base) != record["base_fingerprint"]:
+        raise ValueError(
+            f"{str(directory)!r} was saved from a model of another architecture (its fingerprint "
+            "differs from the base model's); pass the model it was compressed from"
+        )
+    modules = dict(base.named_modules())
+    kinds: dict[str, str] = {}
+    for name, entry in record["layers"].items():
+        old = modules.get(name)
+        kind = None if old is None else layer_kind(old)
+        if kind is None or kind != entry.get("kind", kind):
+            raise ValueError(f"layer {name!r} of the saved model has no matching layer in the base")
+        cls = get_structure(entry["structure"])
+        if f"{cls.__module__}.{cls.__qualname__}" != entry["class"]:
+            raise ValueError(
+                f"layer {name!r} was saved as {entry['class']}, but structure "
+                f"{entry['structure']!r} is now {cls.__module__}.{cls.__qualname__}"
+            )
+        out_f, in_f = dense_weight(old, kind).shape
+        args = dict(entry["args"])
+        if (args.get("in_features"), args.get("out_features")) != (in_f, out_f):
+            raise ValueError(
+                f"layer {name!r}: saved shape {args.get('out_features')}x{args.get('in_features')}"
+                f" differs from the base layer's {out_f}x{in_f}"
+            )
+        ref = dense_weight(old, kind)
+        new = cls(**args, device=ref.device, dtype=ref.dtype)
+        new.train(old.training)
+        set_submodule(base, name, new)
+        kinds[name] = kind
+    try:
+        load_model(base, str(weights), strict=True)
+    except SafetensorError as err:
+        raise ValueError(f"{weights} is corrupted: {err}") from None
+    except RuntimeError as err:
+        raise ValueError(f"{weights} does not fit the rebuilt model: {err}") from None
+    setattr(base, COMPRESSION_ATTR, {
+        "config": record.get("config"),
+        "fingerprint": record["base_fingerprint"],
+        "layers": kinds,
+    })
+    return base
