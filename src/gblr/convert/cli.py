@@ -74,6 +74,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def max_positions(model: torch.nn.Module) -> int:
+    """The longest input the model's position embeddings allow (a large number if unknown)."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 1 << 30
+
+
 def unique_dir(stem: str) -> Path:
     """``stem``, or ``stem-2``, ``stem-3``... : the first that does not exist yet."""
     path, i = Path(stem), 2
@@ -146,7 +156,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from gblr.convert.hf import default_model_path, load_hf_model
     from gblr.convert.io import save_compressed
     from gblr.convert.replace import compress
-    from gblr.convert.select import layer_kind
+    from gblr.convert.select import layer_kind, layer_settings, select_layers
     from gblr.convert.text import encode, read_passages, split_passages, token_batches
     from gblr.data import default_corpus_path
 
@@ -176,35 +186,39 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model, tokenizer = load_hf_model(model_dir)
     model.to(resolve_device(args.device))
     config = _config(args, model)
+    # fail fast on patterns and overrides, before any heavy work
+    layer_settings(model, config,
+                   select_layers(model, config.target_modules, config.exclude_modules))
+    max_length = min(args.max_length, max_positions(model))
     teacher = copy.deepcopy(model)
     dense_model = sum(
         m.weight.numel() for m in model.modules() if layer_kind(m) in ("linear", "conv1d")
     )
     phases.update(1)
     phases.set_postfix_str("reference embeddings")
-    ref = sentence_embeddings(teacher, tokenizer, held, max_length=args.max_length)
+    ref = sentence_embeddings(teacher, tokenizer, held, max_length=max_length)
     phases.update(1)
     phases.set_postfix_str("project")
     calibration = None
     if config.calibration:
-        calibration = [encode(tokenizer, train[i:i + args.batch_size], args.max_length)
+        calibration = [encode(tokenizer, train[i:i + args.batch_size], max_length)
                        for i in range(0, min(len(train), 8 * args.batch_size), args.batch_size)]
     model, report = compress(model, config, calibration_data=calibration, progress=progress)
     projected_costs = _layer_costs(model)
     quality = {"projected": compare_embeddings(
-        ref, sentence_embeddings(model, tokenizer, held, max_length=args.max_length))}
+        ref, sentence_embeddings(model, tokenizer, held, max_length=max_length))}
     phases.update(1)
     phases.set_postfix_str("distil")
     steps_done, seconds = 0, 0.0
     if (minutes is None or minutes > 0) and (args.steps is None or args.steps > 0):
         batches = token_batches(tokenizer, train, batch_size=args.batch_size,
-                                max_length=args.max_length, seed=args.seed)
+                                max_length=max_length, seed=args.seed)
         result = distill(model, teacher, batches, steps=args.steps or None, minutes=minutes,
                          budget=config.budget, loss=args.loss, lr=args.lr,
                          structure_lr=args.structure_lr, progress=progress)
         steps_done, seconds = result.steps, result.seconds
         quality["distilled"] = compare_embeddings(
-            ref, sentence_embeddings(model, tokenizer, held, max_length=args.max_length))
+            ref, sentence_embeddings(model, tokenizer, held, max_length=max_length))
     model.eval()
     distilled_costs = _layer_costs(model)
     phases.update(1)
