@@ -7,7 +7,17 @@ from gblr.convert import (
     load_compressed,
     save_compressed,
 )
-from gblr.layers import STRUCTURES, GBLRLinear, StructuredLinear, get_structure
+from gblr.layers import (
+    STRUCTURES,
+    BlockDiagLinear,
+    BlockLowRankLinear,
+    BlockSparseLinear,
+    GBLRLinear,
+    LowRankLinear,
+    MonarchLinear,
+    StructuredLinear,
+    get_structure,
+)
 from gblr.ops import gaudi_mask
 
 __version__ = "0.1.0"
@@ -16,6 +26,11 @@ __all__ = [
     "cost",
     "gaudi_mask",
     "GBLRLinear",
+    "LowRankLinear",
+    "MonarchLinear",
+    "BlockSparseLinear",
+    "BlockLowRankLinear",
+    "BlockDiagLinear",
     "StructuredLinear",
     "STRUCTURES",
     "get_structure",

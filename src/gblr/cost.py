@@ -23,6 +23,12 @@ __all__ = [
     "max_rank_for_budget",
     "block_cost",
     "grouped_component_cost",
+    "within_budget",
+    "padded_block_size",
+    "blockdiag_cost",
+    "monarch_cost",
+    "block_sparse_cost",
+    "block_low_rank_cost",
 ]
 
 #: Row of ``widths``/``locations`` that describes the input (column) axis.
@@ -122,3 +128,55 @@ def grouped_component_cost(
     gh = uniq[:, n_in:].sum(dim=1).long()
     per_group = torch.minimum(group_rank * (gh + gw), gh * gw)
     return int(per_group.sum().item())
+
+
+def within_budget(cost: int, budget: float, in_features: int, out_features: int) -> bool:
+    """Whether ``cost`` MACs per token fit ``budget`` (with a relative tolerance of 1e-9)."""
+    return cost <= budget_to_macs(budget, in_features, out_features) * (1.0 + 1e-9)
+
+
+def padded_block_size(n: int, nblocks: int) -> int:
+    """Size of each of ``nblocks`` equal blocks covering ``n`` indices (the last one padded)."""
+    return -(-int(n) // int(nblocks))
+
+
+def blockdiag_cost(in_features: int, out_features: int, nblocks: int) -> int:
+    """Cost of a block-diagonal layer: ``nblocks`` dense blocks of ``ceil(out/nb) x ceil(in/nb)``.
+
+    Equals ``in * out / nblocks`` when ``nblocks`` divides both sizes; otherwise the
+    padded blocks are counted as computed.
+    """
+    bi = padded_block_size(in_features, nblocks)
+    bo = padded_block_size(out_features, nblocks)
+    return int(nblocks) * bi * bo
+
+
+def monarch_cost(in_features: int, out_features: int, nblocks: int, rank: int) -> int:
+    """Cost of a Monarch layer with ``nblocks`` blocks per factor and blocks of rank ``rank``.
+
+    The first block-diagonal factor has ``nblocks`` blocks ``(nblocks*rank) x ceil(in/nb)``,
+    the second ``nblocks`` blocks ``ceil(out/nb) x (nblocks*rank)``, so the cost is
+    ``rank * nblocks**2 * (ceil(in/nb) + ceil(out/nb))``, about
+    ``rank * nblocks * (in + out)``. With ``rank = min(in, out) / nblocks**2`` this is
+    the ``(in + out) * min(in, out) / nblocks`` of Dao et al. (2022).
+    """
+    bi = padded_block_size(in_features, nblocks)
+    bo = padded_block_size(out_features, nblocks)
+    return int(rank) * int(nblocks) ** 2 * (bi + bo)
+
+
+def block_sparse_cost(num_blocks: int, block_rows: int, block_cols: int) -> int:
+    """Cost of ``num_blocks`` dense blocks of ``block_rows x block_cols``."""
+    return int(num_blocks) * int(block_rows) * int(block_cols)
+
+
+def block_low_rank_cost(
+    in_features: int, out_features: int, block_rows: int, block_cols: int, rank: int
+) -> int:
+    """Cost of a grid of ``block_rows x block_cols`` blocks, each held as rank-``rank`` factors.
+
+    Every block is computed factored, ``rank * (block_rows + block_cols)``; the grid
+    must tile the matrix.
+    """
+    n_blocks = (int(out_features) // int(block_rows)) * (int(in_features) // int(block_cols))
+    return n_blocks * int(rank) * (int(block_rows) + int(block_cols))

@@ -1,7 +1,12 @@
 """Structured linear layers: GBLR and the structured family it generalises."""
 
 from gblr.layers.base import STRUCTURES, StructuredLinear, get_structure, register_structure
+from gblr.layers.blockdiag import BlockDiagLinear
+from gblr.layers.blocklowrank import BlockLowRankLinear
+from gblr.layers.blocksparse import BlockSparseLinear
 from gblr.layers.gblr import GBLRLinear
+from gblr.layers.lowrank import LowRankLinear
+from gblr.layers.monarch import MonarchLinear
 
 __all__ = [
     "STRUCTURES",
@@ -9,4 +14,9 @@ __all__ = [
     "get_structure",
     "register_structure",
     "GBLRLinear",
+    "LowRankLinear",
+    "MonarchLinear",
+    "BlockSparseLinear",
+    "BlockLowRankLinear",
+    "BlockDiagLinear",
 ]

@@ -17,6 +17,7 @@ __all__ = [
     "register_structure",
     "get_structure",
     "check_matrix",
+    "check_bias",
 ]
 
 #: Structure name -> layer class (``"gblr"``, ``"lowrank"``, ``"monarch"``, ...).
@@ -58,6 +59,18 @@ def check_matrix(weight: torch.Tensor, name: str = "weight") -> torch.Tensor:
     if not bool(torch.isfinite(weight).all()):
         raise ValueError(f"{name} contains NaN or Inf")
     return weight
+
+
+def check_bias(bias: torch.Tensor | None, out_features: int, name: str = "bias") -> None:
+    """Validate an optional bias given to ``from_dense``: a finite ``(out_features,)`` tensor."""
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(bias).__name__}")
+    if tuple(bias.shape) != (out_features,):
+        raise ValueError(f"{name} must have shape ({out_features},), got {tuple(bias.shape)}")
+    if not bool(torch.isfinite(bias).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
 
 
 class StructuredLinear(nn.Module, ABC):

@@ -1,0 +1,123 @@
+"""Low-rank linear layer: ``W = U V`` with ``U (out, R)`` and ``V (R, in)``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from gblr.cost import (
+    check_budget,
+    check_positive,
+    lowrank_cost,
+    max_rank_for_budget,
+    within_budget,
+)
+from gblr.layers.base import StructuredLinear, check_bias, check_matrix, register_structure
+from gblr.layers.blocks import truncated_svd_factors
+
+__all__ = ["LowRankLinear"]
+
+
+def _resolve_rank(
+    in_features: int, out_features: int, rank: int | None, budget: float | None
+) -> int:
+    min_dim = min(in_features, out_features)
+    if budget is not None:
+        budget = check_budget(budget)
+    if rank is None:
+        if budget is None:
+            raise ValueError("LowRankLinear needs rank or budget")
+        rank = max_rank_for_budget(in_features, out_features, budget)
+        if rank == 0:
+            raise ValueError(
+                f"budget={budget} is too small for rank 1 on a {out_features}x{in_features} "
+                f"weight (needs {in_features + out_features} MACs, budget allows "
+                f"{budget * in_features * out_features:.1f})"
+            )
+        return rank
+    rank = check_positive("rank", rank)
+    if rank > min_dim:
+        raise ValueError(f"rank={rank} exceeds min(in_features, out_features)={min_dim}")
+    cost = lowrank_cost(in_features, out_features, rank)
+    if budget is not None and not within_budget(cost, budget, in_features, out_features):
+        raise ValueError(
+            f"rank={rank} costs {cost} MACs, over budget={budget} "
+            f"({budget * in_features * out_features:.1f} MACs)"
+        )
+    return rank
+
+
+@register_structure("lowrank")
+class LowRankLinear(StructuredLinear):
+    """``y = U (V x) + b``: a rank-``R`` factorization, cost ``R * (in + out)`` MACs per token.
+
+    Args:
+        in_features, out_features: sizes, as for ``nn.Linear``.
+        rank: ``R``, at most ``min(in, out)``.
+        bias: learn an additive bias.
+        budget: fraction of the dense cost; when ``rank`` is None the largest rank with
+            ``R * (in + out) <= budget * in * out`` is used, otherwise ``rank`` is checked
+            against it.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int | None = None,
+        bias: bool = True,
+        *,
+        budget: float | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.rank = _resolve_rank(self.in_features, self.out_features, rank, budget)
+        factory = {"device": device, "dtype": dtype}
+        self.U = nn.Parameter(torch.empty(self.out_features, self.rank, **factory))
+        self.V = nn.Parameter(torch.empty(self.rank, self.in_features, **factory))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Each factor as ``nn.Linear`` initialises a layer of its fan-in; bias likewise."""
+        bound_v = 1.0 / math.sqrt(self.in_features)
+        bound_u = 1.0 / math.sqrt(self.rank)
+        nn.init.uniform_(self.V, -bound_v, bound_v)
+        nn.init.uniform_(self.U, -bound_u, bound_u)
+        self.reset_bias()
+
+    def _forward_2d(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.V.t()) @ self.U.t()
+
+    def to_dense(self) -> torch.Tensor:
+        return self.U @ self.V
+
+    def flops(self) -> int:
+        return lowrank_cost(self.in_features, self.out_features, self.rank)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.rank}"
+
+    @classmethod
+    def from_dense(
+        cls, weight: torch.Tensor, budget: float, bias: torch.Tensor | None = None
+    ) -> LowRankLinear:
+        """Truncated SVD of ``weight`` at the largest rank the budget allows (optimal in
+        Frobenius norm, Eckart-Young); the factors share the singular values' square roots."""
+        check_matrix(weight)
+        out_features, in_features = weight.shape
+        check_bias(bias, out_features)
+        layer = cls(
+            in_features, out_features, bias=bias is not None, budget=budget,
+            device=weight.device, dtype=weight.dtype,
+        )
+        u, v = truncated_svd_factors(weight.detach(), layer.rank)
+        with torch.no_grad():
+            layer.U.copy_(u)
+            layer.V.copy_(v)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
