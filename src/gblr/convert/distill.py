@@ -41,13 +41,18 @@ def _has_structure(layer: nn.Module) -> bool:
     )
 
 
-def _component_costs(layer: StructuredLinear, widths: torch.Tensor) -> torch.Tensor:
-    """Upper bound of each component's evaluation-mode cost for ``widths`` (no box grouping)."""
+def _component_costs(
+    widths: torch.Tensor, n_in: torch.Tensor, n_out: torch.Tensor, ranks: torch.Tensor
+) -> torch.Tensor:
+    """Upper bound of each component's evaluation-mode cost (identical boxes not merged).
+
+    ``widths`` is ``(2, K)`` for components of all layers side by side; ``n_in``, ``n_out``
+    and ``ranks`` give each component's layer sizes and rank.
+    """
     w = widths.clamp(0.0, 1.0)
-    cols = torch.round(w[INPUT_AXIS] * layer.in_features)
-    rows = torch.round(w[OUTPUT_AXIS] * layer.out_features)
-    r = float(layer.rank_per_component)
-    cost = torch.minimum(r * (rows + cols), rows * cols)
+    cols = torch.round(w[INPUT_AXIS] * n_in)
+    rows = torch.round(w[OUTPUT_AXIS] * n_out)
+    cost = torch.minimum(ranks * (rows + cols), rows * cols)
     return torch.where((cols > 1) & (rows > 1), cost, torch.zeros_like(cost))
 
 
@@ -73,13 +78,19 @@ def project_widths_to_budget(layers: Iterable[StructuredLinear], max_cost: float
         m.locations.remainder_(1.0)
     if not layers:
         return 0.0
-    start = [m.widths.detach().clone() for m in layers]
+    # all components side by side, on the CPU in float32 as the layers round them
+    start = torch.cat([m.widths.detach().float().cpu() for m in layers], dim=1)
+    sizes = [m.widths.shape[1] for m in layers]
+
+    def per_component(values: list[float]) -> torch.Tensor:
+        return torch.cat([torch.full((k,), float(v)) for k, v in zip(sizes, values, strict=True)])
+
+    n_in = per_component([m.in_features for m in layers])
+    n_out = per_component([m.out_features for m in layers])
+    ranks = per_component([m.rank_per_component for m in layers])
 
     def cost(tau: float) -> float:
-        return sum(
-            float(_component_costs(m, (w - tau).clamp(0.0, 1.0)).sum())
-            for m, w in zip(layers, start, strict=True)
-        )
+        return float(_component_costs((start - tau).clamp(0.0, 1.0), n_in, n_out, ranks).sum())
 
     if cost(0.0) <= max_cost:
         return 0.0
@@ -92,8 +103,11 @@ def project_widths_to_budget(layers: Iterable[StructuredLinear], max_cost: float
             hi = mid
         else:
             lo = mid
-    for m, w in zip(layers, start, strict=True):
-        m.widths.copy_((w - hi).clamp(0.0, 1.0))
+    offset = 0
+    for m, k in zip(layers, sizes, strict=True):
+        new = (start[:, offset:offset + k] - hi).clamp(0.0, 1.0)
+        m.widths.copy_(new.to(device=m.widths.device, dtype=m.widths.dtype))
+        offset += k
     return hi
 
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from gblr.convert.fingerprint import architecture_fingerprint
@@ -49,23 +50,55 @@ def _json_value(value: Any, where: str) -> Any:
     raise TypeError(f"{where} is a {type(value).__name__}, which cannot be saved to JSON")
 
 
+def _is_json(value: Any) -> bool:
+    try:
+        _json_value(value, "")
+    except TypeError:
+        return False
+    return True
+
+
 def constructor_args(layer: StructuredLinear, name: str = "layer") -> dict[str, Any]:
-    """The constructor arguments that rebuild ``layer``'s shapes, read from its attributes."""
+    """The constructor arguments that rebuild ``layer``'s shapes, read from its attributes.
+
+    An optional argument not stored as a plain attribute (a tensor kept as a buffer, say)
+    is left at its default: the saved state dict restores it, and a shape that differs
+    makes loading fail loudly rather than silently.
+    """
     args: dict[str, Any] = {}
     params = inspect.signature(type(layer).__init__).parameters
     for arg, p in params.items():
         if arg in _SKIP_ARGS or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
+        value = getattr(layer, arg, None)
         if arg == "bias":
             args[arg] = layer.bias is not None
-        elif hasattr(layer, arg):
-            args[arg] = _json_value(getattr(layer, arg), f"{name}: constructor argument {arg!r}")
+        elif hasattr(layer, arg) and not callable(value) and _is_json(value):
+            args[arg] = _json_value(value, f"{name}: constructor argument {arg!r}")
         elif p.default is p.empty:
             raise TypeError(
                 f"{name}: {type(layer).__name__} does not store its constructor argument {arg!r} "
                 "as an attribute, so it cannot be rebuilt"
             )
     return args
+
+
+def _tensors_and_aliases(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every state-dict tensor once, as its own contiguous CPU copy, and ``{alias: name}``
+    for tensors that share memory with an earlier one (tied embeddings)."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[Any, ...], str] = {}
+    for name, tensor in model.state_dict().items():
+        if tensor.numel():
+            key = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape),
+                   tuple(tensor.stride()))
+            if key in seen:
+                aliases[name] = seen[key]
+                continue
+            seen[key] = name
+        tensors[name] = tensor.detach().to("cpu", copy=True).contiguous()
+    return tensors, aliases
 
 
 def save_compressed(model: nn.Module, directory: str | Path, overwrite: bool = False) -> Path:
@@ -75,7 +108,7 @@ def save_compressed(model: nn.Module, directory: str | Path, overwrite: bool = F
     to a temporary directory first, so a failure never leaves a half-written save or
     destroys the previous one.
     """
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     directory = Path(directory)
     if directory.exists() and not overwrite:
@@ -108,14 +141,16 @@ def save_compressed(model: nn.Module, directory: str | Path, overwrite: bool = F
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT,
-                                                              "fingerprint": info["fingerprint"]})
+        tensors, aliases = _tensors_and_aliases(model)
+        save_file(tensors, str(tmp / WEIGHTS_FILE),
+                  metadata={"format": FORMAT, "fingerprint": info["fingerprint"]})
         record = {
             "format": FORMAT,
             "config": info["config"],
             "base_fingerprint": info["fingerprint"],
             "base_name": str(getattr(getattr(model, "config", None), "_name_or_path", "") or ""),
             "layers": layers,
+            "aliases": aliases,
             "weights_sha256": _sha256(tmp / WEIGHTS_FILE),
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
@@ -162,7 +197,7 @@ def load_compressed(
     corrupted or truncated file, or a changed layer raise a ``ValueError``.
     """
     from safetensors import SafetensorError
-    from safetensors.torch import load_model
+    from safetensors.torch import load_file
 
     directory = Path(directory)
     record = _read_record(directory)
@@ -214,9 +249,15 @@ def load_compressed(
         set_submodule(base, name, new)
         kinds[name] = kind
     try:
-        load_model(base, str(weights), strict=True)
+        state = load_file(str(weights))
     except SafetensorError as err:
         raise ValueError(f"{weights} is corrupted: {err}") from None
+    aliases = record.get("aliases", {})
+    if not isinstance(aliases, dict) or any(v not in state for v in aliases.values()):
+        raise ValueError(f"{directory / CONFIG_FILE} is corrupted: bad 'aliases'")
+    state.update({alias: state[name] for alias, name in aliases.items()})
+    try:
+        base.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise ValueError(f"{weights} does not fit the rebuilt model: {err}") from None
     setattr(base, COMPRESSION_ATTR, {
