@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--structure-lr", type=float, default=5e-3)
+    p.add_argument("--structure-lr", type=float, default=1e-3)
     p.add_argument("--eval-passages", type=int, default=500)
     p.add_argument("--targets", nargs="+", help="patterns (default: all encoder linear layers)")
     p.add_argument("--train-text", help="default: ../shared/data/shakespeare/train.txt")

@@ -159,7 +159,7 @@ def distill(
     budget: float | None = None,
     loss: str = "both",
     lr: float = 1e-4,
-    structure_lr: float = 5e-3,
+    structure_lr: float = 1e-3,
     weight_decay: float = 0.0,
     progress: bool = True,
 ) -> DistillResult:
