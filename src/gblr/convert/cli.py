@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "when --steps is given); 0 skips distillation")
     p.add_argument("--text", help="UTF-8 text file to distil and evaluate on "
                    "(default: a Shakespeare sample shipped with gblr)")
+    p.add_argument("--images", help="folder of image files, for image models (ViT)")
     p.add_argument("--out", help="output directory (default: a new ./gblr-compressed-* directory)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     p.add_argument("--batch-size", type=int, default=16)
@@ -135,7 +136,7 @@ def summary_table(summary: dict[str, Any]) -> str:
                      f"{r['projected'] / r['dense']:>9.3f}  {r['distilled'] / r['dense']:>9.3f}")
     lines.append("")
     q = summary["quality"]
-    lines.append(f"held-out passages: {summary['eval_passages']}   "
+    lines.append(f"held-out items: {summary['eval_passages']}   "
                  f"distillation: {summary['distill']['steps']} steps in "
                  f"{summary['distill']['seconds']:.0f} s")
     lines.append(f"{'':<22}{'mean cosine':>12}  {'top-10 agreement':>16}")
@@ -152,8 +153,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from gblr.convert.distill import distill
-    from gblr.convert.evaluate import compare_embeddings, sentence_embeddings
+    from gblr.convert.evaluate import compare_embeddings, pooled_embeddings, sentence_embeddings
     from gblr.convert.hf import default_model_path, load_hf_model
+    from gblr.convert.images import image_batches, read_images
     from gblr.convert.io import save_compressed
     from gblr.convert.replace import compress
     from gblr.convert.select import layer_kind, layer_settings, select_layers
@@ -170,9 +172,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--steps must be >= 0, got {args.steps}")
     minutes = args.minutes if args.minutes is not None else (None if args.steps else 2.0)
     text_path = Path(args.text) if args.text else default_corpus_path()
-    passages = read_passages(text_path)
-    train, held = split_passages(passages, held_out=0.1, seed=args.seed)
-    held = held[: args.eval_passages]
+    if not args.images:
+        train, held = split_passages(read_passages(text_path), held_out=0.1, seed=args.seed)
+        held = held[: args.eval_passages]
     model_dir = Path(args.model) if args.model else default_model_path()
     if args.out:
         out = Path(args.out)
@@ -190,41 +192,76 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     layer_settings(model, config,
                    select_layers(model, config.target_modules, config.exclude_modules))
     max_length = min(args.max_length, max_positions(model))
+    if tokenizer is None:  # an image model: distil and evaluate on --images
+        if not args.images:
+            raise ValueError(f"{model_dir.name} is an image model: give --images DIR "
+                             "(a folder of image files) to distil and evaluate on")
+        images = read_images(args.images, int(model.config.image_size),
+                             int(getattr(model.config, "num_channels", 3)))
+        gen = torch.Generator().manual_seed(args.seed)
+        images = images[torch.randperm(images.shape[0], generator=gen)]
+        if images.shape[0] < 4:
+            raise ValueError(f"--images {args.images!r}: need at least 4 images, "
+                             f"found {images.shape[0]}")
+        n_held = max(2, min(args.eval_passages, images.shape[0] // 10))
+        held_images, train_images = images[:n_held], images[n_held:]
+
+        def embed(m: torch.nn.Module) -> torch.Tensor:
+            return pooled_embeddings(m, ({"pixel_values": held_images[i:i + 32]}
+                                         for i in range(0, n_held, 32)))
+
+        def train_batches():
+            return image_batches(train_images, batch_size=args.batch_size, seed=args.seed)
+
+        def calibration_batches():
+            return [{"pixel_values": train_images[i:i + args.batch_size]}
+                    for i in range(0, min(len(train_images), 8 * args.batch_size),
+                                   args.batch_size)]
+        eval_items, data_name = n_held, str(args.images)
+    else:
+        if args.images:
+            raise ValueError("--images is for image models; this model takes text")
+
+        def embed(m: torch.nn.Module) -> torch.Tensor:
+            return sentence_embeddings(m, tokenizer, held, max_length=max_length)
+
+        def train_batches():
+            return token_batches(tokenizer, train, batch_size=args.batch_size,
+                                 max_length=max_length, seed=args.seed)
+
+        def calibration_batches():
+            return [encode(tokenizer, train[i:i + args.batch_size], max_length)
+                    for i in range(0, min(len(train), 8 * args.batch_size), args.batch_size)]
+        eval_items, data_name = len(held), str(text_path)
     teacher = copy.deepcopy(model)
     dense_model = sum(
         m.weight.numel() for m in model.modules() if layer_kind(m) in ("linear", "conv1d")
     )
     phases.update(1)
     phases.set_postfix_str("reference embeddings")
-    ref = sentence_embeddings(teacher, tokenizer, held, max_length=max_length)
+    ref = embed(teacher)
     phases.update(1)
     phases.set_postfix_str("project")
-    calibration = None
-    if config.calibration:
-        calibration = [encode(tokenizer, train[i:i + args.batch_size], max_length)
-                       for i in range(0, min(len(train), 8 * args.batch_size), args.batch_size)]
+    calibration = calibration_batches() if config.calibration else None
     model, report = compress(model, config, calibration_data=calibration, progress=progress)
     projected_costs = _layer_costs(model)
-    quality = {"projected": compare_embeddings(
-        ref, sentence_embeddings(model, tokenizer, held, max_length=max_length))}
+    quality = {"projected": compare_embeddings(ref, embed(model))}
     phases.update(1)
     phases.set_postfix_str("distil")
     steps_done, seconds = 0, 0.0
     if (minutes is None or minutes > 0) and (args.steps is None or args.steps > 0):
-        batches = token_batches(tokenizer, train, batch_size=args.batch_size,
-                                max_length=max_length, seed=args.seed)
-        result = distill(model, teacher, batches, steps=args.steps or None, minutes=minutes,
+        result = distill(model, teacher, train_batches(), steps=args.steps or None, minutes=minutes,
                          budget=config.budget, loss=args.loss, lr=args.lr,
                          structure_lr=args.structure_lr, progress=progress)
         steps_done, seconds = result.steps, result.seconds
-        quality["distilled"] = compare_embeddings(
-            ref, sentence_embeddings(model, tokenizer, held, max_length=max_length))
+        quality["distilled"] = compare_embeddings(ref, embed(model))
     model.eval()
     distilled_costs = _layer_costs(model)
     phases.update(1)
     phases.set_postfix_str("save")
     save_compressed(model, out, overwrite=args.overwrite)
-    tokenizer.save_pretrained(out / "tokenizer")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out / "tokenizer")
     rows = [
         {"name": r.name, "shape": f"{r.out_features}x{r.in_features}", "dense": r.dense_cost,
          "projected": projected_costs[r.name], "distilled": distilled_costs[r.name]}
@@ -234,7 +271,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     after_model = dense_model - dense + sum(distilled_costs.values())
     summary = {
         "model": str(model_dir), "structure": config.structure, "budget": config.budget,
-        "text": str(text_path), "eval_passages": len(held),
+        "data": data_name, "eval_passages": eval_items,
         "cost": {"layers": len(rows), "dense": dense,
                  "projected": sum(projected_costs.values()),
                  "distilled": sum(distilled_costs.values()),

@@ -165,7 +165,8 @@ def distill(
 ) -> DistillResult:
     """Train ``student`` to reproduce ``teacher`` on text batches, holding the budget.
 
-    ``batches`` yields dicts of model inputs with an ``attention_mask``. Runs ``steps``
+    ``batches`` yields dicts of model inputs (text with an ``attention_mask``, or
+    ``pixel_values`` for image models). Runs ``steps``
     optimizer steps, or as many as fit in ``minutes`` (the first limit reached when both
     are given). ``loss`` picks the target: normalised error of every hidden state,
     ``1 - cosine`` of mean-pooled embeddings, or their sum. Dropout is off. All student
@@ -229,7 +230,10 @@ def distill(
             with torch.no_grad():
                 t_out = _outputs(teacher, batch, want_hidden)
             s_out = _outputs(student, batch, want_hidden)
-            value = _loss(s_out, t_out, batch["attention_mask"], loss)
+            mask = batch.get("attention_mask")
+            if mask is None:  # images: every token counts
+                mask = torch.ones(last_hidden(t_out).shape[:2], device=device)
+            value = _loss(s_out, t_out, mask, loss)
             optimizer.zero_grad(set_to_none=True)
             value.backward()
             optimizer.step()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -14,6 +14,7 @@ from gblr.convert.text import encode
 __all__ = [
     "last_hidden",
     "mean_pool",
+    "pooled_embeddings",
     "sentence_embeddings",
     "neighbour_agreement",
     "compare_embeddings",
@@ -43,24 +44,36 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
 
 
 @torch.no_grad()
-def sentence_embeddings(
-    model: nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: int = 32,
-    max_length: int = 128,
-) -> torch.Tensor:
-    """Mean-pooled last-layer embeddings of ``texts`` (evaluation mode), ``(len(texts), dim)``."""
+def pooled_embeddings(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Mean-pooled last hidden states (evaluation mode) over ``batches`` of model inputs.
+
+    Positions where a batch's ``attention_mask`` is 0 are left out; without a mask
+    (image models) every token counts.
+    """
     was_training = model.training
     model.eval()
     try:
         device = next(model.parameters()).device
         chunks = []
-        for i in range(0, len(texts), batch_size):
-            batch = encode(tokenizer, texts[i:i + batch_size], max_length)
+        for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
-            hidden = last_hidden(model(**batch))
-            chunks.append(mean_pool(hidden.float(), batch["attention_mask"]).cpu())
+            hidden = last_hidden(model(**batch)).float()
+            mask = batch.get("attention_mask")
+            if mask is None:
+                mask = torch.ones(hidden.shape[:2], device=hidden.device)
+            chunks.append(mean_pool(hidden, mask).cpu())
         return torch.cat(chunks)
     finally:
         model.train(was_training)
+
+
+def sentence_embeddings(
+    model: nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: int = 32,
+    max_length: int = 128,
+) -> torch.Tensor:
+    """Mean-pooled last-layer embeddings of ``texts`` (evaluation mode), ``(len(texts), dim)``."""
+    return pooled_embeddings(model, (encode(tokenizer, texts[i:i + batch_size], max_length)
+                                     for i in range(0, len(texts), batch_size)))
 
 
 def neighbour_agreement(reference: torch.Tensor, other: torch.Tensor, k: int = 10) -> float:

