@@ -1,6 +1,7 @@
 """gblr: Generalized Block Low-Rank layers with structure learned under a compute budget."""
 
 from gblr import cost
+from gblr.accounting import FlopsReport, count_flops, flops_report
 from gblr.convert import (
     CompressionConfig,
     compress,
@@ -12,6 +13,7 @@ from gblr.layers import (
     BlockDiagLinear,
     BlockLowRankLinear,
     BlockSparseLinear,
+    GBLRConv2d,
     GBLRLinear,
     LowRankLinear,
     MonarchLinear,
@@ -26,6 +28,7 @@ __all__ = [
     "cost",
     "gaudi_mask",
     "GBLRLinear",
+    "GBLRConv2d",
     "LowRankLinear",
     "MonarchLinear",
     "BlockSparseLinear",
@@ -34,6 +37,9 @@ __all__ = [
     "StructuredLinear",
     "STRUCTURES",
     "get_structure",
+    "flops_report",
+    "count_flops",
+    "FlopsReport",
     "CompressionConfig",
     "compress",
     "save_compressed",

@@ -1,1 +1,1 @@
-"""Benchmarks, run as ``python -m gblr.bench.<name>``."""
+"""Benchmarks: each runs as ``python -m gblr.bench.<name>`` and writes results/<name>/."""

@@ -4,6 +4,7 @@ from gblr.layers.base import STRUCTURES, StructuredLinear, get_structure, regist
 from gblr.layers.blockdiag import BlockDiagLinear
 from gblr.layers.blocklowrank import BlockLowRankLinear
 from gblr.layers.blocksparse import BlockSparseLinear
+from gblr.layers.conv import GBLRConv2d
 from gblr.layers.gblr import GBLRLinear
 from gblr.layers.lowrank import LowRankLinear
 from gblr.layers.monarch import MonarchLinear
@@ -14,6 +15,7 @@ __all__ = [
     "get_structure",
     "register_structure",
     "GBLRLinear",
+    "GBLRConv2d",
     "LowRankLinear",
     "MonarchLinear",
     "BlockSparseLinear",

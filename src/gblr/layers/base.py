@@ -141,10 +141,15 @@ class StructuredLinear(nn.Module, ABC):
                 f"got {tuple(x.shape)}"
             )
         lead = x.shape[:-1]
-        y = self._forward_2d(x.reshape(-1, self.in_features))
+        y = self._linear_2d(x.reshape(-1, self.in_features))
+        return y.reshape(*lead, self.out_features)
+
+    def _linear_2d(self, x: torch.Tensor) -> torch.Tensor:
+        """``W x + b`` for ``x`` of shape ``(tokens, in)``; override to fuse the bias."""
+        y = self._forward_2d(x)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
-        return y.reshape(*lead, self.out_features)
+        return y
 
     def extra_repr(self) -> str:
         return (

@@ -22,6 +22,7 @@ from gblr.cost import (
     max_rank_for_budget,
 )
 from gblr.layers.base import StructuredLinear, check_matrix, register_structure
+from gblr.ops.costed import costed_linear
 from gblr.ops.gaudi import EVAL_MASK_THRESHOLD, gaudi_mask, round_to_grid
 
 __all__ = ["GBLRLinear", "INIT_SCHEMES", "LOCATION_INITS", "FORWARD_PATHS"]
@@ -220,7 +221,8 @@ class GBLRLinear(StructuredLinear):
         finally:
             self.train(was_training)
 
-    def _masked_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def masked_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``U_m (out, K r)`` and ``V_m (K r, in)``, current-mode masks applied: ``W = U_m V_m``."""
         m_in, m_out = self.masks()
         r = self.rank_per_component
         if r > 1:
@@ -240,15 +242,26 @@ class GBLRLinear(StructuredLinear):
         dense_macs = kr * n_in * n_out + tokens * n_in * n_out
         return "lowrank" if lowrank_macs <= dense_macs else "dense"
 
+    def _apply_2d(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        u, v = self.masked_factors()
+        dense = self._choose_path(x.shape[0]) == "dense"
+        if not self.training:
+            # evaluation: an op that FlopCounterMode counts at the layer's cost (flops())
+            y = costed_linear(x, u, v, self.flops(), dense)
+            return y if bias is None else y + bias.to(y.dtype)
+        if dense:
+            return F.linear(x, u @ v, bias)
+        return F.linear(F.linear(x, v), u, bias)
+
     def _forward_2d(self, x: torch.Tensor) -> torch.Tensor:
-        u, v = self._masked_factors()
-        if self._choose_path(x.shape[0]) == "dense":
-            return F.linear(x, u @ v)
-        return F.linear(F.linear(x, v), u)
+        return self._apply_2d(x, None)
+
+    def _linear_2d(self, x: torch.Tensor) -> torch.Tensor:
+        return self._apply_2d(x, self.bias)
 
     def to_dense(self) -> torch.Tensor:
         """The ``(out, in)`` matrix applied in the current mode."""
-        u, v = self._masked_factors()
+        u, v = self.masked_factors()
         return u @ v
 
     def component_supports(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,11 +269,27 @@ class GBLRLinear(StructuredLinear):
         m_in, m_out = self.eval_masks()
         return m_in != 0, m_out != 0
 
+    def _cost_key(self) -> tuple:
+        """Changes whenever the evaluation-mode cost may change (in-place updates included)."""
+        w, l = self.widths, self.locations
+        return (
+            w._version, l._version, w.data_ptr(), l.data_ptr(), w.device, w.dtype, self.sigma
+        )
+
     def flops(self) -> int:
-        """Evaluation-mode MACs per token: components with identical boxes cost one block."""
+        """Evaluation-mode MACs per token: components with identical boxes cost one block.
+
+        Cached until ``widths``, ``locations`` or ``sigma`` change.
+        """
+        key = self._cost_key()
+        cached = self.__dict__.get("_cost_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
         in_support, out_support = self.component_supports()
         ranks = torch.full((self.num_components,), self.rank_per_component, dtype=torch.long)
-        return grouped_component_cost(in_support, out_support, ranks)
+        cost = grouped_component_cost(in_support, out_support, ranks)
+        self.__dict__["_cost_cache"] = (key, cost)
+        return cost
 
     def extra_repr(self) -> str:
         return (

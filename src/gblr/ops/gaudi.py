@@ -26,6 +26,23 @@ def _no_autocast(device: torch.device):
     return nullcontext()
 
 
+def _num_frequencies(n: int, sigma: float | None, dtype: torch.dtype) -> int:
+    """How many frequencies ``k = 0, 1, ...`` can be nonzero in the spectrum.
+
+    With a low-pass, ``G_sigma(k)`` underflows to exactly zero in ``dtype`` once
+    ``k^2 / (2 sigma^2)`` exceeds ``-log`` of half the smallest subnormal; those terms
+    (and their gradients) are zero, and ``irfft`` zero-pads a shorter spectrum, so they
+    are skipped. This makes masks with a small ``sigma`` cheap to build.
+    """
+    full = n // 2 + 1
+    if sigma is None:
+        return full
+    info = torch.finfo(dtype)
+    underflow = math.log(2.0) - math.log(info.tiny) - math.log(info.eps)
+    cut = int(math.floor(float(sigma) * math.sqrt(2.0 * underflow))) + 2
+    return min(full, cut)
+
+
 def gaudi_mask(
     width: torch.Tensor, location: torch.Tensor, n: int, sigma: float | None = None
 ) -> torch.Tensor:
@@ -56,7 +73,7 @@ def gaudi_mask(
     with _no_autocast(width.device):
         w = width.to(dtype).unsqueeze(1)
         loc = location.to(dtype).unsqueeze(1)
-        k = torch.arange(n // 2 + 1, device=width.device, dtype=dtype)
+        k = torch.arange(_num_frequencies(n, sigma, dtype), device=width.device, dtype=dtype)
         amplitude = w * torch.sinc(k * w) / torch.sinc(k / n)
         if sigma is not None:
             amplitude = amplitude * torch.exp(-(k * k) / (2.0 * float(sigma) ** 2))

@@ -1,0 +1,215 @@
+import pytest
+import torch
+from torch import nn
+
+from gblr import GBLRLinear
+from gblr.cost import grouped_component_cost
+
+
+def make(n_in=12, n_out=10, **kw):
+    torch.manual_seed(0)
+    kw.setdefault("dtype", torch.float64)
+    return GBLRLinear(n_in, n_out, **kw)
+
+
+def set_boxes(layer, widths, locations):
+    with torch.no_grad():
+        layer.widths.copy_(torch.as_tensor(widths, dtype=layer.widths.dtype))
+        layer.locations.copy_(torch.as_tensor(locations, dtype=layer.locations.dtype))
+
+
+def box(n, start, length):
+    m = torch.zeros(n, dtype=torch.float64)
+    m[[(start + i) % n for i in range(length)]] = 1.0
+    return m
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("sigma", [None, 3.0])
+def test_paths_agree(training, sigma):
+    layer = make(sigma=sigma).train(training)
+    set_boxes(layer, torch.rand(2, layer.num_components), torch.rand(2, layer.num_components))
+    x = torch.randn(7, 12, dtype=torch.float64)
+    outs = {}
+    for path in ("dense", "lowrank"):
+        layer.path = path
+        outs[path] = layer(x)
+    torch.testing.assert_close(outs["dense"], outs["lowrank"])
+    torch.testing.assert_close(outs["dense"], x @ layer.to_dense().t() + layer.bias)
+
+
+def test_layer_applies_the_sum_of_masked_components():
+    layer = make(8, 6, num_components=2)
+    # component 0: columns 2..5 (4 of 8), rows 3..5 (3 of 6); component 1: full width
+    set_boxes(layer, [[0.5, 1.0], [0.5, 1.0]], [[0.25, 0.0], [0.5, 0.0]])
+    u, v = layer.U.detach(), layer.V.detach()
+    expected = torch.outer(box(6, 3, 3) * u[:, 0], box(8, 2, 4) * v[0]) + torch.outer(u[:, 1], v[1])
+    torch.testing.assert_close(layer.to_dense(), expected)
+    layer.eval()
+    torch.testing.assert_close(layer.to_dense(), expected)
+
+
+def test_eval_turns_off_components_one_index_wide_and_train_does_not():
+    layer = make(8, 6, num_components=3)
+    # component 2 is one column wide: on in training, off in evaluation
+    set_boxes(layer, [[1.0, 0.5, 1 / 8], [1.0, 0.5, 0.5]], torch.zeros(2, 3))
+    x = torch.randn(4, 8, dtype=torch.float64)
+    y_train = layer.train()(x)
+    y_eval = layer.eval()(x)
+    u, v = layer.U.detach(), layer.V.detach()
+    third = torch.outer(box(6, 0, 3) * u[:, 2], box(8, 0, 1) * v[2])
+    torch.testing.assert_close(y_train - y_eval, x @ third.t())
+    assert layer.active_components().tolist() == [True, True, False]
+
+
+def test_flops_hand_computed():
+    layer = make(8, 6, num_components=2)
+    set_boxes(layer, [[0.5, 1.0], [0.5, 1.0]], [[0.25, 0.0], [0.5, 0.0]])
+    # min(1*(4+3), 4*3) + min(1*(8+6), 8*6)
+    assert layer.flops() == 7 + 14
+    set_boxes(layer, [[0.25, 1.0], [2 / 6, 1.0]], [[0.0, 0.0], [0.0, 0.0]])
+    # component 0: 2 columns x 2 rows -> min(1*4, 4) = 4
+    assert layer.flops() == 4 + 14
+
+
+def test_flops_off_components_cost_nothing():
+    layer = make(8, 6, num_components=3)
+    set_boxes(layer, [[1.0, 0.0, 1 / 8], [1.0, 1.0, 1.0]], torch.zeros(2, 3))
+    assert layer.active_components().tolist() == [True, False, False]
+    assert layer.flops() == 8 + 6
+    set_boxes(layer, torch.zeros(2, 3), torch.zeros(2, 3))
+    assert layer.flops() == 0
+    layer.eval()
+    assert torch.count_nonzero(layer(torch.randn(2, 8, dtype=torch.float64)) - layer.bias) == 0
+
+
+def test_identical_boxes_are_costed_as_one_block():
+    layer = make(8, 6, num_components=3)
+    same = [[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]
+    set_boxes(layer, same, torch.zeros(2, 3))
+    # one 3x4 block of rank 3: min(3*(4+3), 12) = 12, not 3 * 7
+    assert layer.flops() == 12
+    set_boxes(layer, same, [[0.0, 0.5, 0.0], [0.0, 0.0, 0.0]])
+    # two distinct boxes: components 0 and 2 share one (rank 2), component 1 alone
+    assert layer.flops() == min(2 * 7, 12) + 7
+
+
+def test_flops_follow_in_place_width_updates():
+    layer = make(8, 6, num_components=2)
+    set_boxes(layer, torch.ones(2, 2), torch.zeros(2, 2))
+    assert layer.flops() == min(2 * 14, 48)
+    with torch.no_grad():
+        layer.widths[:, 1] = 0.0
+    assert layer.flops() == 14
+    # a low-pass widens the evaluation-mode support: the cached cost must follow sigma
+    with torch.no_grad():
+        layer.widths[:, 1] = 0.5
+    assert layer.flops() == 14 + 7
+    layer.sigma = 0.5
+    assert layer.flops() == grouped_component_cost(*layer.component_supports(), [1, 1])
+    assert layer.flops() > 14 + 7
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("path", ["dense", "lowrank"])
+def test_bias_false(training, path):
+    layer = make(bias=False, path=path).train(training)
+    assert layer.bias is None
+    x = torch.randn(3, 12, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), x @ layer.to_dense().t())
+    layer(x).sum().backward()
+    assert layer.U.grad is not None
+
+
+@pytest.mark.parametrize("shape", [(12,), (5, 12), (2, 3, 12), (2, 3, 4, 12), (0, 12)])
+@pytest.mark.parametrize("training", [True, False])
+def test_leading_shapes(shape, training):
+    layer = make().train(training)
+    x = torch.randn(*shape, dtype=torch.float64)
+    y = layer(x)
+    assert y.shape == (*shape[:-1], 10)
+    torch.testing.assert_close(y, x @ layer.to_dense().t() + layer.bias)
+
+
+@pytest.mark.parametrize("path", ["dense", "lowrank"])
+def test_straight_through_gradients_reach_widths_and_locations(path):
+    layer = make(16, 12, sigma=2.0, path=path).train()
+    set_boxes(layer, torch.full((2, 12), 0.5), torch.rand(2, 12))
+    layer(torch.randn(6, 16, dtype=torch.float64)).pow(2).sum().backward()
+    for p in (layer.widths, layer.locations):
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+        assert p.grad.abs().sum() > 0
+        # every component's width and location moves on both axes
+        assert (p.grad.abs() > 0).all()
+
+
+def test_gradients_reach_structure_in_evaluation_mode():
+    layer = make(16, 12, sigma=2.0).eval()
+    set_boxes(layer, torch.full((2, 12), 0.5), torch.rand(2, 12))
+    layer(torch.randn(6, 16, dtype=torch.float64)).pow(2).sum().backward()
+    assert layer.widths.grad.abs().sum() > 0 and layer.U.grad.abs().sum() > 0
+
+
+def test_eval_under_autocast_uses_the_autocast_dtype():
+    layer = GBLRLinear(16, 8).eval()
+    x = torch.randn(3, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), layer(x), atol=0.1, rtol=0.05)
+
+
+def test_exact_constructors():
+    torch.manual_seed(0)
+    w = torch.randn(8, 12, dtype=torch.float64)
+    u, v = torch.randn(8, 3, dtype=torch.float64), torch.randn(3, 12, dtype=torch.float64)
+    lr = GBLRLinear.from_low_rank(u, v)
+    torch.testing.assert_close(lr.to_dense(), u @ v)
+    assert lr.flops() == 3 * (8 + 12)
+    keep = torch.tensor([[True, False, True], [False, True, False]])
+    bsp = GBLRLinear.from_block_sparse(w, keep, (4, 4))
+    kept = keep.repeat_interleave(4, 0).repeat_interleave(4, 1)
+    torch.testing.assert_close(bsp.to_dense(), w * kept)
+    assert bsp.flops() == 3 * 16
+    blr = GBLRLinear.from_block_low_rank(w, (4, 4), rank=1)
+    assert blr.flops() == 6 * (4 + 4)
+
+
+def test_matches_nn_linear_interface():
+    layer = make(bias=True)
+    ref = nn.Linear(12, 10, dtype=torch.float64)
+    assert layer.bias.shape == ref.bias.shape
+    assert layer.dense_flops() == 120
+    assert layer.num_parameters() == sum(p.numel() for p in layer.parameters())
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(in_features=0, out_features=4), "in_features"),
+        (dict(in_features=4, out_features=-2), "out_features"),
+        (dict(in_features=4, out_features=6, num_components=0), "num_components"),
+        (dict(in_features=4, out_features=6, num_components=5), "num_components"),
+        (dict(in_features=4, out_features=6, rank_per_component=0), "rank_per_component"),
+        (dict(in_features=4, out_features=6, rank_per_component=5), "rank_per_component"),
+        (dict(in_features=4, out_features=6, sigma=-1.0), "sigma"),
+        (dict(in_features=4, out_features=6, path="fast"), "path"),
+        (dict(in_features=4, out_features=6, init="lowrank"), "budget"),
+        (dict(in_features=4, out_features=6, init="lowrank", budget=1.5), "budget"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        GBLRLinear(**kwargs)
+
+
+def test_non_integer_size_is_a_type_error():
+    with pytest.raises(TypeError, match="in_features"):
+        GBLRLinear(4.5, 3)
+
+
+@pytest.mark.parametrize("shape", [(3, 11), (11,), ()])
+def test_wrong_last_dimension(shape):
+    layer = make()
+    with pytest.raises(ValueError, match=r"\(\.\.\., 12\)"):
+        layer(torch.randn(shape, dtype=torch.float64))
