@@ -117,10 +117,8 @@ def test_select_errors_name_the_problem():
     with pytest.raises(ValueError, match="override pattern 'pooler'"):
         compress(model, CompressionConfig(target_modules=["query"],
                                           overrides={"pooler": {"budget": 0.2}}), progress=False)
-    conv = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.LazyLinear(4))
-    if not hasattr(gblr, "GBLRConv2d"):
-        with pytest.raises(ValueError, match="'0' is an nn.Conv2d"):
-            select_layers(conv, ["0"])
+    with pytest.raises(ValueError, match="LayerNorm"):
+        select_layers(model, ["encoder.layer.0.output.LayerNorm"])
 
 
 # -- compress -----------------------------------------------------------------------------------
@@ -176,6 +174,29 @@ def test_compress_plain_module_and_calibration_checks():
     _, report = compress(model, CompressionConfig(budget=0.6), progress=False)
     assert [r.name for r in report.layers] == ["0", "2"] and model[2].bias is None
     assert model(x).shape == (64, 8)
+
+
+def test_compress_conv2d_and_save_load(tmp_path):
+    torch.manual_seed(0)
+
+    def cnn():
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3),
+                             nn.Flatten(), nn.Linear(8 * 4 * 4, 4)).eval()
+
+    model = cnn()
+    x = torch.randn(2, 3, 6, 6)
+    cfg = CompressionConfig(budget=0.5, target_modules=["2", "4"])
+    _, report = compress(model, cfg, progress=False)
+    assert isinstance(model[2], gblr.GBLRConv2d) and report.layers[0].kind == "conv2d"
+    assert report.layers[0].cost <= 0.5 * report.layers[0].dense_cost
+    assert report.flops is not None
+    out = model(x)
+    save_compressed(model, tmp_path / "cnn")
+    again = load_compressed(cnn, tmp_path / "cnn")
+    assert torch.equal(again(x), out)
+    with pytest.raises(ValueError, match="only structure 'gblr'"):
+        compress(cnn(), CompressionConfig(structure="lowrank", target_modules=["2"]),
+                 progress=False)
 
 
 # -- save / load --------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from gblr.convert.evaluate import last_hidden, mean_pool
 from gblr.cost import INPUT_AXIS, OUTPUT_AXIS, check_positive
 from gblr.layers.base import StructuredLinear
+from gblr.layers.conv import GBLRConv2d
 
 __all__ = [
     "DistillResult",
@@ -208,8 +209,9 @@ def distill(
     # dropout off (the student should match the teacher's deterministic outputs), while the
     # structured layers train so that components that are off can grow back
     student.eval()
-    for m in structured:
-        m.train()
+    for m in student.modules():
+        if isinstance(m, StructuredLinear | GBLRConv2d):
+            m.train()
     device = next(student.parameters()).device
     deadline = None if minutes is None else time.perf_counter() + 60.0 * float(minutes)
     start = time.perf_counter()

@@ -9,6 +9,7 @@ locations included, with its SHA-256 recorded in the JSON).
 from __future__ import annotations
 
 import hashlib
+import importlib
 import inspect
 import json
 import os
@@ -58,7 +59,21 @@ def _is_json(value: Any) -> bool:
     return True
 
 
-def constructor_args(layer: StructuredLinear, name: str = "layer") -> dict[str, Any]:
+def _replaced_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Structured layers and GBLR convs of ``model``, not counting those nested in a conv."""
+    conv_cls = getattr(importlib.import_module("gblr"), "GBLRConv2d", None)
+    found: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if any(name.startswith(f"{outer}.") for outer in found):
+            continue
+        if isinstance(module, StructuredLinear) or (
+            conv_cls is not None and isinstance(module, conv_cls)
+        ):
+            found[name] = module
+    return found
+
+
+def constructor_args(layer: nn.Module, name: str = "layer") -> dict[str, Any]:
     """The constructor arguments that rebuild ``layer``'s shapes, read from its attributes.
 
     An optional argument not stored as a plain attribute (a tensor kept as a buffer, say)
@@ -70,10 +85,13 @@ def constructor_args(layer: StructuredLinear, name: str = "layer") -> dict[str, 
     for arg, p in params.items():
         if arg in _SKIP_ARGS or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
-        value = getattr(layer, arg, None)
+        source = layer
+        if not hasattr(layer, arg) and hasattr(layer, "linears"):
+            source = layer.linears[0]  # GBLRConv2d keeps the matrices' settings on them
+        value = getattr(source, arg, None)
         if arg == "bias":
             args[arg] = layer.bias is not None
-        elif hasattr(layer, arg) and not callable(value) and _is_json(value):
+        elif hasattr(source, arg) and not callable(value) and _is_json(value):
             args[arg] = _json_value(value, f"{name}: constructor argument {arg!r}")
         elif p.default is p.empty:
             raise TypeError(
@@ -124,14 +142,13 @@ def save_compressed(model: nn.Module, directory: str | Path, overwrite: bool = F
             "or gblr.load_compressed"
         )
     layers = {}
-    for name, module in model.named_modules():
-        if isinstance(module, StructuredLinear):
-            layers[name] = {
-                "structure": module.structure_name,
-                "class": f"{type(module).__module__}.{type(module).__qualname__}",
-                "kind": info["layers"].get(name),
-                "args": constructor_args(module, f"layer {name!r}"),
-            }
+    for name, module in _replaced_layers(model).items():
+        layers[name] = {
+            "structure": module.structure_name,
+            "class": f"{type(module).__module__}.{type(module).__qualname__}",
+            "kind": info["layers"].get(name),
+            "args": constructor_args(module, f"layer {name!r}"),
+        }
     missing = sorted(set(info["layers"]) - set(layers))
     if missing or not layers:
         raise ValueError(
@@ -230,20 +247,28 @@ def load_compressed(
         kind = None if old is None else layer_kind(old)
         if kind is None or kind != entry.get("kind", kind):
             raise ValueError(f"layer {name!r} of the saved model has no matching layer in the base")
-        cls = get_structure(entry["structure"])
+        if kind == "conv2d":
+            cls = importlib.import_module("gblr").GBLRConv2d
+        else:
+            cls = get_structure(entry["structure"])
         if f"{cls.__module__}.{cls.__qualname__}" != entry["class"]:
             raise ValueError(
                 f"layer {name!r} was saved as {entry['class']}, but structure "
                 f"{entry['structure']!r} is now {cls.__module__}.{cls.__qualname__}"
             )
-        out_f, in_f = dense_weight(old, kind).shape
         args = dict(entry["args"])
-        if (args.get("in_features"), args.get("out_features")) != (in_f, out_f):
+        if kind == "conv2d":
+            ref = old.weight
+            saved = [args.get("out_channels"), args.get("in_channels"), args.get("kernel_size")]
+            have = [old.out_channels, old.in_channels, list(old.kernel_size)]
+        else:
+            ref = dense_weight(old, kind)
+            saved = [args.get("out_features"), args.get("in_features")]
+            have = list(ref.shape)
+        if saved != have:
             raise ValueError(
-                f"layer {name!r}: saved shape {args.get('out_features')}x{args.get('in_features')}"
-                f" differs from the base layer's {out_f}x{in_f}"
+                f"layer {name!r}: saved shape {saved} differs from the base layer's {have}"
             )
-        ref = dense_weight(old, kind)
         new = cls(**args, device=ref.device, dtype=ref.dtype)
         new.train(old.training)
         set_submodule(base, name, new)

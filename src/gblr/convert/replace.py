@@ -70,6 +70,20 @@ def _global_budgets(
     return dict(allocate(weights, budget, **kwargs))
 
 
+def _project_conv(name: str, conv: nn.Conv2d, setting: dict[str, Any], budget: float) -> nn.Module:
+    """``nn.Conv2d`` -> ``gblr.GBLRConv2d`` (one GBLR matrix over ``out x (in*kh*kw)``)."""
+    if setting["structure"] != "gblr":
+        raise ValueError(
+            f"layer {name!r} is an nn.Conv2d, which only structure 'gblr' (gblr.GBLRConv2d) "
+            f"can replace, not {setting['structure']!r}; exclude it or override its structure"
+        )
+    conv_cls = importlib.import_module("gblr").GBLRConv2d
+    try:
+        return conv_cls.from_conv(conv, budget, **setting["kwargs"])
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"projecting conv layer {name!r}: {err}") from err
+
+
 def _project(
     name: str, weight: torch.Tensor, bias: torch.Tensor | None, setting: dict[str, Any],
     budget: float, moment: torch.Tensor | None,
@@ -102,7 +116,8 @@ def compress(
 ) -> CompressionResult:
     """Replace the layers ``config`` targets by structured layers projected within the budget.
 
-    The model is changed in place and returned with a :class:`CompressionReport`. With
+    The model is changed in place and returned with a :class:`CompressionReport` (its
+    ``flops`` attribute holds ``gblr.flops_report`` of the whole compressed model). With
     ``calibration_data`` (a tensor, a dict of model keyword inputs, or an iterable of
     batches) and ``config.calibration``, layer inputs are captured by forward hooks and the
     projection is data-aware. The replaced layers keep the original's device, dtype and
@@ -149,18 +164,23 @@ def compress(
         bar.set_postfix_str(name[-40:])
         old = modules[name]
         setting = settings[name]
-        w_param = dense_weight(old, kind)
-        weight = w_param.detach().to(torch.float32)
-        bias = None if old.bias is None else old.bias.detach().to(torch.float32)
         start = time.perf_counter()
-        new = _project(name, weight, bias, setting, budgets[name], moments.get(name))
+        if kind == "conv2d":
+            w_param = old.weight
+            weight = w_param.detach().to(torch.float32).reshape(w_param.shape[0], -1)
+            new = _project_conv(name, old, setting, budgets[name])
+        else:
+            w_param = dense_weight(old, kind)
+            weight = w_param.detach().to(torch.float32)
+            bias = None if old.bias is None else old.bias.detach().to(torch.float32)
+            new = _project(name, weight, bias, setting, budgets[name], moments.get(name))
         seconds = time.perf_counter() - start
         new = new.to(device=w_param.device, dtype=w_param.dtype)
         new.train(old.training)
         with torch.no_grad():
             was = new.training
             new.eval()
-            approx = new.to_dense().float()
+            approx = new.to_dense().float().reshape(weight.shape)
             new.train(was)
             rel = float(torch.linalg.norm(approx - weight) / torch.linalg.norm(weight).clamp_min(
                 torch.finfo(torch.float32).tiny))
@@ -169,12 +189,14 @@ def compress(
             LayerRecord(
                 name=name, kind=kind, in_features=in_f, out_features=out_f,
                 structure=setting["structure"], budget=budgets[name],
-                dense_cost=in_f * out_f, cost=int(new.flops()), params=new.num_parameters(),
+                dense_cost=in_f * out_f, cost=int(new.flops()),
+                params=sum(p.numel() for p in new.parameters()),
                 dense_params=sum(p.numel() for p in old.parameters()),
                 rel_error=rel, seconds=seconds,
             )
         )
         set_submodule(model, name, new)
+    report.flops = importlib.import_module("gblr").flops_report(model)
     setattr(model, COMPRESSION_ATTR, {
         "config": _recordable_config(config, layers),
         "fingerprint": fingerprint,

@@ -32,6 +32,8 @@ class CompressionReport:
 
     layers: list[LayerRecord] = field(default_factory=list)
     budget: float = 1.0
+    #: ``gblr.flops_report`` of the whole compressed model (dense layers included)
+    flops: Any = None
 
     @property
     def dense_cost(self) -> int:
@@ -61,6 +63,7 @@ class CompressionReport:
             "cost_fraction": self.cost_fraction,
             "mean_rel_error": self.mean_rel_error,
             "layers": [asdict(r) for r in self.layers],
+            "flops": self.flops.to_dict() if hasattr(self.flops, "to_dict") else None,
         }
 
     def table(self) -> str:
