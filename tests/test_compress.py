@@ -300,6 +300,17 @@ def test_budget_projection_is_exact_and_distill_holds_it():
         distill(model, teacher, [], progress=False)
 
 
+def test_dense_weights_view_matches_the_layers():
+    from gblr.convert.evaluate import dense_weights
+
+    model = _compressed_bert(steps=1)
+    ref = model(input_ids=IDS).last_hidden_state
+    with dense_weights(model):
+        got = model(input_ids=IDS).last_hidden_state
+    assert torch.allclose(got, ref, atol=1e-5)
+    assert "forward" not in vars(model.encoder.layer[0].output.dense)
+
+
 def test_text_and_metrics():
     passages = read_passages(default_corpus_path())
     assert len(passages) > 300

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import torch
@@ -10,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gblr.convert.text import encode
+from gblr.layers.base import StructuredLinear
 
 __all__ = [
     "last_hidden",
@@ -43,6 +46,28 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
+@contextmanager
+def dense_weights(model: nn.Module) -> Iterator[None]:
+    """Within the block, structured linear layers apply their evaluation-mode matrix,
+    materialized once, instead of rebuilding masks on every call (same outputs up to
+    rounding; only for inference)."""
+    patched = []
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, StructuredLinear):
+                was = m.training
+                m.eval()
+                weight = m.to_dense()
+                m.train(was)
+                m.forward = partial(F.linear, weight=weight, bias=m.bias)
+                patched.append(m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
+
+
 @torch.no_grad()
 def pooled_embeddings(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> torch.Tensor:
     """Mean-pooled last hidden states (evaluation mode) over ``batches`` of model inputs.
@@ -54,17 +79,20 @@ def pooled_embeddings(model: nn.Module, batches: Iterable[dict[str, torch.Tensor
     model.eval()
     try:
         device = next(model.parameters()).device
-        chunks = []
-        for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            hidden = last_hidden(model(**batch)).float()
-            mask = batch.get("attention_mask")
-            if mask is None:
-                mask = torch.ones(hidden.shape[:2], device=hidden.device)
-            chunks.append(mean_pool(hidden, mask).cpu())
+        with dense_weights(model):
+            chunks = [_pooled(model, batch, device) for batch in batches]
         return torch.cat(chunks)
     finally:
         model.train(was_training)
+
+
+def _pooled(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    batch = {k: v.to(device) for k, v in batch.items()}
+    hidden = last_hidden(model(**batch)).float()
+    mask = batch.get("attention_mask")
+    if mask is None:
+        mask = torch.ones(hidden.shape[:2], device=hidden.device)
+    return mean_pool(hidden, mask).cpu()
 
 
 def sentence_embeddings(
