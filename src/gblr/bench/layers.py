@@ -32,9 +32,16 @@ QUICK_SHAPES = [(32, 64), (64, 32)]
 TARGET_RATIO = 1.5
 
 
-def _timed(fn: Callable[[], object]) -> float:
+def _sync(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], object], device: torch.device | None = None) -> float:
+    _sync(device)
     start = time.perf_counter()
     fn()
+    _sync(device)
     return time.perf_counter() - start
 
 
@@ -57,18 +64,25 @@ def _build_masks(layers: list[GBLRLinear]) -> Callable[[], None]:
 
 
 def run(
-    shapes: list[tuple[int, int]], tokens: int, reps: int, warmup: int, seed: int = 0
+    shapes: list[tuple[int, int]],
+    tokens: int,
+    reps: int,
+    warmup: int,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
 ) -> dict:
     """Measure every shape; return a JSON-ready dict of medians (seconds) and ratios."""
+    device = torch.device(device)
     torch.manual_seed(seed)
     rows = []
     gblr_layers: list[GBLRLinear] = []
     for n_in, n_out in shapes:
-        gblr = GBLRLinear(n_in, n_out, num_components=min(n_in, n_out), sigma=1.0).train()
-        dense = nn.Linear(n_in, n_out).train()
+        gblr = GBLRLinear(n_in, n_out, num_components=min(n_in, n_out), sigma=1.0)
+        gblr = gblr.to(device).train()
+        dense = nn.Linear(n_in, n_out).to(device).train()
         gblr_layers.append(gblr)
-        x = torch.randn(tokens, n_in, requires_grad=True)
-        grad_out = torch.randn(tokens, n_out)
+        x = torch.randn(tokens, n_in, device=device, requires_grad=True)
+        grad_out = torch.randn(tokens, n_out, device=device)
         steps = {"gblr": _train_step(gblr, x, grad_out), "dense": _train_step(dense, x, grad_out)}
         for _ in range(warmup):
             for step in steps.values():
@@ -77,7 +91,7 @@ def run(
         order = ["dense", "gblr"]
         for _ in tqdm(range(reps), desc=f"{n_in}->{n_out}", leave=False):
             for name in order:
-                times[name].append(_timed(steps[name]))
+                times[name].append(_timed(steps[name], device))
             order.reverse()  # alternate which layer runs first
         med = {name: statistics.median(t) for name, t in times.items()}
         rows.append(
@@ -100,7 +114,7 @@ def run(
         build = _build_masks(gblr_layers)
         build()
         masks["sigma=1.0" if sigma else "sigma=None"] = statistics.median(
-            _timed(build) for _ in range(max(3, reps))
+            _timed(build, device) for _ in range(max(3, reps))
         )
     return {"rows": rows, "mask_build_s": masks}
 
@@ -108,7 +122,7 @@ def run(
 def _markdown(result: dict) -> str:
     meta = result["meta"]
     lines = [
-        "# GBLRLinear training step vs nn.Linear (CPU)",
+        f"# GBLRLinear training step vs nn.Linear ({meta['device']})",
         "",
         f"Command: `{meta['command']}`. {meta['threads']} threads, torch {meta['torch']}, "
         f"{meta['reps']} interleaved repetitions (medians), {meta['processor']}; "
@@ -143,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (15)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (2)")
     parser.add_argument("--out", type=Path, default=Path("results/layers"), help="output folder")
+    parser.add_argument("--device", default="cpu", help="device to measure on (cpu)")
     given = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(given)
     if args.threads <= 0:
@@ -154,11 +169,15 @@ def main(argv: list[str] | None = None) -> int:
     if tokens <= 0 or reps <= 0:
         parser.error("--tokens and --reps must be positive")
     load_start = os.getloadavg()[0]
-    result = run(shapes, tokens, reps, warmup=1 if args.quick else 2)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda given but CUDA is not available")
+    result = run(shapes, tokens, reps, warmup=1 if args.quick else 2, device=device)
     result["target_met"] = all(r["ratio"] <= TARGET_RATIO for r in result["rows"])
     result["meta"] = {
         "command": " ".join(["python -m gblr.bench.layers", *given]),
         "threads": args.threads,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
         "torch": torch.__version__,
         "processor": platform.processor() or platform.machine(),
         "reps": reps,
