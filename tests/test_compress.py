@@ -144,6 +144,19 @@ def test_compress_bert_in_place_meets_budget():
         compress(model, cfg, progress=False)
 
 
+def test_global_allocation():
+    model = tiny_bert()
+    cfg = CompressionConfig(budget=0.4, target_modules=["encoder"], allocation="global",
+                            projection={"steps": 5} if hasattr(gblr, "allocate") else {})
+    if not hasattr(gblr, "allocate"):
+        with pytest.raises(ValueError, match="gblr.allocate"):
+            compress(model, cfg, progress=False)
+        return
+    _, report = compress(model, cfg, progress=False)
+    assert report.cost <= 0.4 * report.dense_cost
+    assert len({r.budget for r in report.layers}) > 1
+
+
 def test_compress_gpt2_conv1d_is_transposed():
     model = tiny_gpt2()
     conv = model.h[0].mlp.c_fc  # weight stored (in=32, out=128)

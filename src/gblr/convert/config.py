@@ -32,7 +32,7 @@ REGEX_PREFIX = "re:"
 OVERRIDE_KEYS = ("structure", "budget", "steps", "calibration", "projection")
 
 # from_dense arguments that compress() fills in itself
-_RESERVED = ("weight", "budget", "bias", "calibration", "self", "cls")
+_RESERVED = ("weight", "budget", "bias", "calibration", "second_moment", "self", "cls")
 # constructor arguments that from_dense's **kwargs must not take (fixed by the weight)
 _CTOR_FIXED = ("in_features", "out_features", "bias", "device", "dtype", "self")
 
@@ -42,7 +42,7 @@ def _accepted_options(structure: str) -> tuple[set[str], bool]:
     cls = get_structure(structure)
     params = inspect.signature(cls.from_dense).parameters
     names = {n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
-    takes_calibration = "calibration" in names
+    takes_calibration = "calibration" in names or "second_moment" in names
     names -= set(_RESERVED)
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         ctor = inspect.signature(cls.__init__).parameters

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 import time
 from dataclasses import replace
@@ -50,7 +51,7 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def _global_budgets(
     weights: dict[str, torch.Tensor], settings: dict[str, dict[str, Any]], budget: float,
-    moments: dict[str, torch.Tensor],
+    moments: dict[str, torch.Tensor], progress: bool,
 ) -> dict[str, float]:
     gblr = importlib.import_module("gblr")
     allocate = getattr(gblr, "allocate", None)
@@ -64,9 +65,12 @@ def _global_budgets(
         raise ValueError(
             f"allocation='global' needs one structure for all layers, got {sorted(structures)}"
         )
-    kwargs: dict[str, Any] = {"structure": structures.pop()}
+    kwargs: dict[str, Any] = {"structure": structures.pop(), "progress": progress}
     if moments:
-        kwargs["calibration"] = moments
+        wrap = getattr(getattr(gblr, "Calibration", None), "from_second_moment", None)
+        if wrap is None:
+            raise ValueError("allocation='global' with calibration needs gblr.Calibration")
+        kwargs["calibration"] = {n: wrap(moments[n]) for n in weights if n in moments}
     return dict(allocate(weights, budget, **kwargs))
 
 
@@ -91,7 +95,10 @@ def _project(
     cls = get_structure(setting["structure"])
     kwargs = dict(setting["kwargs"])
     if moment is not None:
-        kwargs["calibration"] = moment.to(torch.float32)
+        # the activations' second moment C = X^T X / N, under the name from_dense takes it
+        takes = inspect.signature(cls.from_dense).parameters
+        key = "second_moment" if "second_moment" in takes else "calibration"
+        kwargs[key] = moment.to(torch.float32)
     try:
         return cls.from_dense(weight, budget, bias=bias, **kwargs)
     except (TypeError, ValueError) as err:
@@ -156,7 +163,7 @@ def compress(
     if config.allocation == "global":
         free = [n for n, s in settings.items() if not s["budget_overridden"]]
         weights = {n: dense_weight(modules[n], layers[n]).detach().float() for n in free}
-        budgets.update(_global_budgets(weights, settings, config.budget, moments))
+        budgets.update(_global_budgets(weights, settings, config.budget, moments, progress))
 
     report = CompressionReport(budget=config.budget)
     bar = tqdm(layers.items(), desc="project", unit="layer", disable=not progress)
