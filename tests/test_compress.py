@@ -147,7 +147,7 @@ def test_compress_bert_in_place_meets_budget():
 def test_global_allocation():
     model = tiny_bert()
     cfg = CompressionConfig(budget=0.4, target_modules=["encoder"], allocation="global",
-                            projection={"steps": 5} if hasattr(gblr, "allocate") else {})
+                            steps=5 if hasattr(gblr, "allocate") else None)
     if not hasattr(gblr, "allocate"):
         with pytest.raises(ValueError, match="gblr.allocate"):
             compress(model, cfg, progress=False)
