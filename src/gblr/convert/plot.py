@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -49,12 +50,14 @@ def plot_masks(model: nn.Module, path: str | Path, max_layers: int = 48, title: 
     fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.5 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
+    prefix = os.path.commonprefix([n for n, _ in layers])
+    prefix = prefix[: prefix.rfind(".") + 1] if len(layers) > 1 else ""
     for ax, (name, layer) in zip(axes.flat, layers, strict=False):
         image = coverage(layer).cpu().numpy()
         ax.imshow(image, cmap="inferno", aspect="auto", interpolation="nearest",
                   vmin=0, vmax=max(1.0, float(image.max())))
         frac = layer.flops() / layer.dense_flops()
-        short = ".".join(name.split(".")[-3:])
+        short = name[len(prefix):] or name
         ax.set_title(f"{short}\n{frac:.2f} of dense", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
