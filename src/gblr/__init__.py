@@ -21,6 +21,7 @@ from gblr.layers import (
     get_structure,
 )
 from gblr.ops import gaudi_mask
+from gblr.projection import Calibration, ProjectionRecord, allocate, project, project_many
 
 __version__ = "0.1.0"
 
@@ -37,6 +38,11 @@ __all__ = [
     "StructuredLinear",
     "STRUCTURES",
     "get_structure",
+    "project",
+    "project_many",
+    "allocate",
+    "Calibration",
+    "ProjectionRecord",
     "flops_report",
     "count_flops",
     "FlopsReport",

@@ -29,6 +29,7 @@ __all__ = [
     "monarch_cost",
     "block_sparse_cost",
     "block_low_rank_cost",
+    "box_component_cost",
 ]
 
 #: Row of ``widths``/``locations`` that describes the input (column) axis.
@@ -180,3 +181,36 @@ def block_low_rank_cost(
     """
     n_blocks = (int(out_features) // int(block_rows)) * (int(in_features) // int(block_cols))
     return n_blocks * int(rank) * (int(block_rows) + int(block_cols))
+
+
+def box_component_cost(
+    in_len: torch.Tensor,
+    in_start: torch.Tensor,
+    out_len: torch.Tensor,
+    out_start: torch.Tensor,
+    in_features: int,
+    out_features: int,
+    ranks: torch.Tensor | int = 1,
+) -> int:
+    """Cost of components given as integer cyclic boxes (the evaluation rule, without masks).
+
+    ``in_len``/``in_start`` (and ``out_*``) are ``(K,)`` integer tensors: a component covers
+    ``len`` indices from ``start``, wrapping around. A component at most one index long on
+    either axis is off; boxes that cover the same indices form one block, as in
+    :func:`grouped_component_cost`, whose result this equals for sharp (``sigma=None``) masks.
+    """
+    in_len = in_len.long().clamp(0, in_features)
+    out_len = out_len.long().clamp(0, out_features)
+    ranks_t = torch.as_tensor(ranks, dtype=torch.long, device=in_len.device).expand_as(in_len)
+    on = (in_len > 1) & (out_len > 1) & (ranks_t > 0)
+    if not bool(on.any()):
+        return 0
+    # a full-length box covers the same indices wherever it starts
+    i_s = torch.where(in_len >= in_features, 0, in_start.long() % in_features)
+    o_s = torch.where(out_len >= out_features, 0, out_start.long() % out_features)
+    keys = torch.stack([in_len, i_s, out_len, o_s], dim=1)[on]
+    uniq, inverse = torch.unique(keys, dim=0, return_inverse=True)
+    group_rank = torch.zeros(uniq.shape[0], dtype=torch.long, device=keys.device)
+    group_rank.index_add_(0, inverse, ranks_t[on])
+    gw, gh = uniq[:, 0], uniq[:, 2]
+    return int(torch.minimum(group_rank * (gh + gw), gh * gw).sum().item())

@@ -41,6 +41,7 @@ class BenchSpec:
 #: name -> benchmark, in the order they run and appear in RESULTS.md
 BENCHMARKS: dict[str, BenchSpec] = {
     "layers": BenchSpec("gblr.bench.layers", "Layer training step (GBLR vs dense)", cuda=True),
+    "approx": BenchSpec("gblr.bench.approx", "Projecting MiniLM-L6's weights onto each structure"),
     "compress": BenchSpec("gblr.bench.compress", "Compressing all-MiniLM-L6-v2", cuda=True),
 }
 

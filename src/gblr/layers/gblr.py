@@ -19,7 +19,6 @@ from gblr.cost import (
     check_budget,
     check_positive,
     grouped_component_cost,
-    max_rank_for_budget,
 )
 from gblr.layers.base import StructuredLinear, check_matrix, register_structure
 from gblr.ops.costed import costed_linear
@@ -450,29 +449,38 @@ class GBLRLinear(StructuredLinear):
         weight: torch.Tensor,
         budget: float,
         bias: torch.Tensor | None = None,
+        *,
         rank_per_component: int = 1,
-        **kwargs: Any,
+        steps: int | None = None,
+        calibration: Any = None,
+        second_moment: torch.Tensor | None = None,
+        device: torch.device | str | None = None,
+        progress: bool = False,
+        sigma: float | None = None,
+        path: str = "auto",
+        **opts: Any,
     ) -> GBLRLinear:
-        """GBLR start from a dense matrix: its truncated SVD at ``budget``.
+        """Project a dense ``(out, in)`` matrix onto GBLR with ``gblr.project``.
 
-        ``min(in, out) // rank_per_component`` components hold the singular vectors;
-        those that fit the budget are full width, the others are off (width 0)
-        but keep their factors so that training can regrow them.
+        The result's evaluation-mode ``flops()`` is at most ``budget * in * out`` and its
+        error is never above the truncated SVD's at that budget. ``steps=0`` returns the
+        truncated-SVD start itself: ``min(in, out) // rank_per_component`` components, those
+        that fit the budget at full width and the others off (width 0) but able to regrow.
+        ``calibration`` is inputs ``X (N, in)`` or a ``gblr.Calibration``; a second moment
+        ``C = X^T X / N`` goes in ``second_moment=``. ``sigma`` and ``path`` are set on the
+        returned layer; ``**opts`` are search settings (``gblr.projection.SearchOptions``).
         """
-        check_matrix(weight)
-        budget = check_budget(budget)
-        out_features, in_features = weight.shape
-        r = check_positive("rank_per_component", rank_per_component)
-        rank = max_rank_for_budget(in_features, out_features, budget) // r * r
-        if rank == 0:
-            raise ValueError(
-                f"budget={budget} is too small for one rank-{r} component of a "
-                f"{out_features}x{in_features} matrix (needs {r * (in_features + out_features)} "
-                f"MACs, budget allows {budget * in_features * out_features:.0f})"
-            )
-        k = min(in_features, out_features) // r
-        u, v = _svd_factors(weight, k * r)
-        widths = torch.zeros(2, k)
-        widths[:, : rank // r] = 1.0
-        locations = (torch.arange(k, dtype=torch.float32) / k).expand(2, k).clone()
-        return cls._from_components(u, v, widths, locations, bias, rank_per_component=r, **kwargs)
+        from gblr.projection import Calibration, project
+
+        if second_moment is not None:
+            if calibration is not None:
+                raise ValueError("pass either calibration= or second_moment=, not both")
+            calibration = Calibration.from_second_moment(second_moment)
+        layer, _ = project(
+            weight, budget, structure="gblr", rank_per_component=rank_per_component,
+            steps=steps, calibration=calibration, device=device, progress=progress,
+            bias=bias, **opts,
+        )
+        layer.sigma = sigma
+        layer.path = path
+        return layer
