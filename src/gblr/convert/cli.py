@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", nargs="+", metavar="PATTERN", default=None,
                    help="layers to leave dense")
     p.add_argument("--config", help="a CompressionConfig JSON file (overrides the options above)")
+    p.add_argument("--search-steps", type=int, default=None,
+                   help="steps of GBLR's structure search at projection (0: its SVD start; "
+                   "default: the projection's own default)")
     p.add_argument("--calibrate", action="store_true",
                    help="data-aware projection from activations on the training text")
     p.add_argument("--steps", type=int, help="distillation steps (default: bounded by --minutes)")
@@ -106,7 +109,8 @@ def _config(args: argparse.Namespace, model: torch.nn.Module):
         exclude = list(args.exclude)
     return CompressionConfig(structure=args.structure, budget=args.budget,
                              target_modules=targets, exclude_modules=exclude,
-                             calibration=bool(args.calibrate))
+                             calibration=bool(args.calibrate),
+                             steps=args.search_steps if args.structure == "gblr" else None)
 
 
 def _layer_costs(model: torch.nn.Module) -> dict[str, int]:

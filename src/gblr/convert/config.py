@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from gblr.cost import check_budget, check_positive
+from gblr.cost import check_budget
 from gblr.layers.base import get_structure
 
 __all__ = [
@@ -37,6 +37,17 @@ _RESERVED = ("weight", "budget", "bias", "calibration", "second_moment", "self",
 _CTOR_FIXED = ("in_features", "out_features", "bias", "device", "dtype", "self")
 
 
+def _search_option_names(cls: type) -> set[str] | None:
+    """Names of ``gblr.projection.SearchOptions`` when ``cls.from_dense`` runs that search."""
+    if getattr(cls, "structure_name", None) != "gblr":
+        return None
+    try:
+        from gblr.projection.search import SearchOptions
+    except ImportError:
+        return None
+    return {f.name for f in fields(SearchOptions)}
+
+
 def _accepted_options(structure: str) -> tuple[set[str], bool]:
     """Keyword options the structure's projection accepts, and whether it takes calibration."""
     cls = get_structure(structure)
@@ -44,7 +55,10 @@ def _accepted_options(structure: str) -> tuple[set[str], bool]:
     names = {n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
     takes_calibration = "calibration" in names or "second_moment" in names
     names -= set(_RESERVED)
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+    search = _search_option_names(cls)
+    if search is not None:  # GBLR's **opts are the structure search's settings
+        names |= search
+    elif any(p.kind is p.VAR_KEYWORD for p in params.values()):
         ctor = inspect.signature(cls.__init__).parameters
         names |= {
             n
@@ -74,7 +88,9 @@ def projection_kwargs(
                 f"{where}projection option {name!r}: set it as the config's {name!r} field"
             )
     if steps is not None:
-        kwargs["steps"] = check_positive(f"{where}steps", steps)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"{where}steps must be a non-negative integer, got {steps!r}")
+        kwargs["steps"] = steps
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
         known = ", ".join(sorted(accepted)) or "none"

@@ -42,19 +42,31 @@ def _has_structure(layer: nn.Module) -> bool:
     )
 
 
-def _component_costs(
-    widths: torch.Tensor, n_in: torch.Tensor, n_out: torch.Tensor, ranks: torch.Tensor
-) -> torch.Tensor:
-    """Upper bound of each component's evaluation-mode cost (identical boxes not merged).
+def _box_cost(
+    widths: torch.Tensor, locations: torch.Tensor, n_in: int, n_out: int, rank: int
+) -> int:
+    """Evaluation-mode cost of one GBLR layer from its (rounded) boxes.
 
-    ``widths`` is ``(2, K)`` for components of all layers side by side; ``n_in``, ``n_out``
-    and ``ranks`` give each component's layer sizes and rank.
+    A component more than one index wide on both axes is on; components with the same box
+    are one block costing ``min(sum of ranks * (h + w), h * w)`` (the rule of ``flops()``).
     """
     w = widths.clamp(0.0, 1.0)
-    cols = torch.round(w[INPUT_AXIS] * n_in)
-    rows = torch.round(w[OUTPUT_AXIS] * n_out)
-    cost = torch.minimum(ranks * (rows + cols), rows * cols)
-    return torch.where((cols > 1) & (rows > 1), cost, torch.zeros_like(cost))
+    cols = torch.round(w[INPUT_AXIS] * n_in).long()
+    rows = torch.round(w[OUTPUT_AXIS] * n_out).long()
+    on = (cols > 1) & (rows > 1)
+    if not bool(on.any()):
+        return 0
+    loc = torch.remainder(locations, 1.0)
+    col_at = torch.remainder(torch.round(loc[INPUT_AXIS] * n_in).long(), n_in)
+    row_at = torch.remainder(torch.round(loc[OUTPUT_AXIS] * n_out).long(), n_out)
+    col_at = torch.where(cols >= n_in, 0, col_at)  # a full axis starts anywhere
+    row_at = torch.where(rows >= n_out, 0, row_at)
+    keys = torch.stack([cols, col_at, rows, row_at], dim=1)[on]
+    boxes, inverse = torch.unique(keys, dim=0, return_inverse=True)
+    group_rank = torch.zeros(boxes.shape[0], dtype=torch.long).index_add_(
+        0, inverse, torch.full((keys.shape[0],), int(rank), dtype=torch.long))
+    h, wd = boxes[:, 2], boxes[:, 0]
+    return int(torch.minimum(group_rank * (h + wd), h * wd).sum())
 
 
 def structured_cost(model: nn.Module) -> tuple[int, int]:
@@ -68,8 +80,8 @@ def project_widths_to_budget(layers: Iterable[StructuredLinear], max_cost: float
     """Shrink the widths of GBLR ``layers`` so that their summed cost is ``<= max_cost``.
 
     Widths are clamped to ``[0, 1]`` and locations wrapped into ``[0, 1)``; then, if the
-    cost (counted without merging identical boxes, an upper bound of the evaluation-mode
-    cost) exceeds ``max_cost``, every width becomes ``clamp(w - tau, 0, 1)`` with the
+    evaluation-mode cost (from the rounded boxes, identical boxes merged as ``flops()``
+    does) exceeds ``max_cost``, every width becomes ``clamp(w - tau, 0, 1)`` with the
     smallest ``tau`` (found by bisection) that meets it. Returns ``tau``. This is the
     budget projection used during distillation; ``max_cost`` covers these layers only.
     """
@@ -79,36 +91,30 @@ def project_widths_to_budget(layers: Iterable[StructuredLinear], max_cost: float
         m.locations.remainder_(1.0)
     if not layers:
         return 0.0
-    # all components side by side, on the CPU in float32 as the layers round them
-    start = torch.cat([m.widths.detach().float().cpu() for m in layers], dim=1)
-    sizes = [m.widths.shape[1] for m in layers]
-
-    def per_component(values: list[float]) -> torch.Tensor:
-        return torch.cat([torch.full((k,), float(v)) for k, v in zip(sizes, values, strict=True)])
-
-    n_in = per_component([m.in_features for m in layers])
-    n_out = per_component([m.out_features for m in layers])
-    ranks = per_component([m.rank_per_component for m in layers])
+    # on the CPU in float32, as the layers round them
+    start = [m.widths.detach().float().cpu() for m in layers]
+    where = [m.locations.detach().float().cpu() for m in layers]
 
     def cost(tau: float) -> float:
-        return float(_component_costs((start - tau).clamp(0.0, 1.0), n_in, n_out, ranks).sum())
+        return float(sum(
+            _box_cost((w - tau).clamp(0.0, 1.0), loc, m.in_features, m.out_features,
+                      m.rank_per_component)
+            for m, w, loc in zip(layers, start, where, strict=True)
+        ))
 
     if cost(0.0) <= max_cost:
         return 0.0
     lo, hi = 0.0, 1.0
     if cost(hi) > max_cost:
         raise ValueError(f"max_cost={max_cost} cannot be met even with every component off")
-    for _ in range(40):
+    for _ in range(30):
         mid = 0.5 * (lo + hi)
         if cost(mid) <= max_cost:
             hi = mid
         else:
             lo = mid
-    offset = 0
-    for m, k in zip(layers, sizes, strict=True):
-        new = (start[:, offset:offset + k] - hi).clamp(0.0, 1.0)
-        m.widths.copy_(new.to(device=m.widths.device, dtype=m.widths.dtype))
-        offset += k
+    for m, w in zip(layers, start, strict=True):
+        m.widths.copy_((w - hi).clamp(0.0, 1.0).to(device=m.widths.device, dtype=m.widths.dtype))
     return hi
 
 

@@ -98,6 +98,11 @@ def constructor_args(layer: nn.Module, name: str = "layer") -> dict[str, Any]:
                 f"{name}: {type(layer).__name__} does not store its constructor argument {arg!r} "
                 "as an attribute, so it cannot be rebuilt"
             )
+    if args.get("init") not in (None, "random") and "random" in getattr(
+        importlib.import_module(type(layer).__module__), "INIT_SCHEMES", ("random",)
+    ):
+        # the saved tensors replace every initial value; "random" builds any component count
+        args["init"] = "random"
     return args
 
 
