@@ -218,6 +218,17 @@ def test_compress_conv2d_and_save_load(tmp_path):
                  progress=False)
 
 
+def test_data_aware_projection_from_hooks():
+    model = tiny_bert()
+    cfg = CompressionConfig(budget=0.5, target_modules=["layer.0.intermediate"],
+                            calibration=True, steps=2)
+    with pytest.raises(ValueError, match="needs calibration_data"):
+        compress(copy.deepcopy(model), cfg, progress=False)
+    data = [{"input_ids": IDS, "attention_mask": torch.ones_like(IDS)}]
+    _, report = compress(model, cfg, calibration_data=data, progress=False)
+    assert report.layers[0].cost <= 0.5 * report.layers[0].dense_cost
+
+
 # -- save / load --------------------------------------------------------------------------------
 def _compressed_bert(steps: int = 2):
     model = tiny_bert()
