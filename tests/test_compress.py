@@ -18,7 +18,7 @@ from gblr.convert.distill import distill, project_widths_to_budget, structured_c
 from gblr.convert.evaluate import compare_embeddings, neighbour_agreement
 from gblr.convert.select import select_layers
 from gblr.convert.text import read_passages, split_passages
-from gblr.data import default_corpus_path
+from gblr.data.corpus import default_corpus_path
 
 transformers = pytest.importorskip("transformers")
 

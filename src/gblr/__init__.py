@@ -8,6 +8,7 @@ from gblr.convert import (
     load_compressed,
     save_compressed,
 )
+from gblr.deploy import PackedGBLRLinear, deploy, load_packed, save_packed
 from gblr.layers import (
     STRUCTURES,
     BlockDiagLinear,
@@ -22,6 +23,7 @@ from gblr.layers import (
 )
 from gblr.ops import gaudi_mask
 from gblr.projection import Calibration, ProjectionRecord, allocate, project, project_many
+from gblr.train import BudgetController, SigmaSchedule, param_groups
 
 __version__ = "0.1.0"
 
@@ -38,6 +40,13 @@ __all__ = [
     "StructuredLinear",
     "STRUCTURES",
     "get_structure",
+    "deploy",
+    "PackedGBLRLinear",
+    "save_packed",
+    "load_packed",
+    "param_groups",
+    "BudgetController",
+    "SigmaSchedule",
     "project",
     "project_many",
     "allocate",

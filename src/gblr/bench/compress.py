@@ -31,7 +31,7 @@ from gblr.convert.evaluate import compare_embeddings, sentence_embeddings
 from gblr.convert.hf import default_model_path, default_targets, load_hf_model
 from gblr.convert.replace import compress
 from gblr.convert.text import read_passages, token_batches
-from gblr.data import default_corpus_path
+from gblr.data.corpus import default_corpus_path
 from gblr.layers.base import STRUCTURES
 
 REPO = Path(__file__).resolve().parents[3]

@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from gblr.convert.replace import compress
     from gblr.convert.select import layer_kind, layer_settings, select_layers
     from gblr.convert.text import encode, read_passages, split_passages, token_batches
-    from gblr.data import default_corpus_path
+    from gblr.data.corpus import default_corpus_path
 
     progress = not args.quiet
     if args.threads:

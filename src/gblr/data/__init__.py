@@ -1,17 +1,21 @@
-"""Small data files shipped with gblr.
+"""Data sets for the training runner: each builder returns ``(train, val, test, info)``."""
 
-``shakespeare_sample.txt`` is a 200 KB slice of public-domain Project Gutenberg
-text (all of *Julius Caesar* and the first half of *King Lear*, by William
-Shakespeare), the default corpus of ``gblr compress``.
-"""
+from gblr.data.corpus import default_corpus_path
+from gblr.data.mnist1d import mnist1d_splits
+from gblr.data.sampler import EpochShuffleSampler
+from gblr.data.text import CharTokenizer, TokenWindows, shakespeare_dir, text_splits
+from gblr.data.vision import cifar_splits, imagenet_splits
+from gblr.data.wikitext import wikitext103_splits
 
-from __future__ import annotations
-
-from pathlib import Path
-
-__all__ = ["default_corpus_path"]
-
-
-def default_corpus_path() -> Path:
-    """Path of the text file ``gblr compress`` distils on when no ``--text`` is given."""
-    return Path(__file__).with_name("shakespeare_sample.txt")
+__all__ = [
+    "default_corpus_path",
+    "mnist1d_splits",
+    "EpochShuffleSampler",
+    "CharTokenizer",
+    "TokenWindows",
+    "shakespeare_dir",
+    "text_splits",
+    "cifar_splits",
+    "imagenet_splits",
+    "wikitext103_splits",
+]

@@ -290,6 +290,15 @@ class GBLRLinear(StructuredLinear):
         self.__dict__["_cost_cache"] = (key, cost)
         return cost
 
+    def packed(self, tokens: int | tuple[int, ...] = 64, dtype: torch.dtype | None = None):
+        """Frozen inference form computing only the bands: a ``PackedGBLRLinear``.
+
+        ``tokens``: the tokens per call the grouping is tuned for (see ``gblr.deploy``).
+        """
+        from gblr.deploy.packed import PackedGBLRLinear
+
+        return PackedGBLRLinear.from_gblr(self, tokens=tokens, dtype=dtype)
+
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, num_components={self.num_components}, "

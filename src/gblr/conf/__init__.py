@@ -1,0 +1,1 @@
+"""Hydra configurations of ``gblr train`` (experiments under ``experiment/``)."""

@@ -1,0 +1,124 @@
+"""``gblr.deploy(model)``: swap every GBLR layer of a model for its packed form, in place."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from gblr.deploy.packed import PackedGBLRLinear
+
+__all__ = ["deploy", "DeployReport", "LayerReport"]
+
+
+@dataclass
+class LayerReport:
+    """What one packed layer computes: MACs per token and GEMM calls."""
+
+    name: str
+    in_features: int
+    out_features: int
+    true_flops: int
+    packed_flops: int
+    gemms: int
+
+    @property
+    def dense_flops(self) -> int:
+        return self.in_features * self.out_features
+
+
+@dataclass
+class DeployReport:
+    """Per-layer and total costs of a deployment (MACs per token, bias excluded)."""
+
+    layers: list[LayerReport] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def true_flops(self) -> int:
+        return sum(r.true_flops for r in self.layers)
+
+    @property
+    def packed_flops(self) -> int:
+        return sum(r.packed_flops for r in self.layers)
+
+    @property
+    def dense_flops(self) -> int:
+        return sum(r.dense_flops for r in self.layers)
+
+    def __str__(self) -> str:
+        head = f"{'layer':<40} {'shape':>11} {'true/dense':>10} {'packed/dense':>12} {'gemms':>5}"
+        lines = [head]
+        for r in self.layers:
+            lines.append(
+                f"{r.name:<40} {f'{r.in_features}->{r.out_features}':>11} "
+                f"{r.true_flops / r.dense_flops:>10.3f} {r.packed_flops / r.dense_flops:>12.3f} "
+                f"{r.gemms:>5}"
+            )
+        if self.layers:
+            lines.append(
+                f"{'total':<40} {'':>11} {self.true_flops / self.dense_flops:>10.3f} "
+                f"{self.packed_flops / self.dense_flops:>12.3f}"
+            )
+        if self.skipped:
+            lines.append(f"left as they are (not GBLR): {', '.join(self.skipped)}")
+        return "\n".join(lines)
+
+
+@torch.no_grad()
+def deploy(
+    model: nn.Module,
+    tokens: int | Sequence[int] = 64,
+    dtype: torch.dtype | None = None,
+    memory_tokens: int | None = None,
+    overhead: float | None = None,
+    io: float | None = None,
+) -> DeployReport:
+    """Replace every :class:`~gblr.GBLRLinear` inside ``model`` by a :class:`PackedGBLRLinear`.
+
+    The evaluation-mode structure is packed whatever the current mode; other modules are
+    left alone (other structured layers and GBLR convolutions are listed in the report as
+    skipped). ``tokens`` is
+    the tokens-per-call the grouping is tuned for (a sequence: one packing per entry);
+    ``memory_tokens``, ``overhead`` and ``io`` override the device's time model
+    (``gblr.deploy.packed.TIME_MODELS``).
+    Returns a :class:`DeployReport`. To pack a lone layer use ``GBLRLinear.packed()``.
+    """
+    from gblr.layers.base import StructuredLinear
+    from gblr.layers.gblr import GBLRLinear
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(model, GBLRLinear):
+        raise TypeError(
+            "deploy() swaps layers inside a model in place; pack a lone layer with "
+            "layer.packed()"
+        )
+    from gblr.layers.conv import GBLRConv2d
+
+    report = DeployReport()
+    # a GBLR convolution computes from its GBLRLinear children's factors: it stays whole
+    convs = [n for n, m in model.named_modules() if isinstance(m, GBLRConv2d)]
+    targets = [
+        (n, m) for n, m in model.named_modules()
+        if isinstance(m, GBLRLinear) and not any(n.startswith(c + ".") for c in convs)
+    ]
+    report.skipped = [
+        n for n, m in model.named_modules()
+        if isinstance(m, StructuredLinear) and not isinstance(m, GBLRLinear)
+    ] + convs
+    for name, layer in targets:
+        packed = PackedGBLRLinear.from_gblr(
+            layer, tokens=tokens, dtype=dtype, memory_tokens=memory_tokens, overhead=overhead,
+            io=io,
+        )
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, packed)
+        report.layers.append(
+            LayerReport(name, layer.in_features, layer.out_features, int(packed.true_flops),
+                        packed.flops(), packed.num_gemms())
+        )
+    return report

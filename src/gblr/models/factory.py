@@ -1,0 +1,76 @@
+"""One switch that builds the linear layers the paper replaces: dense, GBLR or a baseline."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from gblr.cost import check_budget
+from gblr.layers.base import get_structure
+from gblr.layers.gblr import GBLRLinear
+
+__all__ = ["LINEAR_KINDS", "make_linear", "project_linears"]
+
+#: Values of the ``linear`` switch of every model in :mod:`gblr.models`.
+LINEAR_KINDS = ("dense", "gblr", "lowrank", "monarch", "blr", "blocksparse")
+
+
+def make_linear(
+    kind: str,
+    in_features: int,
+    out_features: int,
+    budget: float = 1.0,
+    bias: bool = True,
+    gblr: dict[str, Any] | None = None,
+) -> nn.Module:
+    """A ``in -> out`` layer of structure ``kind`` at ``budget`` (fraction of dense cost).
+
+    ``"dense"`` is ``nn.Linear`` (the budget is ignored); ``"gblr"`` is :class:`GBLRLinear`
+    built with the keyword arguments in ``gblr`` (``init``, ``num_components``, ...; ``budget``
+    is passed for the budget-aware inits); the others come from the structure registry,
+    ``get_structure(kind)(in, out, budget=budget, bias=bias)``.
+    """
+    if kind not in LINEAR_KINDS:
+        raise ValueError(f"linear must be one of {LINEAR_KINDS}, got {kind!r}")
+    if kind == "dense":
+        return nn.Linear(in_features, out_features, bias=bias)
+    budget = check_budget(budget)
+    if kind == "gblr":
+        opts = dict(gblr or {})
+        opts.setdefault("budget", budget)
+        return GBLRLinear(in_features, out_features, bias=bias, **opts)
+    return get_structure(kind)(in_features, out_features, budget=budget, bias=bias)
+
+
+def project_linears(
+    model: nn.Module,
+    kind: str,
+    budget: float,
+    names: tuple[str, ...],
+    gblr: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Replace, in place, every ``nn.Linear`` whose attribute name is in ``names`` by its
+    projection onto structure ``kind`` at ``budget`` (``cls.from_dense``): the fine-tuning start.
+    """
+    if kind not in LINEAR_KINDS:
+        raise ValueError(f"linear must be one of {LINEAR_KINDS}, got {kind!r}")
+    if kind == "dense":
+        return model
+    budget = check_budget(budget)
+    cls = get_structure(kind)
+    kwargs = {}
+    if kind == "gblr":
+        kwargs = {k: v for k, v in dict(gblr or {}).items()
+                  if k in ("rank_per_component", "path", "sigma")}
+    targets = [(parent, child_name, child)
+               for parent in model.modules()
+               for child_name, child in parent.named_children()
+               if child_name in names and isinstance(child, nn.Linear)]
+    if not targets:
+        raise ValueError(f"model has no nn.Linear named any of {names} to project")
+    for parent, child_name, child in targets:
+        bias = None if child.bias is None else child.bias.detach()
+        new = cls.from_dense(child.weight.detach(), budget, bias=bias, **kwargs)
+        setattr(parent, child_name, new.to(child.weight.device))
+    return model

@@ -1,0 +1,110 @@
+"""GPT-2 (Hugging Face ``GPT2LMHeadModel``) with structured ``c_attn``, ``c_fc``, ``c_proj``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from gblr.models.factory import make_linear
+
+__all__ = ["GPT", "GPT2_TARGETS", "structure_gpt2"]
+
+#: Sub-module paths inside each ``transformer.h[i]`` block that the paper replaces (SPEC §6).
+GPT2_TARGETS = ("attn.c_attn", "mlp.c_fc", "mlp.c_proj")
+
+
+def _dense_from_conv1d(conv: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    # HF Conv1D computes x @ weight + bias with weight stored (in, out): transpose to (out, in)
+    return conv.weight.detach().t().contiguous(), (
+        None if conv.bias is None else conv.bias.detach().clone()
+    )
+
+
+def structure_gpt2(
+    model: nn.Module,
+    linear: str,
+    budget: float = 1.0,
+    gblr: dict[str, Any] | None = None,
+    project: bool = False,
+) -> nn.Module:
+    """Replace ``attn.c_attn``, ``mlp.c_fc`` and ``mlp.c_proj`` of every GPT-2 block in place.
+
+    With ``project=True`` (fine-tuning) each new layer is the projection of the pretrained
+    weight onto the structure (``cls.from_dense``); otherwise it is freshly initialised.
+    ``linear="dense"`` leaves the model unchanged.
+    """
+    if linear == "dense":
+        return model
+    blocks = model.transformer.h if hasattr(model, "transformer") else model.h
+    for block in blocks:
+        for path in GPT2_TARGETS:
+            parent_name, child_name = path.split(".")
+            parent = getattr(block, parent_name)
+            conv = getattr(parent, child_name)
+            n_in, n_out = conv.weight.shape  # Conv1D: (in, out)
+            if project:
+                from gblr.layers.base import get_structure
+
+                weight, bias = _dense_from_conv1d(conv)
+                kwargs = dict(gblr or {}) if linear == "gblr" else {}
+                kwargs.pop("budget", None)
+                kwargs.pop("init", None)
+                new = get_structure(linear).from_dense(weight, budget, bias=bias, **kwargs)
+            else:
+                new = make_linear(linear, n_in, n_out, budget, bias=conv.bias is not None,
+                                  gblr=gblr)
+            setattr(parent, child_name, new.to(conv.weight.device, conv.weight.dtype))
+    return model
+
+
+class GPT(nn.Module):
+    """Causal language model: ``GPT2LMHeadModel(GPT2Config(**config))`` with structured layers.
+
+    ``forward(idx)`` returns logits ``(B, T, vocab)``. ``pretrained`` names a Hugging Face
+    checkpoint (e.g. ``"gpt2"``; downloads when online) whose layers are projected onto the
+    structure instead of initialised afresh.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 50257,
+        n_positions: int = 1024,
+        n_embd: int = 768,
+        n_layer: int = 12,
+        n_head: int = 12,
+        dropout: float = 0.0,
+        linear: str = "dense",
+        budget: float = 1.0,
+        gblr: dict[str, Any] | None = None,
+        pretrained: str | None = None,
+    ) -> None:
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        self.linear = linear
+        if pretrained:
+            try:
+                lm = GPT2LMHeadModel.from_pretrained(pretrained)
+            except OSError as err:
+                raise RuntimeError(
+                    f"could not load pretrained GPT-2 {pretrained!r} (offline, or no such "
+                    f"checkpoint): {err}"
+                ) from err
+        else:
+            config = GPT2Config(
+                vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                n_head=n_head, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                bos_token_id=min(50256, vocab_size - 1), eos_token_id=min(50256, vocab_size - 1),
+            )
+            lm = GPT2LMHeadModel(config)
+        self.lm = structure_gpt2(lm, linear, budget, gblr, project=bool(pretrained))
+        self.n_positions = self.lm.config.n_positions
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        if idx.dim() != 2 or idx.shape[1] > self.n_positions:
+            raise ValueError(
+                f"expected token ids (B, T) with T <= {self.n_positions}, got {tuple(idx.shape)}"
+            )
+        return self.lm(input_ids=idx, use_cache=False).logits

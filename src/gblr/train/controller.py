@@ -1,0 +1,387 @@
+"""Budget pressure: a proximal width shrink steered by the model's measured cost."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gblr.cost import (
+    INPUT_AXIS,
+    OUTPUT_AXIS,
+    check_budget,
+    check_positive,
+    grouped_component_cost,
+)
+from gblr.layers.gblr import GBLRLinear
+from gblr.train.groups import gblr_layers
+
+__all__ = ["BudgetController", "LayerCost", "measure_costs", "measure_costs_of", "sharp_flops"]
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """Evaluation-mode cost of one GBLR layer."""
+
+    name: str
+    cost: int
+    dense: int
+    mean_width_in: float
+    mean_width_out: float
+    active: int
+    components: int
+
+    @property
+    def fraction(self) -> float:
+        return self.cost / self.dense
+
+
+def _box_support(width: torch.Tensor, location: torch.Tensor, n: int) -> torch.Tensor:
+    # the exact box that the rounded (width, location) select with sigma=None, (K, n) bool
+    count = torch.round(width.clamp(0.0, 1.0) * n).long()
+    start = torch.round(torch.remainder(location, 1.0) * n).long() % n
+    offset = torch.remainder(torch.arange(n, device=width.device)[None, :] - start[:, None], n)
+    return offset < count[:, None]
+
+
+@torch.no_grad()
+def sharp_flops(layer: GBLRLinear) -> int:
+    """Evaluation-mode cost of the boxes the layer ends with (``sigma=None``), in MACs/token.
+
+    Equal to :meth:`GBLRLinear.flops` with ``sigma=None``: with no low-pass the rounded Gaudi
+    masks are exact 0/1 boxes (SPEC §2), so the supports are computed directly from the
+    rounded widths and locations instead of through the FFT, and costed by the same rule
+    (:func:`gblr.cost.grouped_component_cost`). While ``sigma`` is annealed a blurred mask has
+    more entries above the evaluation threshold, so the cost at the current ``sigma`` would
+    overstate what training converges to; the controller steers this sharp, deployed cost.
+    """
+    w = layer.widths.detach()
+    loc = layer.locations.detach()
+    on = layer.active_components()[:, None]
+    in_support = _box_support(w[INPUT_AXIS], loc[INPUT_AXIS], layer.in_features) & on
+    out_support = _box_support(w[OUTPUT_AXIS], loc[OUTPUT_AXIS], layer.out_features) & on
+    ranks = torch.full((layer.num_components,), layer.rank_per_component, dtype=torch.long)
+    return grouped_component_cost(in_support, out_support, ranks)
+
+
+@torch.no_grad()
+def measure_costs(model: nn.Module) -> list[LayerCost]:
+    """Per-layer evaluation-mode (sharp) cost of every GBLR layer of ``model``."""
+    return measure_costs_of(list(gblr_layers(model)))
+
+
+@torch.no_grad()
+def measure_costs_of(layers: list[tuple[str, GBLRLinear]]) -> list[LayerCost]:
+    """:func:`measure_costs` for an explicit list of ``(name, layer)`` pairs."""
+    out = []
+    for name, layer in layers:
+        w = layer.widths.detach().clamp(0, 1)
+        out.append(
+            LayerCost(
+                name=name,
+                cost=sharp_flops(layer),
+                dense=layer.dense_flops(),
+                mean_width_in=float(w[0].mean()),
+                mean_width_out=float(w[1].mean()),
+                active=int(layer.active_components().sum()),
+                components=layer.num_components,
+            )
+        )
+    return out
+
+
+class BudgetController:
+    """Drive the total cost of a model's GBLR layers to ``target`` (fraction of their dense cost).
+
+    Call :meth:`step` after every optimizer step. It wraps locations into ``[0, 1)`` and, while
+    the measured cost is above a reference path that falls from the initial cost to ``target``
+    over the first ``reach`` fraction of ``total_steps``, applies the proximal L1 step
+    ``w <- clamp(softshrink(w, lam * lr), 0, 1)`` to every width. ``lam`` is steered
+    multiplicatively from the measured cost (up when the cost lags the path, down when it is
+    ahead). A shrink that would take the total cost below ``target * (1 - tolerance)`` is cut
+    back by bisection, and an undershoot caused by the gradient step itself is undone by the
+    smallest uniform width growth that restores the target; a layer at or under ``floor`` of
+    its dense cost is not shrunk. At the end call :meth:`enforce`, which makes
+    ``cost <= target`` exactly with the smallest uniform extra shrink. Everything is a
+    deterministic function of the parameters and the step count, so identical replicas of a
+    distributed run stay identical without communication.
+
+    Args:
+        model: the model; its GBLR layers are found by type.
+        target: budget, a fraction in (0, 1] of the dense cost of the GBLR layers.
+        total_steps: the number of optimizer steps of the run.
+        reach: fraction of ``total_steps`` by which the cost should reach ``target``.
+        floor: per-layer minimum cost, as a fraction of that layer's dense cost.
+        tolerance: allowed relative undershoot of ``target`` during training.
+        lam: initial strength; by default chosen so that a uniform shrink reaches the target
+            on time.
+        gain: log-step of the multiplicative ``lam`` update.
+        lr: learning rate that multiplies ``lam``; if ``optimizer`` is given, the current lr of
+            the group that holds the widths is used instead.
+        measure_every: re-measure the cost every N steps (always every step within 5% of the
+            target); intermediate steps reuse the last measurement.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target: float,
+        total_steps: int,
+        reach: float = 0.6,
+        floor: float = 0.01,
+        tolerance: float = 0.005,
+        lam: float | None = None,
+        gain: float = 0.05,
+        lr: float = 1.0,
+        optimizer: torch.optim.Optimizer | None = None,
+        measure_every: int = 1,
+    ) -> None:
+        self.target = check_budget(target, "target")
+        self.total_steps = check_positive("total_steps", total_steps)
+        if not 0.0 < float(reach) <= 1.0:
+            raise ValueError(f"reach must be in (0, 1], got {reach!r}")
+        if not 0.0 <= float(floor) < self.target:
+            raise ValueError(f"floor must be in [0, target={self.target}), got {floor!r}")
+        if not 0.0 <= float(tolerance) < 1.0:
+            raise ValueError(f"tolerance must be in [0, 1), got {tolerance!r}")
+        if lam is not None and not float(lam) > 0:
+            raise ValueError(f"lam must be positive, got {lam!r}")
+        if not float(gain) > 0:
+            raise ValueError(f"gain must be positive, got {gain!r}")
+        if not float(lr) > 0:
+            raise ValueError(f"lr must be positive, got {lr!r}")
+        self.layers = list(gblr_layers(model))
+        if not self.layers:
+            raise ValueError("model has no GBLRLinear layer for the budget controller to steer")
+        self.reach = float(reach)
+        self.floor = float(floor)
+        self.tolerance = float(tolerance)
+        self.gain = float(gain)
+        self.lr = float(lr)
+        self.optimizer = optimizer
+        self.measure_every = check_positive("measure_every", measure_every)
+        self.dense = [layer.dense_flops() for _, layer in self.layers]
+        self.dense_total = sum(self.dense)
+        self.steps = 0
+        self._costs = self._measure()
+        self.initial_cost = self.cost_fraction
+        self.lam = self._default_lam() if lam is None else float(lam)
+
+    # -- measurement ---------------------------------------------------------------------------
+    def _measure(self) -> list[int]:
+        return [sharp_flops(layer) for _, layer in self.layers]
+
+    @property
+    def cost_fraction(self) -> float:
+        """The last measured total cost as a fraction of the dense cost."""
+        return sum(self._costs) / self.dense_total
+
+    def measure(self) -> float:
+        """Measure the cost now and return it as a fraction of the dense cost."""
+        self._costs = self._measure()
+        return self.cost_fraction
+
+    def layer_costs(self) -> list[LayerCost]:
+        """Per-layer cost report (measured now)."""
+        return measure_costs_of(self.layers)
+
+    def reference(self, step: int) -> float:
+        """The cost fraction the run should have at ``step``."""
+        c0 = max(self.initial_cost, self.target)
+        progress = min(1.0, step / max(1.0, self.reach * self.total_steps))
+        return c0 + (self.target - c0) * progress
+
+    def _default_lam(self) -> float:
+        if self.initial_cost <= self.target:
+            # already within budget: a small positive strength that the updates can scale up
+            return 0.01 / max(1.0, self.reach * self.total_steps) / self._lr()
+        widths = torch.cat([lay.widths.detach().clamp(0, 1).flatten() for _, lay in self.layers])
+        needed = float(widths.mean()) * (1.0 - self.target / self.initial_cost)
+        return needed / max(1.0, self.reach * self.total_steps) / self._lr()
+
+    def _lr(self) -> float:
+        if self.optimizer is None:
+            return self.lr
+        ref = self.layers[0][1].widths
+        for group in self.optimizer.param_groups:
+            if any(p is ref for p in group["params"]):
+                return float(group["lr"])
+        raise ValueError("optimizer holds no group with the GBLR widths")
+
+    # -- the proximal step ---------------------------------------------------------------------
+    def _snapshot(self) -> list[torch.Tensor]:
+        return [layer.widths.detach().clone() for _, layer in self.layers]
+
+    @torch.no_grad()
+    def _shrink_from(
+        self, before: list[torch.Tensor], amounts: list[float] | list[torch.Tensor]
+    ) -> None:
+        for (_, layer), w, amount in zip(self.layers, before, amounts, strict=True):
+            layer.widths.copy_((w.clamp(0, 1) - amount).clamp(0, 1))
+
+    def _shrinkable(self) -> list[bool]:
+        return [c > self.floor * d for c, d in zip(self._costs, self.dense, strict=True)]
+
+    @torch.no_grad()
+    def step(self) -> float:
+        """One controller step after an optimizer step; returns the measured cost fraction."""
+        self.steps += 1
+        for _, layer in self.layers:
+            layer.locations.remainder_(1.0)
+        near = abs(self.cost_fraction - self.target) <= 0.05 * self.target
+        if near or self.steps % self.measure_every == 0:
+            self._costs = self._measure()
+        cost = self.cost_fraction
+        ref = self.reference(self.steps)
+        err = (cost - ref) / ref
+        self.lam *= math.exp(self.gain * max(-1.0, min(1.0, 10.0 * err)))
+        if cost < self.target * (1.0 - self.tolerance):
+            return self._regrow()
+        if cost <= ref:
+            return cost
+        amount = self.lam * self._lr()
+        shrinkable = self._shrinkable()
+        before = self._snapshot()
+        lowest = self.target * (1.0 - self.tolerance)
+
+        def apply(scale: float) -> float:
+            self._shrink_from(before, [amount * scale if s else 0.0 for s in shrinkable])
+            self._costs = self._measure()
+            return self.cost_fraction
+
+        cost = apply(1.0)
+        if cost < lowest:
+            lo, hi = 0.0, 1.0  # apply(lo) stays >= target, apply(hi) undershoots
+            for _ in range(12):
+                mid = 0.5 * (lo + hi)
+                if apply(mid) >= self.target:
+                    lo = mid
+                else:
+                    hi = mid
+            cost = apply(lo)
+        # a layer pushed under its floor keeps its previous widths
+        restored = False
+        pairs = zip(self.layers, self._costs, self.dense, strict=True)
+        for i, ((_, layer), c, d) in enumerate(pairs):
+            if shrinkable[i] and c < self.floor * d:
+                layer.widths.copy_(before[i])
+                restored = True
+        if restored:
+            self._costs = self._measure()
+        return self.cost_fraction
+
+    @torch.no_grad()
+    def _regrow(self) -> float:
+        """Undo an undershoot caused by the gradient step: the smallest uniform growth of the
+        widths of the components that are on that brings the cost back to the target."""
+        before = self._snapshot()
+        # only components that are still on grow; components that were switched off stay off
+        alive = [(w > 0).all(dim=0, keepdim=True).to(w.dtype) for w in before]
+
+        def apply(amount: float) -> float:
+            self._shrink_from(before, [-amount * a for a in alive])
+            self._costs = self._measure()
+            return self.cost_fraction
+
+        if apply(1.0) < self.target:
+            return self.cost_fraction  # even full width is below the target: nothing to steer
+        lo, hi = 0.0, 1.0  # cost(lo) < target <= cost(hi)
+        for _ in range(20):
+            mid = 0.5 * (lo + hi)
+            if apply(mid) >= self.target:
+                hi = mid
+            else:
+                lo = mid
+        return apply(hi)
+
+    @torch.no_grad()
+    def enforce(self) -> float:
+        """Make the cost ``<= target`` with the smallest uniform width shrink; return the cost.
+
+        Each layer's shrink is capped where it would go under its floor. Raises
+        ``RuntimeError`` if the floors make the target unreachable.
+        """
+        for _, layer in self.layers:
+            layer.locations.remainder_(1.0)
+            layer.widths.clamp_(0, 1)
+        if self.measure() <= self.target:
+            return self.cost_fraction
+        before = self._snapshot()
+        caps = []
+        for i, (_, layer) in enumerate(self.layers):
+            caps.append(self._layer_cap(i, layer, before[i]))
+
+        def apply(amount: float) -> float:
+            self._shrink_from(before, [min(amount, cap) for cap in caps])
+            return self.measure()
+
+        if apply(1.0) > self.target:
+            self._shrink_from(before, [0.0] * len(before))
+            self.measure()
+            raise RuntimeError(
+                f"cannot meet target={self.target}: with every layer at its floor "
+                f"({self.floor} of dense) the cost is still above it"
+            )
+        lo, hi = 0.0, 1.0  # cost(lo) > target >= cost(hi)
+        for _ in range(30):
+            mid = 0.5 * (lo + hi)
+            if apply(mid) <= self.target:
+                hi = mid
+            else:
+                lo = mid
+        return apply(hi)
+
+    def _layer_cap(self, index: int, layer: GBLRLinear, widths: torch.Tensor) -> float:
+        """Largest uniform shrink that keeps layer ``index`` at or above its floor."""
+        limit = self.floor * self.dense[index]
+
+        def cost(amount: float) -> int:
+            layer.widths.copy_((widths - amount).clamp(0, 1))
+            return sharp_flops(layer)
+
+        try:
+            if self.floor == 0.0 or cost(1.0) >= limit:
+                return 1.0
+            if cost(0.0) < limit:
+                return 0.0
+            lo, hi = 0.0, 1.0  # cost(lo) >= limit > cost(hi)
+            for _ in range(30):
+                mid = 0.5 * (lo + hi)
+                if cost(mid) >= limit:
+                    lo = mid
+                else:
+                    hi = mid
+            return lo
+        finally:
+            layer.widths.copy_(widths)
+
+    # -- checkpointing ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The controller's state (step count, ``lam``, initial cost) for resuming."""
+        return {
+            "steps": self.steps,
+            "lam": self.lam,
+            "initial_cost": self.initial_cost,
+            "target": self.target,
+            "total_steps": self.total_steps,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; the cost is re-measured from the (restored) model."""
+        missing = {"steps", "lam", "initial_cost"} - set(state)
+        if missing:
+            raise KeyError(f"controller state lacks {sorted(missing)}")
+        self.steps = int(state["steps"])
+        self.lam = float(state["lam"])
+        self.initial_cost = float(state["initial_cost"])
+        self.measure()
+
+    def __repr__(self) -> str:
+        return (
+            f"BudgetController(target={self.target}, total_steps={self.total_steps}, "
+            f"reach={self.reach}, floor={self.floor}, layers={len(self.layers)}, "
+            f"cost={self.cost_fraction:.4f}, lam={self.lam:.4g})"
+        )
+

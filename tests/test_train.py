@@ -1,0 +1,357 @@
+"""Structure learning while training: param groups, sigma schedule, budget controller, runner."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from gblr import GBLRLinear
+from gblr.train import (
+    STRUCTURE_GROUP,
+    BudgetController,
+    SigmaSchedule,
+    measure_costs,
+    param_groups,
+    sharp_flops,
+)
+
+torch.set_num_threads(1)
+
+
+class Toy(nn.Module):
+    def __init__(self, n_in: int = 16, hidden: int = 32) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([GBLRLinear(n_in, hidden), GBLRLinear(hidden, n_in)])
+        self.norm = nn.LayerNorm(n_in)
+        self.head = nn.Linear(n_in, 4)
+
+    def forward(self, x):
+        return self.head(self.norm(self.blocks[1](torch.relu(self.blocks[0](x)))))
+
+
+class SubGBLR(GBLRLinear):
+    """A subclass must be found by type too."""
+
+
+def _total_cost(model) -> float:
+    costs = measure_costs(model)
+    return sum(c.cost for c in costs) / sum(c.dense for c in costs)
+
+
+# -- param groups -----------------------------------------------------------------------------
+def test_param_groups_split_by_type_not_name():
+    torch.manual_seed(0)
+    model = Toy()
+    model.extra = SubGBLR(8, 8)
+    groups = param_groups(model, lr=1e-3, weight_decay=0.1, structure_lr=5e-3)
+    by_name = {g["name"]: g for g in groups}
+    assert set(by_name) == {"decay", "no_decay", STRUCTURE_GROUP}
+    s = by_name[STRUCTURE_GROUP]
+    expected = {id(p) for m in (model.blocks[0], model.blocks[1], model.extra)
+                for p in (m.widths, m.locations)}
+    assert {id(p) for p in s["params"]} == expected
+    assert s["weight_decay"] == 0.0 and s["lr"] == 5e-3 and s["betas"] == (0.0, 0.999)
+    assert by_name["no_decay"]["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in by_name["decay"]["params"])
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    torch.optim.AdamW(groups)  # accepted as is
+    torch.optim.SGD(param_groups(model, 0.1, structure_betas=None), lr=0.1)
+
+
+def test_param_groups_bad_input():
+    with pytest.raises(ValueError, match="lr"):
+        param_groups(Toy(), lr=0.0)
+    with pytest.raises(ValueError, match="structure_betas"):
+        param_groups(Toy(), lr=1e-3, structure_betas=(0.0, 1.5))
+    with pytest.raises(TypeError, match="model"):
+        param_groups("model", lr=1e-3)
+
+
+# -- sigma schedule ----------------------------------------------------------------------------
+def test_sigma_schedule_geometric_then_off():
+    model = Toy()
+    sched = SigmaSchedule(model, total=100, start=1.0, end=100.0, anneal_frac=0.8)
+    assert sched.value(0) == pytest.approx(1.0)
+    assert sched.value(40) == pytest.approx(10.0)  # halfway through annealing: geometric mean
+    assert sched.value(79) < 100.0
+    assert sched.value(80) is None and sched.value(1000) is None
+    assert sched.apply(40) == pytest.approx(10.0)
+    assert all(m.sigma == pytest.approx(10.0) for m in model.blocks)
+    sched.apply(90)
+    assert all(m.sigma is None for m in model.blocks)
+    with pytest.raises(ValueError, match="total"):
+        SigmaSchedule(model, total=0)
+    with pytest.raises(ValueError, match="by"):
+        SigmaSchedule(model, total=10, by="batch")
+
+
+# -- cost measurement --------------------------------------------------------------------------
+def test_sharp_flops_equals_layer_flops():
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(40):
+        n_in, n_out = (int(v) for v in torch.randint(3, 40, (2,), generator=gen))
+        layer = GBLRLinear(n_in, n_out, sigma=3.0)
+        with torch.no_grad():
+            layer.widths.uniform_(-0.1, 1.1, generator=gen)
+            layer.locations.uniform_(-1.0, 2.0, generator=gen)
+        sigma = layer.sigma
+        layer.sigma = None
+        expected = layer.flops()
+        layer.sigma = sigma
+        assert sharp_flops(layer) == expected
+        assert layer.sigma == sigma
+
+
+# -- the controller ----------------------------------------------------------------------------
+def _train_toy(steps: int, target: float, seed: int = 0, controller_state=None, start=None):
+    torch.manual_seed(seed)
+    model = Toy()
+    teacher = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    opt = torch.optim.AdamW(param_groups(model, 3e-3, 0.0, structure_lr=1e-2))
+    ctl = BudgetController(model, target, total_steps=steps, optimizer=opt)
+    gen = torch.Generator().manual_seed(seed)
+    history = []
+    for _ in range(steps):
+        x = torch.randn(32, 16, generator=gen)
+        loss = (model(x) - teacher(x)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append(ctl.step())
+    return model, ctl, history
+
+
+@pytest.mark.parametrize("target", [0.3, 0.6])
+def test_controller_reaches_target_on_toy_problem(target):
+    model, ctl, history = _train_toy(80, target)
+    assert history[0] > target  # it started above the budget
+    assert min(history) >= target * (1 - ctl.tolerance) - 1e-9  # never undershoots
+    assert history[-1] == pytest.approx(target, rel=0.01)  # reached on time, within 1%
+    final = ctl.enforce()
+    assert final <= target and final >= 0.99 * target
+    assert _total_cost(model) == pytest.approx(final)
+    for c in measure_costs(model):
+        assert c.cost >= ctl.floor * c.dense
+
+
+def test_enforce_is_exact_and_respects_floor():
+    torch.manual_seed(3)
+    model = Toy()
+    with torch.no_grad():
+        for m in model.blocks:
+            m.widths.uniform_(0.3, 1.0)
+            m.locations.uniform_(0.0, 1.0)
+    ctl = BudgetController(model, 0.25, total_steps=10, floor=0.05)
+    cost = ctl.enforce()
+    assert cost <= 0.25 and cost >= 0.24
+    for c in measure_costs(model):
+        assert c.cost >= 0.05 * c.dense
+    with pytest.raises(ValueError, match="floor"):
+        BudgetController(model, 0.25, total_steps=10, floor=0.3)
+    with pytest.raises(ValueError, match="target"):
+        BudgetController(model, 1.5, total_steps=10)
+    with pytest.raises(ValueError, match="GBLRLinear"):
+        BudgetController(nn.Linear(3, 3), 0.5, total_steps=10)
+
+
+def test_controller_state_dict_resume_reproduces_next_steps():
+    torch.manual_seed(0)
+    model = Toy()
+    opt = torch.optim.AdamW(param_groups(model, 3e-3, 0.0, structure_lr=1e-2))
+    ctl = BudgetController(model, 0.4, total_steps=60, optimizer=opt)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(32, 16, generator=gen) for _ in range(60)]
+
+    def run(m, o, c, xs):
+        out = []
+        for x in xs:
+            loss = m(x).pow(2).mean()
+            o.zero_grad()
+            loss.backward()
+            o.step()
+            out.append(c.step())
+        return out
+
+    run(model, opt, ctl, batches[:30])
+    saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()), ctl.state_dict())
+    expected = run(model, opt, ctl, batches[30:])
+    model2 = Toy()
+    model2.load_state_dict(saved[0])
+    opt2 = torch.optim.AdamW(param_groups(model2, 3e-3, 0.0, structure_lr=1e-2))
+    opt2.load_state_dict(saved[1])
+    ctl2 = BudgetController(model2, 0.4, total_steps=60, optimizer=opt2)
+    ctl2.load_state_dict(saved[2])
+    assert run(model2, opt2, ctl2, batches[30:]) == expected
+    for a, b in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+# -- distributed: two gloo processes stay identical --------------------------------------------
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    torch.manual_seed(0)
+    model = Toy()
+    ddp = DDP(model)
+    opt = torch.optim.AdamW(param_groups(model, 3e-3, 0.0, structure_lr=1e-2))
+    ctl = BudgetController(model, 0.4, total_steps=25, optimizer=opt)
+    gen = torch.Generator().manual_seed(100 + rank)  # different data on each rank
+    for _ in range(25):
+        loss = ddp(torch.randn(16, 16, generator=gen)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ctl.step()
+    ctl.enforce()
+    widths = torch.cat([m.widths.detach().flatten() for m in model.blocks])
+    torch.save({"widths": widths, "cost": ctl.cost_fraction}, os.path.join(out_dir, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # about 20-40 s: two processes start, import torch and synchronise
+def test_two_process_gloo_ddp_keeps_structure_identical(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "0.pt")
+    r1 = torch.load(tmp_path / "1.pt")
+    assert torch.equal(r0["widths"], r1["widths"])
+    assert r0["cost"] == r1["cost"] <= 0.4
+    assert (r0["widths"] < 1).any()  # the controller did act
+
+
+# -- the runner --------------------------------------------------------------------------------
+runner = pytest.importorskip("gblr.train.runner")
+
+
+def _shakespeare_available() -> bool:
+    from gblr.data import shakespeare_dir
+
+    return shakespeare_dir().is_dir()
+
+
+@pytest.mark.parametrize("name", runner.list_experiments())
+def test_every_experiment_composes(name):
+    cfg = runner.compose([f"experiment={name}"])
+    assert cfg.name == name
+    assert 0 < cfg.budget <= 1
+    assert cfg.model.linear in ("dense", "gblr", "lowrank", "monarch", "blr", "blocksparse")
+
+
+OFFLINE = ["mnist1d/mixer-gblr", "mnist1d/mixer-dense", "mnist1d/mixer-lowrank",
+           "mnist1d/mixer-monarch", "shakespeare/gpt-gblr", "shakespeare/gpt-lowrank"]
+
+
+@pytest.mark.parametrize("name", OFFLINE)
+def test_offline_experiment_runs_one_step(name, tmp_path):
+    if name.startswith("shakespeare") and not _shakespeare_available():
+        pytest.skip("../shared/data/shakespeare is absent")
+    extra = ["data.num_samples=400"] if name.startswith("mnist1d") else ["data.max_chars=20000"]
+    cfg = runner.compose([f"experiment={name}", "trainer.fast_dev_run=true", f"out_dir={tmp_path}",
+                          "trainer.enable_progress_bar=false", "threads=1",
+                          f"data.root={tmp_path / 'data'}", *extra])
+    summary = runner.run(cfg)
+    assert summary["steps"] == 1
+    assert summary["cost_fraction"] <= cfg.budget + 1e-9 or cfg.model.linear == "dense"
+    assert (tmp_path / "summary.json").is_file()
+
+
+def _mixer_cfg(tmp_path, out, steps, extra=()):
+    return runner.compose([
+        "experiment=mnist1d/mixer-gblr", f"out_dir={out}", f"trainer.max_steps={steps}",
+        "data.num_samples=400", "data.batch_size=96", f"data.root={tmp_path / 'data'}",
+        "trainer.val_check_interval=3", "checkpoint.every_n_train_steps=3",
+        "trainer.enable_progress_bar=false", "threads=1", "logging.figures=false",
+        "model.depth=1", "model.dim=16", "model.channel_hidden=32", "optim.warmup_steps=0",
+        *extra,
+    ])
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    # 288 training samples / batch 96 = 3 steps per epoch; checkpoints every 3 steps
+    full = runner.run(_mixer_cfg(tmp_path, tmp_path / "full", 6, ["structure.enforce=false"]))
+    ckpt = tmp_path / "full" / "checkpoints" / "step0000003.ckpt"
+    assert ckpt.is_file()
+    resumed = runner.run(_mixer_cfg(tmp_path, tmp_path / "resumed", 6,
+                                    ["structure.enforce=false", f"resume={ckpt}"]))
+    assert resumed["steps"] == full["steps"] == 6
+    a = torch.load(tmp_path / "full" / "final.ckpt", weights_only=False)["state_dict"]
+    b = torch.load(tmp_path / "resumed" / "final.ckpt", weights_only=False)["state_dict"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_cli_bad_input(tmp_path, capsys):
+    assert runner.main(["experiment=no/such"]) == 2
+    assert "no/such" in capsys.readouterr().err
+    assert runner.main(["experiment=mnist1d/mixer-gblr", "not_a_key=1"]) == 2
+    assert "not_a_key" in capsys.readouterr().err
+    assert runner.main(["experiment=mnist1d/mixer-gblr", "budget=1.5",
+                        f"out_dir={tmp_path}"]) == 2
+    assert "budget" in capsys.readouterr().err
+    assert runner.main(["experiment=shakespeare/gpt-gblr", "data.path=/no/such/dir",
+                        f"out_dir={tmp_path}"]) == 2
+    assert "/no/such/dir" in capsys.readouterr().err
+    assert runner.main(["experiment=mnist1d/mixer-gblr", "resume=/no/such.ckpt",
+                        f"out_dir={tmp_path}"]) == 2
+    assert "resume" in capsys.readouterr().err
+    assert runner.main(["--help"]) == 0
+    assert "mnist1d/compare" in capsys.readouterr().out
+
+
+def test_mask_figure(tmp_path):
+    pytest.importorskip("matplotlib")
+    from gblr.train.figure import plot_masks
+
+    fig = plot_masks(Toy(), tmp_path / "m.png", title="toy")
+    assert (tmp_path / "m.png").stat().st_size > 1000
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+
+@pytest.mark.slow  # eight tiny trainings in subprocesses, about a minute
+def test_train_benchmark_quick(tmp_path):
+    if not _shakespeare_available():
+        pytest.skip("../shared/data/shakespeare is absent")
+    from gblr.bench.train import main
+
+    assert main(["--quick", "--jobs", "2", "--work", str(tmp_path / "w"),
+                 "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "results.md").read_text()
+    assert "| gblr |" in text and "| monarch |" in text
+    assert (tmp_path / "out" / "layer_costs.png").is_file()
+
+
+def test_resnet18_gblr_convs_are_controlled():
+    from gblr.models import ResNet18
+
+    model = ResNet18(num_classes=5, width=8, small_input=True, linear="gblr", budget=0.5)
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 5)
+    ctl = BudgetController(model, 0.3, total_steps=5)
+    assert len(ctl.layers) == 16  # the 3x3 convs of the 8 residual blocks
+    assert ctl.enforce() <= 0.3
+    with pytest.raises(ValueError, match="linear"):
+        ResNet18(linear="monarch")
+
+
+def test_compare_runs_each_structure_and_writes_the_table(tmp_path, capsys):
+    cfg = runner.compose(["experiment=mnist1d/compare", "trainer.fast_dev_run=true",
+                          f"out_dir={tmp_path}", "trainer.enable_progress_bar=false", "threads=1",
+                          f"data.root={tmp_path / 'data'}", "data.num_samples=400"])
+    summaries = runner.run_all(cfg)
+    assert [s["linear"] for s in summaries] == ["gblr", "dense"]
+    assert (tmp_path / "gblr" / "summary.json").is_file()
+    assert (tmp_path / "dense" / "summary.json").is_file()
+    table = (tmp_path / "compare.md").read_text()
+    assert "| gblr | 0.3 |" in table and "| dense | — |" in table
