@@ -53,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=128, help="tokens per passage")
     p.add_argument("--loss", default="both", choices=("hidden", "embedding", "both"))
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--structure-lr", type=float, default=1e-3)
+    p.add_argument("--structure-lr", type=float, default=0.0,
+                   help="learning rate of GBLR widths and locations during distillation "
+                   "(default 0: keep the searched structure; a short distillation that moves "
+                   "it loses more than it gains, see the README)")
     p.add_argument("--eval-passages", type=int, default=400,
                    help="held-out passages for cosine and neighbour agreement")
     p.add_argument("--seed", type=int, default=0)
