@@ -2,6 +2,12 @@
 
 from gblr import cost
 from gblr.accounting import FlopsReport, count_flops, flops_report
+from gblr.convert import (
+    CompressionConfig,
+    compress,
+    load_compressed,
+    save_compressed,
+)
 from gblr.deploy import PackedGBLRLinear, deploy, load_packed, save_packed
 from gblr.layers import (
     STRUCTURES,
@@ -49,4 +55,8 @@ __all__ = [
     "flops_report",
     "count_flops",
     "FlopsReport",
+    "CompressionConfig",
+    "compress",
+    "save_compressed",
+    "load_compressed",
 ]

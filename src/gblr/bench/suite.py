@@ -45,6 +45,7 @@ BENCHMARKS: dict[str, BenchSpec] = {
     "speed": BenchSpec("gblr.bench.speed", "Deployment speed (packed GBLR)", cuda=True),
     "approx": BenchSpec("gblr.bench.approx", "Projecting MiniLM-L6's weights onto each structure"),
     "train": BenchSpec("gblr.bench.train", "Training with learned structure vs baselines"),
+    "compress": BenchSpec("gblr.bench.compress", "Compressing all-MiniLM-L6-v2", cuda=True),
 }
 
 #: The paper's own numbers (Lee & Kim, ICLR 2024), reported beside ours, never mixed with them:

