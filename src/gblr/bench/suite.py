@@ -115,22 +115,30 @@ def _run_one(name: str, spec: BenchSpec, out: Path, quick: bool, device: str | N
     return {"name": name, "out": out, "status": status, "seconds": seconds, "device": device}
 
 
-def _section(run: dict, spec: BenchSpec, page_dir: Path) -> str:
-    title = spec.title + (" — CUDA" if run["device"] == "cuda" else "")
-    lines = [f"## {title}", ""]
-    table = run["out"] / "results.md"
-    if run["status"] != "ok" or not table.exists():
-        lines.append(f"This benchmark did not complete: {run['status']}.")
-        return "\n".join(lines) + "\n"
-    body = table.read_text().strip().splitlines()
+def _results_block(folder: Path, page_dir: Path, level: str) -> list[str]:
+    """A benchmark folder's table (its own title dropped, headings demoted) and figures."""
+    body = (folder / "results.md").read_text().strip().splitlines()
     if body and body[0].startswith("# "):
         body = body[1:]  # the page supplies its own heading
     while body and not body[0].strip():
         body = body[1:]
-    lines += [line.replace("\n", "") for line in body]
-    for figure in sorted(run["out"].glob("*.png")):
-        rel = os.path.relpath(figure, page_dir)
-        lines += ["", f"![{figure.stem}]({rel})"]
+    lines = [level + line[2:] if line.startswith("## ") else line for line in body]
+    for figure in sorted(folder.glob("*.png")):
+        lines += ["", f"![{figure.stem}]({os.path.relpath(figure, page_dir)})"]
+    return lines
+
+
+def _section(run: dict, spec: BenchSpec, page_dir: Path) -> str:
+    title = spec.title + (" — CUDA" if run["device"] == "cuda" else "")
+    lines = [f"## {title}", ""]
+    if run["status"] != "ok" or not (run["out"] / "results.md").exists():
+        lines.append(f"This benchmark did not complete: {run['status']}.")
+        return "\n".join(lines) + "\n"
+    lines += _results_block(run["out"], page_dir, "###")
+    # further runs of the same benchmark (other settings) kept in sub-folders
+    for sub in sorted(p for p in run["out"].iterdir() if (p / "results.md").exists()):
+        lines += ["", f"### {title}: `{sub.name}`", ""]
+        lines += _results_block(sub, page_dir, "####")
     if run["seconds"] is not None:
         lines += ["", f"_Run time: {run['seconds']:.0f} s._"]
     return "\n".join(lines) + "\n"
