@@ -85,7 +85,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for structure in structures:
             torch.manual_seed(args.seed)
             student = copy.deepcopy(teacher)
-            config = CompressionConfig(structure=structure, budget=budget,
+            # --quick: the SVD start of GBLR (no structure search), so the smoke test is fast
+            steps = 0 if (args.quick and structure == "gblr") else None
+            config = CompressionConfig(structure=structure, budget=budget, steps=steps,
                                        target_modules=targets, exclude_modules=exclude)
             start = time.perf_counter()
             _, report = compress(student, config, progress=not args.quiet)
@@ -187,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--quick", action="store_true",
-                   help="tiny settings: first encoder block, 2 steps, 32 passages, budget 0.5")
+                   help="tiny settings: first encoder block, GBLR from its SVD start, 2 steps, "
+                   "32 passages, budget 0.5")
     args = p.parse_args(argv)
     if args.quick:
         args.budgets, args.steps, args.eval_passages = [0.5], 2, 32

@@ -43,6 +43,7 @@ class BenchSpec:
 BENCHMARKS: dict[str, BenchSpec] = {
     "layers": BenchSpec("gblr.bench.layers", "Layer training step (GBLR vs dense)", cuda=True),
     "speed": BenchSpec("gblr.bench.speed", "Deployment speed (packed GBLR)", cuda=True),
+    "deploy_gpt": BenchSpec("gblr.bench.deploy_gpt", "Deployed Shakespeare GPT (end to end)"),
     "approx": BenchSpec("gblr.bench.approx", "Projecting MiniLM-L6's weights onto each structure"),
     "train": BenchSpec("gblr.bench.train", "Training with learned structure vs baselines"),
     "compress": BenchSpec("gblr.bench.compress", "Compressing all-MiniLM-L6-v2", cuda=True),

@@ -1,0 +1,152 @@
+"""Deploy the Shakespeare GPT trained with GBLR layers, and time it against the dense GPT.
+
+Takes a finished run of ``gblr train experiment=shakespeare/gpt-gblr`` (its folder holds
+``config.yaml`` and ``final.ckpt``), or trains one first. It rebuilds the trained model,
+swaps its GBLR layers for packed ones with :func:`gblr.deploy`, checks that the logits
+agree, and times the dense GPT of the same shape, the trained (masked) GBLR GPT and the
+deployed one side by side. Results go to ``results/deploy_gpt/``.
+
+    python -m gblr.bench.deploy_gpt --run runs/shakespeare_gpt-gblr
+    python -m gblr.bench.deploy_gpt               # trains the experiment first
+    python -m gblr.bench.deploy_gpt --quick       # a few training steps, tiny timings
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gblr.bench.speed import time_side_by_side
+from gblr.deploy import deploy
+
+__all__ = ["load_run", "gpt_end_to_end", "main"]
+
+EXPERIMENT = "shakespeare/gpt-gblr"
+
+
+def load_run(run_dir: Path) -> tuple[nn.Module, object]:
+    """The trained model of a ``gblr train`` run folder, in evaluation mode, and its config."""
+    from omegaconf import OmegaConf
+
+    from gblr.train.runner import build_model
+
+    config, ckpt = run_dir / "config.yaml", run_dir / "final.ckpt"
+    for path in (config, ckpt):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: is {run_dir} a finished gblr train run?")
+    cfg = OmegaConf.load(config)
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    vocab = next(v.shape[0] for k, v in state.items() if k.endswith("wte.weight"))
+    info = {"task": "lm", "vocab_size": vocab, "block_size": int(cfg.data.block_size)}
+    model = build_model(cfg, info)
+    model.load_state_dict(state)
+    return model.eval(), cfg
+
+
+def gpt_end_to_end(run_dir: Path, batch: int, reps: int) -> dict:
+    """Outputs agreement and median forward times: dense, trained GBLR, deployed GBLR."""
+    from omegaconf import OmegaConf
+
+    from gblr.train.runner import build_model
+
+    trained, cfg = load_run(run_dir)
+    dense_cfg = copy.deepcopy(cfg)
+    OmegaConf.update(dense_cfg, "model.linear", "dense")
+    vocab = trained.lm.config.vocab_size
+    seq = int(cfg.data.block_size)
+    dense = build_model(dense_cfg, {"task": "lm", "vocab_size": vocab, "block_size": seq}).eval()
+    deployed = copy.deepcopy(trained)
+    report = deploy(deployed, tokens=batch * seq)
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref, out = trained(ids).double(), deployed(ids).double()
+        times = time_side_by_side(
+            {"dense": lambda: dense(ids), "trained": lambda: trained(ids),
+             "deployed": lambda: deployed(ids)},
+            reps=reps, min_time=0.0,
+        )
+    return {
+        "run": str(run_dir), "batch": batch, "seq": seq, "layers": len(report.layers),
+        "true_cost": report.true_flops / report.dense_flops,
+        "packed_cost": report.packed_flops / report.dense_flops,
+        "max_abs_diff": float((out - ref).abs().max()),
+        "cosine": float(nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)),
+        "same_argmax": float((out.argmax(-1) == ref.argmax(-1)).double().mean()),
+        "time_ms": {k: v * 1e3 for k, v in times.items()},
+        "speedup_vs_dense": times["dense"] / times["deployed"],
+        "speedup_vs_trained": times["trained"] / times["deployed"],
+    }
+
+
+def _markdown(r: dict, command: str, threads: int) -> str:
+    t = r["time_ms"]
+    return "\n".join([
+        "# Deployed Shakespeare GPT (GBLR layers, trained)",
+        "",
+        f"Command: `{command}`; {threads} thread(s), medians of interleaved repetitions, "
+        f"batch {r['batch']} x {r['seq']} characters, run `{r['run']}`.",
+        "",
+        "| model | ms | speedup vs dense |",
+        "|---|---|---|",
+        f"| dense GPT (same shape) | {t['dense']:.2f} | 1.00x |",
+        f"| trained GBLR (masked) | {t['trained']:.2f} | {t['dense'] / t['trained']:.2f}x |",
+        f"| deployed (packed) | {t['deployed']:.2f} | {r['speedup_vs_dense']:.2f}x |",
+        "",
+        f"Deployed vs trained logits: cosine {r['cosine']:.9f}, max abs diff "
+        f"{r['max_abs_diff']:.1e}, same next-character prediction on {100 * r['same_argmax']:.2f}% "
+        f"of positions. Replaced layers ({r['layers']}): true cost {r['true_cost']:.3f}, packed "
+        f"MACs {r['packed_cost']:.3f} of their dense cost.",
+        "",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    given = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m gblr.bench.deploy_gpt",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, default=None,
+                        help=f"a finished `gblr train experiment={EXPERIMENT}` folder")
+    parser.add_argument("--quick", action="store_true", help="tiny settings (a smoke test)")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("results/deploy_gpt"))
+    parser.add_argument("--work", type=Path, default=Path("runs/deploy_gpt"),
+                        help="where the GPT is trained when --run is not given")
+    args = parser.parse_args(given)
+    if args.batch <= 0 or args.threads <= 0:
+        parser.error("--batch and --threads must be positive")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    run_dir = args.run
+    if run_dir is None:
+        from gblr.train.runner import main as train_main
+
+        run_dir = args.work
+        overrides = [f"experiment={EXPERIMENT}", f"out_dir={run_dir}", f"threads={args.threads}"]
+        if args.quick:
+            overrides += ["trainer.max_steps=4", "trainer.val_check_interval=2",
+                          "data.max_chars=20000", "checkpoint.every_n_train_steps=2"]
+        if train_main(overrides) != 0:
+            print("deploy_gpt: training the GPT failed (see above)", file=sys.stderr)
+            return 1
+    result = gpt_end_to_end(run_dir, 4 if args.quick else args.batch,
+                            args.reps or (3 if args.quick else 30))
+    command = " ".join(["python -m gblr.bench.deploy_gpt", *given])
+    table = _markdown(result, command, args.threads)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.md").write_text(table)
+    (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
