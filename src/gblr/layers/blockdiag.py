@@ -12,6 +12,7 @@ from gblr.cost import (
     blockdiag_cost,
     budget_to_macs,
     check_budget,
+    check_within_budget,
     padded_block_size,
     within_budget,
 )
@@ -37,12 +38,10 @@ def _resolve_nblocks(
         budget = check_budget(budget)
     if nblocks is not None:
         nb = check_nblocks(nblocks, in_features, out_features)
-        cost = blockdiag_cost(in_features, out_features, nb)
-        if budget is not None and not within_budget(cost, budget, in_features, out_features):
-            raise ValueError(
-                f"nblocks={nb} costs {cost} MACs, over budget={budget} "
-                f"({budget_to_macs(budget, in_features, out_features):.1f} MACs)"
-            )
+        check_within_budget(
+            blockdiag_cost(in_features, out_features, nb), budget, in_features, out_features,
+            f"nblocks={nb} costs",
+        )
         return nb
     if budget is None:
         raise ValueError("BlockDiagLinear needs nblocks or budget")

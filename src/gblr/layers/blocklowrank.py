@@ -12,6 +12,8 @@ from gblr.cost import (
     budget_to_macs,
     check_budget,
     check_positive,
+    check_within_budget,
+    units_within_budget,
     within_budget,
 )
 from gblr.layers.base import StructuredLinear, check_bias, check_matrix, register_structure
@@ -33,7 +35,7 @@ DEFAULT_GRID = 4
 
 def _rank_for_budget(n_in: int, n_out: int, p: int, q: int, budget: float) -> int:
     per_rank = block_low_rank_cost(n_in, n_out, p, q, 1)
-    return min(min(p, q), int(budget_to_macs(budget, n_in, n_out) * (1 + 1e-9) // per_rank))
+    return min(min(p, q), units_within_budget(budget, n_in, n_out, per_rank))
 
 
 def _resolve(
@@ -77,12 +79,10 @@ def _resolve(
         return (p, q), rank
     if rank > min(p, q):
         raise ValueError(f"rank={rank} exceeds the block's min dimension {min(p, q)}")
-    cost = block_low_rank_cost(n_in, n_out, p, q, rank)
-    if budget is not None and not within_budget(cost, budget, n_in, n_out):
-        raise ValueError(
-            f"rank={rank} on {p}x{q} blocks costs {cost} MACs, over budget={budget} "
-            f"({budget_to_macs(budget, n_in, n_out):.1f} MACs)"
-        )
+    check_within_budget(
+        block_low_rank_cost(n_in, n_out, p, q, rank), budget, n_in, n_out,
+        f"rank={rank} on {p}x{q} blocks costs",
+    )
     return (p, q), rank
 
 

@@ -7,7 +7,15 @@ import math
 import torch
 from torch import nn
 
-from gblr.cost import block_sparse_cost, budget_to_macs, check_budget, check_positive, within_budget
+from gblr.cost import (
+    block_sparse_cost,
+    budget_to_macs,
+    check_budget,
+    check_positive,
+    check_within_budget,
+    units_within_budget,
+    within_budget,
+)
 from gblr.layers.base import StructuredLinear, check_bias, check_matrix, register_structure
 from gblr.layers.blocks import check_block_shape, default_block_shape, from_blocks, to_blocks
 
@@ -77,7 +85,7 @@ def _resolve_shape(
     elif num_blocks is not None:
         count = num_blocks
     else:
-        count = min(total, int(budget_to_macs(budget, n_in, n_out) * (1 + 1e-9) // (p * q)))
+        count = min(total, units_within_budget(budget, n_in, n_out, p * q))
         if count == 0:
             raise ValueError(
                 f"budget={budget} is too small for one {p}x{q} block "
@@ -85,12 +93,9 @@ def _resolve_shape(
             )
     if count > total:
         raise ValueError(f"num_blocks={count} exceeds the {total} blocks of the grid")
-    cost = block_sparse_cost(count, p, q)
-    if budget is not None and not within_budget(cost, budget, n_in, n_out):
-        raise ValueError(
-            f"{count} blocks of {p}x{q} cost {cost} MACs, over budget={budget} "
-            f"({budget_to_macs(budget, n_in, n_out):.1f} MACs)"
-        )
+    check_within_budget(
+        block_sparse_cost(count, p, q), budget, n_in, n_out, f"{count} blocks of {p}x{q} cost"
+    )
     return (p, q), count
 
 

@@ -10,9 +10,9 @@ from torch import nn
 from gblr.cost import (
     check_budget,
     check_positive,
+    check_within_budget,
     lowrank_cost,
     max_rank_for_budget,
-    within_budget,
 )
 from gblr.layers.base import StructuredLinear, check_bias, check_matrix, register_structure
 from gblr.layers.blocks import truncated_svd_factors
@@ -40,12 +40,10 @@ def _resolve_rank(
     rank = check_positive("rank", rank)
     if rank > min_dim:
         raise ValueError(f"rank={rank} exceeds min(in_features, out_features)={min_dim}")
-    cost = lowrank_cost(in_features, out_features, rank)
-    if budget is not None and not within_budget(cost, budget, in_features, out_features):
-        raise ValueError(
-            f"rank={rank} costs {cost} MACs, over budget={budget} "
-            f"({budget * in_features * out_features:.1f} MACs)"
-        )
+    check_within_budget(
+        lowrank_cost(in_features, out_features, rank), budget, in_features, out_features,
+        f"rank={rank} costs",
+    )
     return rank
 
 

@@ -25,6 +25,7 @@ from gblr.cost import (
     check_positive,
     monarch_cost,
     padded_block_size,
+    units_within_budget,
 )
 from gblr.layers.base import StructuredLinear, check_bias, check_matrix, register_structure
 from gblr.layers.blocks import (
@@ -65,7 +66,6 @@ def _resolve(
         if rank is None:
             rank = -(-_max_rank(n_in, n_out, nblocks) // nblocks)
         return nblocks, rank
-    limit = budget_to_macs(budget, n_in, n_out) * (1 + 1e-9)
     if nblocks is not None:
         candidates = [nblocks]
     else:
@@ -78,7 +78,8 @@ def _resolve(
     centre = math.sqrt(min(n_in, n_out))
     best: tuple[tuple[int, float, int], int, int] | None = None
     for nb in candidates:
-        k_max = min(_max_rank(n_in, n_out, nb), int(limit // monarch_cost(n_in, n_out, nb, 1)))
+        k_max = min(_max_rank(n_in, n_out, nb),
+                    units_within_budget(budget, n_in, n_out, monarch_cost(n_in, n_out, nb, 1)))
         k = k_max if rank is None else (rank if rank <= k_max else 0)
         if k < 1:
             continue
