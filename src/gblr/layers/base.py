@@ -18,6 +18,7 @@ __all__ = [
     "get_structure",
     "check_matrix",
     "check_bias",
+    "check_dense_args",
 ]
 
 #: Structure name -> layer class (``"gblr"``, ``"lowrank"``, ``"monarch"``, ...).
@@ -73,6 +74,14 @@ def check_bias(bias: torch.Tensor | None, out_features: int, name: str = "bias")
         raise ValueError(f"{name} contains NaN or Inf")
 
 
+def check_dense_args(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int]:
+    """Validate the ``weight`` and ``bias`` given to ``from_dense``; ``(out, in)`` of ``weight``."""
+    check_matrix(weight)
+    out_features, in_features = weight.shape
+    check_bias(bias, out_features)
+    return out_features, in_features
+
+
 class StructuredLinear(nn.Module, ABC):
     """Base class of the structured ``nn.Linear`` replacements.
 
@@ -125,6 +134,15 @@ class StructuredLinear(nn.Module, ABC):
         if self.bias is not None:
             bound = 1.0 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
+
+    @torch.no_grad()
+    def load_tensors(self, bias: torch.Tensor | None = None, **tensors: torch.Tensor) -> None:
+        """Copy each of ``tensors`` into the parameter or buffer of that name, and ``bias``
+        into the bias when given (the end of every ``from_dense``)."""
+        for name, value in tensors.items():
+            getattr(self, name).copy_(value)
+        if bias is not None:
+            self.bias.copy_(bias)
 
     def num_parameters(self) -> int:
         """Number of stored parameters, bias included."""

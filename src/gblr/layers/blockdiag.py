@@ -16,7 +16,7 @@ from gblr.cost import (
     padded_block_size,
     within_budget,
 )
-from gblr.layers.base import StructuredLinear, check_bias, check_matrix, register_structure
+from gblr.layers.base import StructuredLinear, check_dense_args, register_structure
 from gblr.layers.blocks import check_nblocks, pad_matrix, to_blocks
 
 __all__ = ["BlockDiagLinear"]
@@ -149,9 +149,7 @@ class BlockDiagLinear(StructuredLinear):
 
         ``nblocks`` is chosen from ``budget`` unless given (then it must fit the budget).
         """
-        check_matrix(weight)
-        out_features, in_features = weight.shape
-        check_bias(bias, out_features)
+        out_features, in_features = check_dense_args(weight, bias)
         layer = cls(
             in_features, out_features, nblocks, bias=bias is not None, budget=budget,
             device=weight.device, dtype=weight.dtype,
@@ -159,8 +157,5 @@ class BlockDiagLinear(StructuredLinear):
         nb, bo, bi = layer.nblocks, layer.block_out, layer.block_in
         grid = to_blocks(pad_matrix(weight.detach(), nb * bo, nb * bi), bo, bi)
         idx = torch.arange(nb, device=weight.device)
-        with torch.no_grad():
-            layer.weight.copy_(grid[idx, idx])
-            if bias is not None:
-                layer.bias.copy_(bias)
+        layer.load_tensors(bias, weight=grid[idx, idx])
         return layer

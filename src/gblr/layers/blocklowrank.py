@@ -16,7 +16,7 @@ from gblr.cost import (
     units_within_budget,
     within_budget,
 )
-from gblr.layers.base import StructuredLinear, check_bias, check_matrix, register_structure
+from gblr.layers.base import StructuredLinear, check_dense_args, register_structure
 from gblr.layers.blocks import (
     block_factor_matmul,
     blocks_to_factors,
@@ -172,18 +172,12 @@ class BlockLowRankLinear(StructuredLinear):
         The blocks are independent, so this is the Frobenius-optimal projection onto
         the grid at that rank (Eckart-Young on every block).
         """
-        check_matrix(weight)
-        out_features, in_features = weight.shape
-        check_bias(bias, out_features)
+        out_features, in_features = check_dense_args(weight, bias)
         layer = cls(
             in_features, out_features, block_shape, bias=bias is not None, budget=budget,
             device=weight.device, dtype=weight.dtype,
         )
         p, q = layer.block_shape
         u, v = truncated_svd_factors(to_blocks(weight.detach(), p, q), layer.rank)
-        with torch.no_grad():
-            layer.U.copy_(u)
-            layer.V.copy_(v)
-            if bias is not None:
-                layer.bias.copy_(bias)
+        layer.load_tensors(bias, U=u, V=v)
         return layer

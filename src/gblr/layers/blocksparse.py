@@ -16,7 +16,7 @@ from gblr.cost import (
     units_within_budget,
     within_budget,
 )
-from gblr.layers.base import StructuredLinear, check_bias, check_matrix, register_structure
+from gblr.layers.base import StructuredLinear, check_dense_args, register_structure
 from gblr.layers.blocks import check_block_shape, default_block_shape, from_blocks, to_blocks
 
 __all__ = ["BlockSparseLinear", "DEFAULT_BLOCK_SIDE"]
@@ -214,9 +214,7 @@ class BlockSparseLinear(StructuredLinear):
         This is the Frobenius-optimal projection for a fixed grid. Ties in norm go to
         the block that comes first in row-major order.
         """
-        check_matrix(weight)
-        out_features, in_features = weight.shape
-        check_bias(bias, out_features)
+        out_features, in_features = check_dense_args(weight, bias)
         (p, q), count = _resolve_shape(in_features, out_features, block_shape, None, budget, None)
         grid = to_blocks(weight.detach(), p, q)
         norms = grid.double().pow(2).sum(dim=(-2, -1)).flatten()
@@ -228,8 +226,5 @@ class BlockSparseLinear(StructuredLinear):
             in_features, out_features, (p, q), bias=bias is not None, budget=budget,
             block_mask=mask, device=weight.device, dtype=weight.dtype,
         )
-        with torch.no_grad():
-            layer.blocks.copy_(grid[layer.block_rows, layer.block_cols])
-            if bias is not None:
-                layer.bias.copy_(bias)
+        layer.load_tensors(bias, blocks=grid[layer.block_rows, layer.block_cols])
         return layer

@@ -331,13 +331,7 @@ class GBLRLinear(StructuredLinear):
             dtype=u.dtype,
             **kwargs,
         )
-        with torch.no_grad():
-            layer.U.copy_(u)
-            layer.V.copy_(v)
-            layer.widths.copy_(widths)
-            layer.locations.copy_(locations)
-            if bias is not None:
-                layer.bias.copy_(bias)
+        layer.load_tensors(bias, U=u, V=v, widths=widths, locations=locations)
         layer.init = "svd"
         return layer
 

@@ -14,7 +14,7 @@ from gblr.cost import (
     lowrank_cost,
     max_rank_for_budget,
 )
-from gblr.layers.base import StructuredLinear, check_bias, check_matrix, register_structure
+from gblr.layers.base import StructuredLinear, check_dense_args, register_structure
 from gblr.layers.blocks import truncated_svd_factors
 
 __all__ = ["LowRankLinear"]
@@ -105,17 +105,11 @@ class LowRankLinear(StructuredLinear):
     ) -> LowRankLinear:
         """Truncated SVD of ``weight`` at the largest rank the budget allows (optimal in
         Frobenius norm, Eckart-Young); the factors share the singular values' square roots."""
-        check_matrix(weight)
-        out_features, in_features = weight.shape
-        check_bias(bias, out_features)
+        out_features, in_features = check_dense_args(weight, bias)
         layer = cls(
             in_features, out_features, bias=bias is not None, budget=budget,
             device=weight.device, dtype=weight.dtype,
         )
         u, v = truncated_svd_factors(weight.detach(), layer.rank)
-        with torch.no_grad():
-            layer.U.copy_(u)
-            layer.V.copy_(v)
-            if bias is not None:
-                layer.bias.copy_(bias)
+        layer.load_tensors(bias, U=u, V=v)
         return layer

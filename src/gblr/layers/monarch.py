@@ -27,7 +27,7 @@ from gblr.cost import (
     padded_block_size,
     units_within_budget,
 )
-from gblr.layers.base import StructuredLinear, check_bias, check_matrix, register_structure
+from gblr.layers.base import StructuredLinear, check_dense_args, register_structure
 from gblr.layers.blocks import (
     block_factor_matmul,
     blocks_to_factors,
@@ -200,9 +200,7 @@ class MonarchLinear(StructuredLinear):
         Frobenius-optimal Monarch approximation of the zero-padded ``weight``
         (block-wise rank-1 SVD in the paper's square case).
         """
-        check_matrix(weight)
-        out_features, in_features = weight.shape
-        check_bias(bias, out_features)
+        out_features, in_features = check_dense_args(weight, bias)
         layer = cls(
             in_features, out_features, nblocks, rank, bias=bias is not None, budget=budget,
             device=weight.device, dtype=weight.dtype,
@@ -211,10 +209,6 @@ class MonarchLinear(StructuredLinear):
         grid = to_blocks(pad_matrix(weight.detach(), nb * bo, nb * bi), bo, bi)
         u, v = truncated_svd_factors(grid, layer.rank)
         first, second = blocks_to_factors(u, v)
-        with torch.no_grad():
-            layer.blkdiag1.copy_(first)
-            layer.blkdiag2.copy_(second)
-            layer._zero_padding()
-            if bias is not None:
-                layer.bias.copy_(bias)
+        layer.load_tensors(bias, blkdiag1=first, blkdiag2=second)
+        layer._zero_padding()
         return layer
