@@ -17,7 +17,7 @@ from gblr.cost import (
     within_budget,
 )
 from gblr.layers.base import StructuredLinear, check_dense_args, register_structure
-from gblr.layers.blocks import check_nblocks, pad_matrix, to_blocks
+from gblr.layers.blocks import check_nblocks, pad_matrix, to_blocks, valid_nblocks
 
 __all__ = ["BlockDiagLinear"]
 
@@ -46,12 +46,8 @@ def _resolve_nblocks(
     if budget is None:
         raise ValueError("BlockDiagLinear needs nblocks or budget")
     best: tuple[int, int] | None = None
-    valid = []
-    for nb in range(1, min(in_features, out_features) + 1):
-        try:
-            valid.append(check_nblocks(nb, in_features, out_features))
-        except ValueError:
-            continue
+    valid = valid_nblocks(in_features, out_features)
+    for nb in valid:
         if not within_budget(blockdiag_cost(in_features, out_features, nb), budget,
                              in_features, out_features):
             continue

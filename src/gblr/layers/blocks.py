@@ -21,6 +21,7 @@ from gblr.cost import check_positive, padded_block_size
 __all__ = [
     "check_block_shape",
     "check_nblocks",
+    "valid_nblocks",
     "divisors",
     "default_block_shape",
     "to_blocks",
@@ -66,6 +67,17 @@ def check_nblocks(nblocks: int, in_features: int, out_features: int) -> int:
                 "the last block empty"
             )
     return nb
+
+
+def valid_nblocks(in_features: int, out_features: int) -> list[int]:
+    """Every block count that :func:`check_nblocks` accepts, in increasing order."""
+    valid = []
+    for nb in range(1, min(in_features, out_features) + 1):
+        try:
+            valid.append(check_nblocks(nb, in_features, out_features))
+        except ValueError:
+            continue
+    return valid
 
 
 def divisors(n: int) -> list[int]:

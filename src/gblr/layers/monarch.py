@@ -37,6 +37,7 @@ from gblr.layers.blocks import (
     pad_matrix,
     to_blocks,
     truncated_svd_factors,
+    valid_nblocks,
 )
 
 __all__ = ["MonarchLinear"]
@@ -69,12 +70,7 @@ def _resolve(
     if nblocks is not None:
         candidates = [nblocks]
     else:
-        candidates = []
-        for nb in range(1, min(n_in, n_out) + 1):
-            try:
-                candidates.append(check_nblocks(nb, n_in, n_out))
-            except ValueError:
-                continue
+        candidates = valid_nblocks(n_in, n_out)
     centre = math.sqrt(min(n_in, n_out))
     best: tuple[tuple[int, float, int], int, int] | None = None
     for nb in candidates:
