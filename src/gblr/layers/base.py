@@ -19,6 +19,7 @@ __all__ = [
     "check_matrix",
     "check_bias",
     "check_dense_args",
+    "init_uniform_",
 ]
 
 #: Structure name -> layer class (``"gblr"``, ``"lowrank"``, ``"monarch"``, ...).
@@ -82,6 +83,13 @@ def check_dense_args(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[i
     return out_features, in_features
 
 
+def init_uniform_(tensor: torch.Tensor, fan_in: float) -> torch.Tensor:
+    """Fill ``tensor`` uniformly in ``±1/sqrt(fan_in)``, as ``nn.Linear`` does for its weight
+    (with ``a=sqrt(5)``) and bias."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return nn.init.uniform_(tensor, -bound, bound)
+
+
 class StructuredLinear(nn.Module, ABC):
     """Base class of the structured ``nn.Linear`` replacements.
 
@@ -132,8 +140,7 @@ class StructuredLinear(nn.Module, ABC):
     def reset_bias(self) -> None:
         """Initialise the bias as ``nn.Linear`` does."""
         if self.bias is not None:
-            bound = 1.0 / math.sqrt(self.in_features)
-            nn.init.uniform_(self.bias, -bound, bound)
+            init_uniform_(self.bias, self.in_features)
 
     @torch.no_grad()
     def load_tensors(self, bias: torch.Tensor | None = None, **tensors: torch.Tensor) -> None:

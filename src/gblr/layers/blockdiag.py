@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,7 +14,12 @@ from gblr.cost import (
     padded_block_size,
     within_budget,
 )
-from gblr.layers.base import StructuredLinear, check_dense_args, register_structure
+from gblr.layers.base import (
+    StructuredLinear,
+    check_dense_args,
+    init_uniform_,
+    register_structure,
+)
 from gblr.layers.blocks import check_nblocks, pad_matrix, to_blocks, valid_nblocks
 
 __all__ = ["BlockDiagLinear"]
@@ -111,8 +114,7 @@ class BlockDiagLinear(StructuredLinear):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Each block as ``nn.Linear`` initialises a ``block_in -> block_out`` layer."""
-        bound = 1.0 / math.sqrt(self.block_in)
-        nn.init.uniform_(self.weight, -bound, bound)
+        init_uniform_(self.weight, self.block_in)
         self.weight.masked_fill_(self._padding(), 0.0)
         self.reset_bias()
 

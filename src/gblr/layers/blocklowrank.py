@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -16,7 +14,12 @@ from gblr.cost import (
     units_within_budget,
     within_budget,
 )
-from gblr.layers.base import StructuredLinear, check_dense_args, register_structure
+from gblr.layers.base import (
+    StructuredLinear,
+    check_dense_args,
+    init_uniform_,
+    register_structure,
+)
 from gblr.layers.blocks import (
     block_factor_matmul,
     blocks_to_factors,
@@ -138,10 +141,8 @@ class BlockLowRankLinear(StructuredLinear):
     def reset_parameters(self) -> None:
         """``V`` with fan-in ``cols``, ``U`` with fan-in ``(in/cols) * rank``, as ``nn.Linear``."""
         q = self.block_shape[1]
-        bound_v = 1.0 / math.sqrt(q)
-        bound_u = 1.0 / math.sqrt(self.grid_shape[1] * self.rank)
-        nn.init.uniform_(self.V, -bound_v, bound_v)
-        nn.init.uniform_(self.U, -bound_u, bound_u)
+        init_uniform_(self.V, q)
+        init_uniform_(self.U, self.grid_shape[1] * self.rank)
         self.reset_bias()
 
     def _forward_2d(self, x: torch.Tensor) -> torch.Tensor:

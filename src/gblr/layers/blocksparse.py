@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -16,7 +14,12 @@ from gblr.cost import (
     units_within_budget,
     within_budget,
 )
-from gblr.layers.base import StructuredLinear, check_dense_args, register_structure
+from gblr.layers.base import (
+    StructuredLinear,
+    check_dense_args,
+    init_uniform_,
+    register_structure,
+)
 from gblr.layers.blocks import check_block_shape, default_block_shape, from_blocks, to_blocks
 
 __all__ = ["BlockSparseLinear", "DEFAULT_BLOCK_SIDE"]
@@ -170,8 +173,7 @@ class BlockSparseLinear(StructuredLinear):
         """Uniform as ``nn.Linear`` with the mean number of nonzeros per row as fan-in."""
         p, q = self.block_shape
         fan_in = max(1.0, self.num_blocks * q / self.grid_shape[0])
-        bound = 1.0 / math.sqrt(fan_in)
-        nn.init.uniform_(self.blocks, -bound, bound)
+        init_uniform_(self.blocks, fan_in)
         self.reset_bias()
 
     def _forward_2d(self, x: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,6 @@ modules; this class only arranges them as a convolution.
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar
 
 import torch
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gblr.cost import check_positive
+from gblr.layers.base import init_uniform_
 from gblr.layers.gblr import FORWARD_PATHS, GBLRLinear, _svd_factors
 from gblr.ops.costed import costed_conv2d
 
@@ -176,8 +176,7 @@ class GBLRConv2d(nn.Module):
                 linear.U.mul_(scale)
                 linear.V.mul_(scale)
         if self.bias is not None:
-            bound = 1.0 / math.sqrt(self.in_channels * self.num_taps)
-            nn.init.uniform_(self.bias, -bound, bound)
+            init_uniform_(self.bias, self.in_channels * self.num_taps)
 
     # -- the kernel ----------------------------------------------------------------------------
     def _kernel_from(self, matrices: list[torch.Tensor]) -> torch.Tensor:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -14,7 +12,12 @@ from gblr.cost import (
     lowrank_cost,
     max_rank_for_budget,
 )
-from gblr.layers.base import StructuredLinear, check_dense_args, register_structure
+from gblr.layers.base import (
+    StructuredLinear,
+    check_dense_args,
+    init_uniform_,
+    register_structure,
+)
 from gblr.layers.blocks import truncated_svd_factors
 
 __all__ = ["LowRankLinear"]
@@ -81,10 +84,8 @@ class LowRankLinear(StructuredLinear):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Each factor as ``nn.Linear`` initialises a layer of its fan-in; bias likewise."""
-        bound_v = 1.0 / math.sqrt(self.in_features)
-        bound_u = 1.0 / math.sqrt(self.rank)
-        nn.init.uniform_(self.V, -bound_v, bound_v)
-        nn.init.uniform_(self.U, -bound_u, bound_u)
+        init_uniform_(self.V, self.in_features)
+        init_uniform_(self.U, self.rank)
         self.reset_bias()
 
     def _forward_2d(self, x: torch.Tensor) -> torch.Tensor:

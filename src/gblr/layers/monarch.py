@@ -27,7 +27,12 @@ from gblr.cost import (
     padded_block_size,
     units_within_budget,
 )
-from gblr.layers.base import StructuredLinear, check_dense_args, register_structure
+from gblr.layers.base import (
+    StructuredLinear,
+    check_dense_args,
+    init_uniform_,
+    register_structure,
+)
 from gblr.layers.blocks import (
     block_factor_matmul,
     blocks_to_factors,
@@ -157,10 +162,8 @@ class MonarchLinear(StructuredLinear):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Each block as ``nn.Linear`` initialises a layer of its fan-in; padding zero."""
-        bound1 = 1.0 / math.sqrt(self.block_in)
-        bound2 = 1.0 / math.sqrt(self.nblocks * self.rank)
-        nn.init.uniform_(self.blkdiag1, -bound1, bound1)
-        nn.init.uniform_(self.blkdiag2, -bound2, bound2)
+        init_uniform_(self.blkdiag1, self.block_in)
+        init_uniform_(self.blkdiag2, self.nblocks * self.rank)
         self._zero_padding()
         self.reset_bias()
 
