@@ -18,7 +18,7 @@ from torch import nn
 
 from gblr.cost import check_positive
 from gblr.layers.base import init_uniform_
-from gblr.layers.gblr import FORWARD_PATHS, GBLRLinear, _svd_factors
+from gblr.layers.gblr import GBLRLinear, _check_path, _svd_factors
 from gblr.ops.costed import costed_conv2d
 
 __all__ = ["GBLRConv2d"]
@@ -142,9 +142,7 @@ class GBLRConv2d(nn.Module):
 
     @path.setter
     def path(self, value: str) -> None:
-        if value not in FORWARD_PATHS:
-            raise ValueError(f"path must be one of {FORWARD_PATHS}, got {value!r}")
-        self._path = value
+        self._path = _check_path(value)
 
     @property
     def sigma(self) -> float | None:

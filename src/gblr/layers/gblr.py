@@ -31,6 +31,13 @@ LOCATION_INITS = ("even", "constant", "random")
 FORWARD_PATHS = ("auto", "dense", "lowrank")
 
 
+def _check_path(value: str) -> str:
+    """Validate a forward path setting (one of :data:`FORWARD_PATHS`)."""
+    if value not in FORWARD_PATHS:
+        raise ValueError(f"path must be one of {FORWARD_PATHS}, got {value!r}")
+    return value
+
+
 def _svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Balanced truncated-SVD factors ``U (out, rank)``, ``V (rank, in)`` of ``weight``."""
     u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
@@ -138,9 +145,7 @@ class GBLRLinear(StructuredLinear):
 
     @path.setter
     def path(self, value: str) -> None:
-        if value not in FORWARD_PATHS:
-            raise ValueError(f"path must be one of {FORWARD_PATHS}, got {value!r}")
-        self._path = value
+        self._path = _check_path(value)
 
     # -- initialisation ------------------------------------------------------------------------
     @torch.no_grad()
