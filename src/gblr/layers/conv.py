@@ -18,7 +18,8 @@ from torch import nn
 
 from gblr.cost import check_positive
 from gblr.layers.base import init_uniform_
-from gblr.layers.gblr import GBLRLinear, _check_path, _svd_factors
+from gblr.layers.blocks import truncated_svd_factors
+from gblr.layers.gblr import GBLRLinear, _check_path
 from gblr.ops.costed import costed_conv2d
 
 __all__ = ["GBLRConv2d"]
@@ -322,7 +323,7 @@ class GBLRConv2d(nn.Module):
         for m in matrices:
             if budget is None:
                 k = min(m.shape) // rank_per_component * rank_per_component
-                u, v = _svd_factors(m, k)
+                u, v = truncated_svd_factors(m, k)
                 lin = GBLRLinear.from_low_rank(u, v, **kwargs)
             else:
                 lin = GBLRLinear.from_dense(m, budget, **kwargs)
