@@ -20,7 +20,13 @@ from gblr.layers.base import (
     init_uniform_,
     register_structure,
 )
-from gblr.layers.blocks import check_nblocks, pad_matrix, to_blocks, valid_nblocks
+from gblr.layers.blocks import (
+    check_nblocks,
+    pad_matrix,
+    padding_masks,
+    to_blocks,
+    valid_nblocks,
+)
 
 __all__ = ["BlockDiagLinear"]
 
@@ -106,10 +112,9 @@ class BlockDiagLinear(StructuredLinear):
 
     def _padding(self) -> torch.Tensor:
         """Boolean ``weight``-shaped mask of the entries that only touch padding."""
-        nb, bo, bi = self.nblocks, self.block_out, self.block_in
-        rows = torch.arange(nb * bo, device=self.weight.device).reshape(nb, bo, 1)
-        cols = torch.arange(nb * bi, device=self.weight.device).reshape(nb, 1, bi)
-        return (rows >= self.out_features) | (cols >= self.in_features)
+        rows, cols = padding_masks(self.nblocks, self.block_out, self.block_in,
+                                   self.out_features, self.in_features, self.weight.device)
+        return rows | cols
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -40,6 +40,7 @@ from gblr.layers.blocks import (
     factors_to_blocks,
     from_blocks,
     pad_matrix,
+    padding_masks,
     to_blocks,
     truncated_svd_factors,
     valid_nblocks,
@@ -147,10 +148,8 @@ class MonarchLinear(StructuredLinear):
 
     def _paddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Boolean masks of the entries of ``blkdiag1`` and ``blkdiag2`` that touch padding."""
-        nb, bi, bo = self.nblocks, self.block_in, self.block_out
-        device = self.blkdiag1.device
-        cols = torch.arange(nb * bi, device=device).reshape(nb, 1, bi) >= self.in_features
-        rows = torch.arange(nb * bo, device=device).reshape(nb, bo, 1) >= self.out_features
+        rows, cols = padding_masks(self.nblocks, self.block_out, self.block_in,
+                                   self.out_features, self.in_features, self.blkdiag1.device)
         return cols.expand_as(self.blkdiag1), rows.expand_as(self.blkdiag2)
 
     @torch.no_grad()
