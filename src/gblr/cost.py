@@ -24,6 +24,8 @@ __all__ = [
     "block_cost",
     "grouped_component_cost",
     "within_budget",
+    "check_within_budget",
+    "units_within_budget",
     "padded_block_size",
     "blockdiag_cost",
     "monarch_cost",
@@ -134,6 +136,27 @@ def grouped_component_cost(
 def within_budget(cost: int, budget: float, in_features: int, out_features: int) -> bool:
     """Whether ``cost`` MACs per token fit ``budget`` (with a relative tolerance of 1e-9)."""
     return cost <= budget_to_macs(budget, in_features, out_features) * (1.0 + 1e-9)
+
+
+def check_within_budget(
+    cost: int, budget: float | None, in_features: int, out_features: int, what: str
+) -> None:
+    """Raise ``ValueError`` when ``cost`` does not fit ``budget`` (no check when it is None).
+
+    ``what`` opens the message, subject and verb: ``"rank=4 costs"``.
+    """
+    if budget is not None and not within_budget(cost, budget, in_features, out_features):
+        raise ValueError(
+            f"{what} {cost} MACs, over budget={budget} "
+            f"({budget_to_macs(budget, in_features, out_features):.1f} MACs)"
+        )
+
+
+def units_within_budget(
+    budget: float, in_features: int, out_features: int, unit_cost: int
+) -> int:
+    """How many units of ``unit_cost`` MACs fit ``budget`` (same tolerance as ``within_budget``)."""
+    return int(budget_to_macs(budget, in_features, out_features) * (1 + 1e-9) // unit_cost)
 
 
 def padded_block_size(n: int, nblocks: int) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from gblr.cost import budget_to_macs, check_budget
+from gblr.layers.blocks import truncated_svd_factors
 from gblr.layers.gblr import GBLRLinear
 
 __all__ = ["structured_target", "shrink_to_budget"]
@@ -48,10 +49,9 @@ def shrink_to_budget(
     layer = GBLRLinear(in_f, out_f, bias=False, init="random")
     k = layer.num_components
     with torch.no_grad():
-        u, s, vh = torch.linalg.svd(target.double(), full_matrices=False)
-        root = s[:k].sqrt()
-        layer.U.copy_(u[:, :k] * root)
-        layer.V.copy_(root[:, None] * vh[:k])
+        u, v = truncated_svd_factors(target, k)
+        layer.U.copy_(u)
+        layer.V.copy_(v)
         layer.widths.fill_(1.0)
         layer.locations.copy_((torch.arange(k) / k).expand(2, k))
     factors = [layer.U, layer.V]

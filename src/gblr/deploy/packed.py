@@ -96,11 +96,15 @@ def cyclic_band(support: np.ndarray) -> tuple[int, int]:
     return start, length
 
 
-def _pieces(start: int, length: int, n: int) -> list[tuple[int, int]]:
-    """Contiguous ``[a, b)`` slices of a cyclic interval: one, or two when it wraps."""
+def _pieces(start: int, length: int, n: int) -> list[tuple[int, int, int]]:
+    """Contiguous ``[a, b)`` slices of a cyclic interval: one, or two when it wraps.
+
+    Each comes with its offset ``o`` in the interval: ``[a, b)`` is ``[o, o + b - a)`` of
+    ``(arange(length) + start) % n``.
+    """
     if start + length <= n:
-        return [(start, start + length)]
-    return [(start, n), (0, start + length - n)]
+        return [(start, start + length, 0)]
+    return [(start, n, 0), (0, start + length - n, n - start)]
 
 
 def _snap(start: int, length: int, n: int, tile: int) -> tuple[int, int]:
@@ -316,6 +320,10 @@ def _build_plan(
         weights.append(w.to(dtype).contiguous())
         return len(weights) - 1
 
+    def rank_index(cs: list[int]) -> torch.Tensor:
+        """Positions in the folded rank axis of the components ``cs``, in that order."""
+        return torch.cat([torch.arange(offsets[c], offsets[c + 1]) for c in cs])
+
     # identical boxes whose summed rank makes a dense block cheaper
     boxes: dict[tuple[int, int, int, int], list[int]] = {}
     for c in comps:
@@ -326,7 +334,7 @@ def _build_plan(
     for (ca, cl, ra, rl), members in boxes.items():
         r = sum(ranks[c] for c in members)
         if len(members) > 1 and rl * cl < r * (rl + cl):
-            idx = torch.cat([torch.arange(offsets[c], offsets[c + 1]) for c in members])
+            idx = rank_index(members)
             rows = (torch.arange(rl) + ra) % out_f
             cols = (torch.arange(cl) + ca) % in_f
             block = u_m[rows][:, idx] @ v_m[idx][:, cols]
@@ -336,14 +344,10 @@ def _build_plan(
                 sp_cols.append(cols[None, :].expand(rl, cl).reshape(-1))
                 sp_vals.append(block.reshape(-1))
                 continue
-            ro = 0
-            for pa, pb in _pieces(ra, rl, out_f):
-                co = 0
-                for qa, qb in _pieces(ca, cl, in_f):
+            for pa, pb, ro in _pieces(ra, rl, out_f):
+                for qa, qb, co in _pieces(ca, cl, in_f):
                     i = add(block[ro : ro + pb - pa, co : co + qb - qa].t())
                     dense_specs.append((qa, qb, pa, pb, i))
-                    co += qb - qa
-                ro += pb - pa
         else:
             lowrank.extend(members)
     lowrank.sort()
@@ -385,15 +389,11 @@ def _build_plan(
         pos = 0
         for start, length, members in g1:
             start, length = _snap(start, length, in_f, ALIGN)
-            idx = torch.cat([torch.arange(offsets[lowrank[m]], offsets[lowrank[m] + 1])
-                             for m in members])
+            idx = rank_index([lowrank[m] for m in members])
             cols = (torch.arange(length) + start) % in_f
             vg = v_m[idx][:, cols]
-            pieces, o = [], 0
-            for a, b in _pieces(start, length, in_f):
-                pieces.append((a, b, add(vg[:, o : o + b - a])))
-                o += b - a
-            stage1.append(pieces)
+            stage1.append([(a, b, add(vg[:, o : o + b - a]))
+                           for a, b, o in _pieces(start, length, in_f)])
             macs += int(idx.numel()) * length
             for m in members:
                 h_pos[m] = pos
@@ -402,14 +402,11 @@ def _build_plan(
         hpos = 0
         for start, length, members in g2:
             start, length = _snap(start, length, out_f, ALIGN)
-            idx = torch.cat([torch.arange(offsets[lowrank[m]], offsets[lowrank[m] + 1])
-                             for m in members])
+            idx = rank_index([lowrank[m] for m in members])
             rows = (torch.arange(length) + start) % out_f
             ug = u_m[rows][:, idx]
-            pieces, o = [], 0
-            for a, b in _pieces(start, length, out_f):
-                pieces.append((a, b, add(ug[o : o + b - a].t())))
-                o += b - a
+            pieces = [(a, b, add(ug[o : o + b - a].t()))
+                      for a, b, o in _pieces(start, length, out_f)]
             stage2.append((hpos, hpos + int(idx.numel()), pieces))
             hpos += int(idx.numel())
             macs += int(idx.numel()) * length

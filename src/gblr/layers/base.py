@@ -18,6 +18,8 @@ __all__ = [
     "get_structure",
     "check_matrix",
     "check_bias",
+    "check_dense_args",
+    "init_uniform_",
 ]
 
 #: Structure name -> layer class (``"gblr"``, ``"lowrank"``, ``"monarch"``, ...).
@@ -73,6 +75,21 @@ def check_bias(bias: torch.Tensor | None, out_features: int, name: str = "bias")
         raise ValueError(f"{name} contains NaN or Inf")
 
 
+def check_dense_args(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int]:
+    """Validate the ``weight`` and ``bias`` given to ``from_dense``; ``(out, in)`` of ``weight``."""
+    check_matrix(weight)
+    out_features, in_features = weight.shape
+    check_bias(bias, out_features)
+    return out_features, in_features
+
+
+def init_uniform_(tensor: torch.Tensor, fan_in: float) -> torch.Tensor:
+    """Fill ``tensor`` uniformly in ``±1/sqrt(fan_in)``, as ``nn.Linear`` does for its weight
+    (with ``a=sqrt(5)``) and bias."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return nn.init.uniform_(tensor, -bound, bound)
+
+
 class StructuredLinear(nn.Module, ABC):
     """Base class of the structured ``nn.Linear`` replacements.
 
@@ -123,8 +140,16 @@ class StructuredLinear(nn.Module, ABC):
     def reset_bias(self) -> None:
         """Initialise the bias as ``nn.Linear`` does."""
         if self.bias is not None:
-            bound = 1.0 / math.sqrt(self.in_features)
-            nn.init.uniform_(self.bias, -bound, bound)
+            init_uniform_(self.bias, self.in_features)
+
+    @torch.no_grad()
+    def load_tensors(self, bias: torch.Tensor | None = None, **tensors: torch.Tensor) -> None:
+        """Copy each of ``tensors`` into the parameter or buffer of that name, and ``bias``
+        into the bias when given (the end of every ``from_dense``)."""
+        for name, value in tensors.items():
+            getattr(self, name).copy_(value)
+        if bias is not None:
+            self.bias.copy_(bias)
 
     def num_parameters(self) -> int:
         """Number of stored parameters, bias included."""

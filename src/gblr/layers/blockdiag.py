@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,11 +10,23 @@ from gblr.cost import (
     blockdiag_cost,
     budget_to_macs,
     check_budget,
+    check_within_budget,
     padded_block_size,
     within_budget,
 )
-from gblr.layers.base import StructuredLinear, check_bias, check_matrix, register_structure
-from gblr.layers.blocks import check_nblocks, pad_matrix, to_blocks
+from gblr.layers.base import (
+    StructuredLinear,
+    check_dense_args,
+    init_uniform_,
+    register_structure,
+)
+from gblr.layers.blocks import (
+    check_nblocks,
+    pad_matrix,
+    padding_masks,
+    to_blocks,
+    valid_nblocks,
+)
 
 __all__ = ["BlockDiagLinear"]
 
@@ -37,22 +47,16 @@ def _resolve_nblocks(
         budget = check_budget(budget)
     if nblocks is not None:
         nb = check_nblocks(nblocks, in_features, out_features)
-        cost = blockdiag_cost(in_features, out_features, nb)
-        if budget is not None and not within_budget(cost, budget, in_features, out_features):
-            raise ValueError(
-                f"nblocks={nb} costs {cost} MACs, over budget={budget} "
-                f"({budget_to_macs(budget, in_features, out_features):.1f} MACs)"
-            )
+        check_within_budget(
+            blockdiag_cost(in_features, out_features, nb), budget, in_features, out_features,
+            f"nblocks={nb} costs",
+        )
         return nb
     if budget is None:
         raise ValueError("BlockDiagLinear needs nblocks or budget")
     best: tuple[int, int] | None = None
-    valid = []
-    for nb in range(1, min(in_features, out_features) + 1):
-        try:
-            valid.append(check_nblocks(nb, in_features, out_features))
-        except ValueError:
-            continue
+    valid = valid_nblocks(in_features, out_features)
+    for nb in valid:
         if not within_budget(blockdiag_cost(in_features, out_features, nb), budget,
                              in_features, out_features):
             continue
@@ -108,16 +112,14 @@ class BlockDiagLinear(StructuredLinear):
 
     def _padding(self) -> torch.Tensor:
         """Boolean ``weight``-shaped mask of the entries that only touch padding."""
-        nb, bo, bi = self.nblocks, self.block_out, self.block_in
-        rows = torch.arange(nb * bo, device=self.weight.device).reshape(nb, bo, 1)
-        cols = torch.arange(nb * bi, device=self.weight.device).reshape(nb, 1, bi)
-        return (rows >= self.out_features) | (cols >= self.in_features)
+        rows, cols = padding_masks(self.nblocks, self.block_out, self.block_in,
+                                   self.out_features, self.in_features, self.weight.device)
+        return rows | cols
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Each block as ``nn.Linear`` initialises a ``block_in -> block_out`` layer."""
-        bound = 1.0 / math.sqrt(self.block_in)
-        nn.init.uniform_(self.weight, -bound, bound)
+        init_uniform_(self.weight, self.block_in)
         self.weight.masked_fill_(self._padding(), 0.0)
         self.reset_bias()
 
@@ -150,9 +152,7 @@ class BlockDiagLinear(StructuredLinear):
 
         ``nblocks`` is chosen from ``budget`` unless given (then it must fit the budget).
         """
-        check_matrix(weight)
-        out_features, in_features = weight.shape
-        check_bias(bias, out_features)
+        out_features, in_features = check_dense_args(weight, bias)
         layer = cls(
             in_features, out_features, nblocks, bias=bias is not None, budget=budget,
             device=weight.device, dtype=weight.dtype,
@@ -160,8 +160,5 @@ class BlockDiagLinear(StructuredLinear):
         nb, bo, bi = layer.nblocks, layer.block_out, layer.block_in
         grid = to_blocks(pad_matrix(weight.detach(), nb * bo, nb * bi), bo, bi)
         idx = torch.arange(nb, device=weight.device)
-        with torch.no_grad():
-            layer.weight.copy_(grid[idx, idx])
-            if bias is not None:
-                layer.bias.copy_(bias)
+        layer.load_tensors(bias, weight=grid[idx, idx])
         return layer

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -12,9 +10,16 @@ from gblr.cost import (
     budget_to_macs,
     check_budget,
     check_positive,
+    check_within_budget,
+    units_within_budget,
     within_budget,
 )
-from gblr.layers.base import StructuredLinear, check_bias, check_matrix, register_structure
+from gblr.layers.base import (
+    StructuredLinear,
+    check_dense_args,
+    init_uniform_,
+    register_structure,
+)
 from gblr.layers.blocks import (
     block_factor_matmul,
     blocks_to_factors,
@@ -33,7 +38,7 @@ DEFAULT_GRID = 4
 
 def _rank_for_budget(n_in: int, n_out: int, p: int, q: int, budget: float) -> int:
     per_rank = block_low_rank_cost(n_in, n_out, p, q, 1)
-    return min(min(p, q), int(budget_to_macs(budget, n_in, n_out) * (1 + 1e-9) // per_rank))
+    return min(min(p, q), units_within_budget(budget, n_in, n_out, per_rank))
 
 
 def _resolve(
@@ -77,12 +82,10 @@ def _resolve(
         return (p, q), rank
     if rank > min(p, q):
         raise ValueError(f"rank={rank} exceeds the block's min dimension {min(p, q)}")
-    cost = block_low_rank_cost(n_in, n_out, p, q, rank)
-    if budget is not None and not within_budget(cost, budget, n_in, n_out):
-        raise ValueError(
-            f"rank={rank} on {p}x{q} blocks costs {cost} MACs, over budget={budget} "
-            f"({budget_to_macs(budget, n_in, n_out):.1f} MACs)"
-        )
+    check_within_budget(
+        block_low_rank_cost(n_in, n_out, p, q, rank), budget, n_in, n_out,
+        f"rank={rank} on {p}x{q} blocks costs",
+    )
     return (p, q), rank
 
 
@@ -138,10 +141,8 @@ class BlockLowRankLinear(StructuredLinear):
     def reset_parameters(self) -> None:
         """``V`` with fan-in ``cols``, ``U`` with fan-in ``(in/cols) * rank``, as ``nn.Linear``."""
         q = self.block_shape[1]
-        bound_v = 1.0 / math.sqrt(q)
-        bound_u = 1.0 / math.sqrt(self.grid_shape[1] * self.rank)
-        nn.init.uniform_(self.V, -bound_v, bound_v)
-        nn.init.uniform_(self.U, -bound_u, bound_u)
+        init_uniform_(self.V, q)
+        init_uniform_(self.U, self.grid_shape[1] * self.rank)
         self.reset_bias()
 
     def _forward_2d(self, x: torch.Tensor) -> torch.Tensor:
@@ -172,18 +173,12 @@ class BlockLowRankLinear(StructuredLinear):
         The blocks are independent, so this is the Frobenius-optimal projection onto
         the grid at that rank (Eckart-Young on every block).
         """
-        check_matrix(weight)
-        out_features, in_features = weight.shape
-        check_bias(bias, out_features)
+        out_features, in_features = check_dense_args(weight, bias)
         layer = cls(
             in_features, out_features, block_shape, bias=bias is not None, budget=budget,
             device=weight.device, dtype=weight.dtype,
         )
         p, q = layer.block_shape
         u, v = truncated_svd_factors(to_blocks(weight.detach(), p, q), layer.rank)
-        with torch.no_grad():
-            layer.U.copy_(u)
-            layer.V.copy_(v)
-            if bias is not None:
-                layer.bias.copy_(bias)
+        layer.load_tensors(bias, U=u, V=v)
         return layer

@@ -21,11 +21,13 @@ from gblr.cost import check_positive, padded_block_size
 __all__ = [
     "check_block_shape",
     "check_nblocks",
+    "valid_nblocks",
     "divisors",
     "default_block_shape",
     "to_blocks",
     "from_blocks",
     "pad_matrix",
+    "padding_masks",
     "truncated_svd_factors",
     "blocks_to_factors",
     "factors_to_blocks",
@@ -66,6 +68,17 @@ def check_nblocks(nblocks: int, in_features: int, out_features: int) -> int:
                 "the last block empty"
             )
     return nb
+
+
+def valid_nblocks(in_features: int, out_features: int) -> list[int]:
+    """Every block count that :func:`check_nblocks` accepts, in increasing order."""
+    valid = []
+    for nb in range(1, min(in_features, out_features) + 1):
+        try:
+            valid.append(check_nblocks(nb, in_features, out_features))
+        except ValueError:
+            continue
+    return valid
 
 
 def divisors(n: int) -> list[int]:
@@ -119,6 +132,25 @@ def from_blocks(blocks: torch.Tensor) -> torch.Tensor:
 def pad_matrix(weight: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """Zero-pad an ``(out, in)`` matrix at the end of both axes to ``(rows, cols)``."""
     return F.pad(weight, (0, cols - weight.shape[1], 0, rows - weight.shape[0]))
+
+
+def padding_masks(
+    nblocks: int,
+    block_out: int,
+    block_in: int,
+    out_features: int,
+    in_features: int,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a zero-padded block-diagonal layout runs past the real matrix.
+
+    Returns the boolean ``(nblocks, block_out, 1)`` rows at or past ``out_features`` and
+    ``(nblocks, 1, block_in)`` columns at or past ``in_features``; they broadcast over a
+    ``(nblocks, block_out, block_in)`` stack of diagonal blocks.
+    """
+    rows = torch.arange(nblocks * block_out, device=device).reshape(nblocks, block_out, 1)
+    cols = torch.arange(nblocks * block_in, device=device).reshape(nblocks, 1, block_in)
+    return rows >= out_features, cols >= in_features
 
 
 def truncated_svd_factors(

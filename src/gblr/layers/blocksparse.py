@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from gblr.cost import block_sparse_cost, budget_to_macs, check_budget, check_positive, within_budget
-from gblr.layers.base import StructuredLinear, check_bias, check_matrix, register_structure
+from gblr.cost import (
+    block_sparse_cost,
+    budget_to_macs,
+    check_budget,
+    check_positive,
+    check_within_budget,
+    units_within_budget,
+    within_budget,
+)
+from gblr.layers.base import (
+    StructuredLinear,
+    check_dense_args,
+    init_uniform_,
+    register_structure,
+)
 from gblr.layers.blocks import check_block_shape, default_block_shape, from_blocks, to_blocks
 
 __all__ = ["BlockSparseLinear", "DEFAULT_BLOCK_SIDE"]
@@ -77,7 +88,7 @@ def _resolve_shape(
     elif num_blocks is not None:
         count = num_blocks
     else:
-        count = min(total, int(budget_to_macs(budget, n_in, n_out) * (1 + 1e-9) // (p * q)))
+        count = min(total, units_within_budget(budget, n_in, n_out, p * q))
         if count == 0:
             raise ValueError(
                 f"budget={budget} is too small for one {p}x{q} block "
@@ -85,12 +96,9 @@ def _resolve_shape(
             )
     if count > total:
         raise ValueError(f"num_blocks={count} exceeds the {total} blocks of the grid")
-    cost = block_sparse_cost(count, p, q)
-    if budget is not None and not within_budget(cost, budget, n_in, n_out):
-        raise ValueError(
-            f"{count} blocks of {p}x{q} cost {cost} MACs, over budget={budget} "
-            f"({budget_to_macs(budget, n_in, n_out):.1f} MACs)"
-        )
+    check_within_budget(
+        block_sparse_cost(count, p, q), budget, n_in, n_out, f"{count} blocks of {p}x{q} cost"
+    )
     return (p, q), count
 
 
@@ -165,8 +173,7 @@ class BlockSparseLinear(StructuredLinear):
         """Uniform as ``nn.Linear`` with the mean number of nonzeros per row as fan-in."""
         p, q = self.block_shape
         fan_in = max(1.0, self.num_blocks * q / self.grid_shape[0])
-        bound = 1.0 / math.sqrt(fan_in)
-        nn.init.uniform_(self.blocks, -bound, bound)
+        init_uniform_(self.blocks, fan_in)
         self.reset_bias()
 
     def _forward_2d(self, x: torch.Tensor) -> torch.Tensor:
@@ -209,9 +216,7 @@ class BlockSparseLinear(StructuredLinear):
         This is the Frobenius-optimal projection for a fixed grid. Ties in norm go to
         the block that comes first in row-major order.
         """
-        check_matrix(weight)
-        out_features, in_features = weight.shape
-        check_bias(bias, out_features)
+        out_features, in_features = check_dense_args(weight, bias)
         (p, q), count = _resolve_shape(in_features, out_features, block_shape, None, budget, None)
         grid = to_blocks(weight.detach(), p, q)
         norms = grid.double().pow(2).sum(dim=(-2, -1)).flatten()
@@ -223,8 +228,5 @@ class BlockSparseLinear(StructuredLinear):
             in_features, out_features, (p, q), bias=bias is not None, budget=budget,
             block_mask=mask, device=weight.device, dtype=weight.dtype,
         )
-        with torch.no_grad():
-            layer.blocks.copy_(grid[layer.block_rows, layer.block_cols])
-            if bias is not None:
-                layer.bias.copy_(bias)
+        layer.load_tensors(bias, blocks=grid[layer.block_rows, layer.block_cols])
         return layer

@@ -10,7 +10,6 @@ modules; this class only arranges them as a convolution.
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar
 
 import torch
@@ -18,7 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from gblr.cost import check_positive
-from gblr.layers.gblr import FORWARD_PATHS, GBLRLinear, _svd_factors
+from gblr.layers.base import init_uniform_
+from gblr.layers.blocks import truncated_svd_factors
+from gblr.layers.gblr import GBLRLinear, _check_path
 from gblr.ops.costed import costed_conv2d
 
 __all__ = ["GBLRConv2d"]
@@ -142,9 +143,7 @@ class GBLRConv2d(nn.Module):
 
     @path.setter
     def path(self, value: str) -> None:
-        if value not in FORWARD_PATHS:
-            raise ValueError(f"path must be one of {FORWARD_PATHS}, got {value!r}")
-        self._path = value
+        self._path = _check_path(value)
 
     @property
     def sigma(self) -> float | None:
@@ -176,8 +175,7 @@ class GBLRConv2d(nn.Module):
                 linear.U.mul_(scale)
                 linear.V.mul_(scale)
         if self.bias is not None:
-            bound = 1.0 / math.sqrt(self.in_channels * self.num_taps)
-            nn.init.uniform_(self.bias, -bound, bound)
+            init_uniform_(self.bias, self.in_channels * self.num_taps)
 
     # -- the kernel ----------------------------------------------------------------------------
     def _kernel_from(self, matrices: list[torch.Tensor]) -> torch.Tensor:
@@ -325,7 +323,7 @@ class GBLRConv2d(nn.Module):
         for m in matrices:
             if budget is None:
                 k = min(m.shape) // rank_per_component * rank_per_component
-                u, v = _svd_factors(m, k)
+                u, v = truncated_svd_factors(m, k)
                 lin = GBLRLinear.from_low_rank(u, v, **kwargs)
             else:
                 lin = GBLRLinear.from_dense(m, budget, **kwargs)

@@ -21,6 +21,7 @@ from gblr.cost import (
     grouped_component_cost,
 )
 from gblr.layers.base import StructuredLinear, check_matrix, register_structure
+from gblr.layers.blocks import truncated_svd_factors
 from gblr.ops.costed import costed_linear
 from gblr.ops.gaudi import EVAL_MASK_THRESHOLD, gaudi_mask, round_to_grid
 
@@ -31,11 +32,11 @@ LOCATION_INITS = ("even", "constant", "random")
 FORWARD_PATHS = ("auto", "dense", "lowrank")
 
 
-def _svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Balanced truncated-SVD factors ``U (out, rank)``, ``V (rank, in)`` of ``weight``."""
-    u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
-    root = s[:rank].sqrt()
-    return (u[:, :rank] * root).to(weight.dtype), (root[:, None] * vh[:rank]).to(weight.dtype)
+def _check_path(value: str) -> str:
+    """Validate a forward path setting (one of :data:`FORWARD_PATHS`)."""
+    if value not in FORWARD_PATHS:
+        raise ValueError(f"path must be one of {FORWARD_PATHS}, got {value!r}")
+    return value
 
 
 @register_structure("gblr")
@@ -138,9 +139,7 @@ class GBLRLinear(StructuredLinear):
 
     @path.setter
     def path(self, value: str) -> None:
-        if value not in FORWARD_PATHS:
-            raise ValueError(f"path must be one of {FORWARD_PATHS}, got {value!r}")
-        self._path = value
+        self._path = _check_path(value)
 
     # -- initialisation ------------------------------------------------------------------------
     @torch.no_grad()
@@ -154,7 +153,7 @@ class GBLRLinear(StructuredLinear):
             self.U.normal_(0.0, std)
             self.V.normal_(0.0, std)
         else:
-            u, v = _svd_factors(dense, k * r)
+            u, v = truncated_svd_factors(dense, k * r)
             self.U.copy_(u)
             self.V.copy_(v)
         self.widths.copy_(self._initial_widths())
@@ -331,13 +330,7 @@ class GBLRLinear(StructuredLinear):
             dtype=u.dtype,
             **kwargs,
         )
-        with torch.no_grad():
-            layer.U.copy_(u)
-            layer.V.copy_(v)
-            layer.widths.copy_(widths)
-            layer.locations.copy_(locations)
-            if bias is not None:
-                layer.bias.copy_(bias)
+        layer.load_tensors(bias, U=u, V=v, widths=widths, locations=locations)
         layer.init = "svd"
         return layer
 
@@ -387,7 +380,7 @@ class GBLRLinear(StructuredLinear):
         us, vs, widths, locations = [], [], [], []
         for i, j in blocks:
             rows, cols = slice(i * p, (i + 1) * p), slice(j * q, (j + 1) * q)
-            u_blk, v_blk = _svd_factors(weight[rows, cols], rank)
+            u_blk, v_blk = truncated_svd_factors(weight[rows, cols], rank)
             u = weight.new_zeros(out_features, rank)
             v = weight.new_zeros(rank, in_features)
             u[rows] = u_blk

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from gblr.cost import (
     check_budget,
     check_positive,
+    check_within_budget,
     lowrank_cost,
     max_rank_for_budget,
-    within_budget,
 )
-from gblr.layers.base import StructuredLinear, check_bias, check_matrix, register_structure
+from gblr.layers.base import (
+    StructuredLinear,
+    check_dense_args,
+    init_uniform_,
+    register_structure,
+)
 from gblr.layers.blocks import truncated_svd_factors
 
 __all__ = ["LowRankLinear"]
@@ -40,12 +43,10 @@ def _resolve_rank(
     rank = check_positive("rank", rank)
     if rank > min_dim:
         raise ValueError(f"rank={rank} exceeds min(in_features, out_features)={min_dim}")
-    cost = lowrank_cost(in_features, out_features, rank)
-    if budget is not None and not within_budget(cost, budget, in_features, out_features):
-        raise ValueError(
-            f"rank={rank} costs {cost} MACs, over budget={budget} "
-            f"({budget * in_features * out_features:.1f} MACs)"
-        )
+    check_within_budget(
+        lowrank_cost(in_features, out_features, rank), budget, in_features, out_features,
+        f"rank={rank} costs",
+    )
     return rank
 
 
@@ -83,10 +84,8 @@ class LowRankLinear(StructuredLinear):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Each factor as ``nn.Linear`` initialises a layer of its fan-in; bias likewise."""
-        bound_v = 1.0 / math.sqrt(self.in_features)
-        bound_u = 1.0 / math.sqrt(self.rank)
-        nn.init.uniform_(self.V, -bound_v, bound_v)
-        nn.init.uniform_(self.U, -bound_u, bound_u)
+        init_uniform_(self.V, self.in_features)
+        init_uniform_(self.U, self.rank)
         self.reset_bias()
 
     def _forward_2d(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,17 +106,11 @@ class LowRankLinear(StructuredLinear):
     ) -> LowRankLinear:
         """Truncated SVD of ``weight`` at the largest rank the budget allows (optimal in
         Frobenius norm, Eckart-Young); the factors share the singular values' square roots."""
-        check_matrix(weight)
-        out_features, in_features = weight.shape
-        check_bias(bias, out_features)
+        out_features, in_features = check_dense_args(weight, bias)
         layer = cls(
             in_features, out_features, bias=bias is not None, budget=budget,
             device=weight.device, dtype=weight.dtype,
         )
         u, v = truncated_svd_factors(weight.detach(), layer.rank)
-        with torch.no_grad():
-            layer.U.copy_(u)
-            layer.V.copy_(v)
-            if bias is not None:
-                layer.bias.copy_(bias)
+        layer.load_tensors(bias, U=u, V=v)
         return layer

@@ -25,8 +25,14 @@ from gblr.cost import (
     check_positive,
     monarch_cost,
     padded_block_size,
+    units_within_budget,
 )
-from gblr.layers.base import StructuredLinear, check_bias, check_matrix, register_structure
+from gblr.layers.base import (
+    StructuredLinear,
+    check_dense_args,
+    init_uniform_,
+    register_structure,
+)
 from gblr.layers.blocks import (
     block_factor_matmul,
     blocks_to_factors,
@@ -34,8 +40,10 @@ from gblr.layers.blocks import (
     factors_to_blocks,
     from_blocks,
     pad_matrix,
+    padding_masks,
     to_blocks,
     truncated_svd_factors,
+    valid_nblocks,
 )
 
 __all__ = ["MonarchLinear"]
@@ -65,20 +73,15 @@ def _resolve(
         if rank is None:
             rank = -(-_max_rank(n_in, n_out, nblocks) // nblocks)
         return nblocks, rank
-    limit = budget_to_macs(budget, n_in, n_out) * (1 + 1e-9)
     if nblocks is not None:
         candidates = [nblocks]
     else:
-        candidates = []
-        for nb in range(1, min(n_in, n_out) + 1):
-            try:
-                candidates.append(check_nblocks(nb, n_in, n_out))
-            except ValueError:
-                continue
+        candidates = valid_nblocks(n_in, n_out)
     centre = math.sqrt(min(n_in, n_out))
     best: tuple[tuple[int, float, int], int, int] | None = None
     for nb in candidates:
-        k_max = min(_max_rank(n_in, n_out, nb), int(limit // monarch_cost(n_in, n_out, nb, 1)))
+        k_max = min(_max_rank(n_in, n_out, nb),
+                    units_within_budget(budget, n_in, n_out, monarch_cost(n_in, n_out, nb, 1)))
         k = k_max if rank is None else (rank if rank <= k_max else 0)
         if k < 1:
             continue
@@ -145,10 +148,8 @@ class MonarchLinear(StructuredLinear):
 
     def _paddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Boolean masks of the entries of ``blkdiag1`` and ``blkdiag2`` that touch padding."""
-        nb, bi, bo = self.nblocks, self.block_in, self.block_out
-        device = self.blkdiag1.device
-        cols = torch.arange(nb * bi, device=device).reshape(nb, 1, bi) >= self.in_features
-        rows = torch.arange(nb * bo, device=device).reshape(nb, bo, 1) >= self.out_features
+        rows, cols = padding_masks(self.nblocks, self.block_out, self.block_in,
+                                   self.out_features, self.in_features, self.blkdiag1.device)
         return cols.expand_as(self.blkdiag1), rows.expand_as(self.blkdiag2)
 
     @torch.no_grad()
@@ -160,10 +161,8 @@ class MonarchLinear(StructuredLinear):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Each block as ``nn.Linear`` initialises a layer of its fan-in; padding zero."""
-        bound1 = 1.0 / math.sqrt(self.block_in)
-        bound2 = 1.0 / math.sqrt(self.nblocks * self.rank)
-        nn.init.uniform_(self.blkdiag1, -bound1, bound1)
-        nn.init.uniform_(self.blkdiag2, -bound2, bound2)
+        init_uniform_(self.blkdiag1, self.block_in)
+        init_uniform_(self.blkdiag2, self.nblocks * self.rank)
         self._zero_padding()
         self.reset_bias()
 
@@ -199,9 +198,7 @@ class MonarchLinear(StructuredLinear):
         Frobenius-optimal Monarch approximation of the zero-padded ``weight``
         (block-wise rank-1 SVD in the paper's square case).
         """
-        check_matrix(weight)
-        out_features, in_features = weight.shape
-        check_bias(bias, out_features)
+        out_features, in_features = check_dense_args(weight, bias)
         layer = cls(
             in_features, out_features, nblocks, rank, bias=bias is not None, budget=budget,
             device=weight.device, dtype=weight.dtype,
@@ -210,10 +207,6 @@ class MonarchLinear(StructuredLinear):
         grid = to_blocks(pad_matrix(weight.detach(), nb * bo, nb * bi), bo, bi)
         u, v = truncated_svd_factors(grid, layer.rank)
         first, second = blocks_to_factors(u, v)
-        with torch.no_grad():
-            layer.blkdiag1.copy_(first)
-            layer.blkdiag2.copy_(second)
-            layer._zero_padding()
-            if bias is not None:
-                layer.bias.copy_(bias)
+        layer.load_tensors(bias, blkdiag1=first, blkdiag2=second)
+        layer._zero_padding()
         return layer

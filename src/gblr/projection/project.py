@@ -71,11 +71,7 @@ def _lowrank_layer(
     cls = get_structure("lowrank")
     layer = cls(in_features, out_features, rank=rank, bias=bias is not None,
                 device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        layer.U.copy_(u)
-        layer.V.copy_(v)
-        if bias is not None:
-            layer.bias.copy_(bias)
+    layer.load_tensors(bias, U=u, V=v)
     return layer
 
 
