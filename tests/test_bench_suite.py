@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from gblr.bench import suite
@@ -42,3 +44,19 @@ def test_collect_rebuilds_page_from_existing_results(tmp_path):
     assert "Layer training step (GBLR vs dense) — CUDA" in text
     assert suite.main(["speed", "--collect", "--out", str(out), "--page", str(page)]) == 1
     assert "no results in" in page.read_text()
+
+
+def test_deploy_gpt_quick_trains_deploys_and_matches(tmp_path):
+    pytest.importorskip("lightning")
+    from gblr.data.text import shakespeare_dir
+
+    if not (shakespeare_dir() / "train.txt").is_file():
+        pytest.skip("../shared/data/shakespeare is absent")
+    from gblr.bench import deploy_gpt
+
+    out = tmp_path / "out"
+    assert deploy_gpt.main(["--quick", "--out", str(out), "--work", str(tmp_path / "run")]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["cosine"] > 0.999999
+    assert result["layers"] == 12
+    assert result["true_cost"] <= 0.4 + 1e-9
