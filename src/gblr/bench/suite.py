@@ -132,8 +132,11 @@ def _results_block(folder: Path, page_dir: Path, level: str) -> list[str]:
 def _section(run: dict, spec: BenchSpec, page_dir: Path) -> str:
     title = spec.title + (" — CUDA" if run["device"] == "cuda" else "")
     lines = [f"## {title}", ""]
-    if run["status"] != "ok" or not (run["out"] / "results.md").exists():
+    if run["status"] != "ok":
         lines.append(f"This benchmark did not complete: {run['status']}.")
+        return "\n".join(lines) + "\n"
+    if not (run["out"] / "results.md").exists():
+        lines.append("This benchmark wrote no results (its data was missing; see its output).")
         return "\n".join(lines) + "\n"
     lines += _results_block(run["out"], page_dir, "###")
     # further runs of the same benchmark (other settings) kept in sub-folders
