@@ -49,17 +49,22 @@ def test_layer_applies_the_sum_of_masked_components():
     torch.testing.assert_close(layer.to_dense(), expected)
 
 
-def test_eval_turns_off_components_one_index_wide_and_train_does_not():
+def test_component_one_index_wide_is_off_in_eval_and_sharp_training():
     layer = make(8, 6, num_components=3)
-    # component 2 is one column wide: on in training, off in evaluation
+    # component 2 is one column wide: off in evaluation and, with sharp masks, in training too
     set_boxes(layer, [[1.0, 0.5, 1 / 8], [1.0, 0.5, 0.5]], torch.zeros(2, 3))
     x = torch.randn(4, 8, dtype=torch.float64)
     y_train = layer.train()(x)
     y_eval = layer.eval()(x)
-    u, v = layer.U.detach(), layer.V.detach()
-    third = torch.outer(box(6, 0, 3) * u[:, 2], box(8, 0, 1) * v[2])
-    torch.testing.assert_close(y_train - y_eval, x @ third.t())
+    torch.testing.assert_close(y_train, y_eval)
     assert layer.active_components().tolist() == [True, True, False]
+    layer.train()(x).sum().backward()
+    assert layer.U.grad[:, 2].abs().sum() == 0 and layer.U.grad[:, 0].abs().sum() > 0
+    # with a low-pass (annealing) the narrow component still takes part in training
+    layer.U.grad = None
+    layer.sigma = 4.0
+    layer.train()(x).sum().backward()
+    assert layer.U.grad[:, 2].abs().sum() > 0
 
 
 def test_flops_hand_computed():
@@ -213,3 +218,17 @@ def test_wrong_last_dimension(shape):
     layer = make()
     with pytest.raises(ValueError, match=r"\(\.\.\., 12\)"):
         layer(torch.randn(shape, dtype=torch.float64))
+
+
+def test_lowrank_init_off_components_can_regrow():
+    torch.manual_seed(0)
+    layer = GBLRLinear(16, 24, init="lowrank", budget=0.3, sigma=2.0)
+    on = layer.active_components()
+    assert 0 < int(on.sum()) < layer.num_components
+    assert torch.all(layer.widths[:, on] == 1.0)
+    # evaluation cost is that of the full-width components only
+    assert layer.flops() == int(on.sum()) * (16 + 24)
+    layer.train()
+    layer(torch.randn(32, 16)).square().sum().backward()
+    # an off component has a gradient on its closed (output) width, so training can reopen it
+    assert layer.widths.grad[1, ~on].abs().sum() > 0

@@ -169,7 +169,11 @@ class GBLRLinear(StructuredLinear):
         limit = self.budget * n_in * n_out
         full_share = limit if self.init == "lowrank" else limit / 2
         n_full = min(k, int(full_share // (r * (n_in + n_out))))
-        widths[:, n_full:] = 0.0
+        # an off component is closed on the output axis only: with both axes at width 0 the
+        # loss is flat in both widths (each mask's gradient carries the other mask as a
+        # factor), so it could never regrow; an open input axis costs nothing in evaluation
+        # (the component is inactive) and gives the output width a gradient
+        widths[OUTPUT_AXIS, n_full:] = 0.0
         if self.init == "sparse_lowrank" and n_full < k:
             # remaining half of the budget split evenly over the short components
             n_short = k - n_full
@@ -207,6 +211,11 @@ class GBLRLinear(StructuredLinear):
             on = self.active_components().to(m_in.dtype)[:, None]
             m_in = torch.where(m_in.abs() < EVAL_MASK_THRESHOLD, 0.0, m_in) * on
             m_out = torch.where(m_out.abs() < EVAL_MASK_THRESHOLD, 0.0, m_out) * on
+        elif self.sigma is None:
+            # sharp training computes what evaluation computes: a component one index wide on
+            # an axis is off in evaluation, so it must not contribute in training either
+            on = self.active_components().to(m_in.dtype)[:, None]
+            m_in, m_out = m_in * on, m_out * on
         return m_in, m_out
 
     @torch.no_grad()
