@@ -16,6 +16,7 @@ from gblr.convert import CompressionConfig, compress, load_compressed, save_comp
 from gblr.convert.calibrate import (
     capture_second_moments,
     capture_teacher_moments,
+    shared_input_groups,
     teacher_target,
 )
 from gblr.convert.distill import distill, lr_factor, structured_cost
@@ -252,7 +253,7 @@ def test_sequential_calibration():
                           nn.Linear(32, 8))
     x = torch.randn(256, 16) @ torch.randn(16, 16)
     teacher = copy.deepcopy(model)
-    c_ss, c_ts = capture_teacher_moments(model, teacher, "2", [x[:128], x[128:]])
+    c_ss, c_ts = capture_teacher_moments(model, teacher, ["2"], [x[:128], x[128:]])["2"]
     torch.testing.assert_close(c_ss, c_ts)  # same model: cross moment = second moment
     with torch.no_grad():
         ref = teacher(x)
@@ -267,6 +268,10 @@ def test_sequential_calibration():
         with torch.no_grad():
             errors[mode] = float((student(x) - ref).norm() / ref.norm())
     assert errors["sequential"] < errors["inputs"]
+    bert = tiny_bert()
+    names = list(select_layers(bert, ["layer.0"], []))
+    groups = shared_input_groups(bert, names, [{"input_ids": IDS}])
+    assert [len(g) for g in groups] == [3, 1, 1, 1]  # query, key and value share their input
     with pytest.raises(ValueError, match="calibration_mode must be one of"):
         CompressionConfig(calibration_mode="later")
     with pytest.raises(ValueError, match="allocation='global'"):

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from gblr.convert.cli import resolve_device
-from gblr.convert.config import CompressionConfig
+from gblr.convert.config import CALIBRATION_MODES, CompressionConfig
 from gblr.convert.distill import distill, structured_cost
 from gblr.convert.evaluate import compare_embeddings, sentence_embeddings
 from gblr.convert.hf import default_model_path, default_targets, load_hf_model
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             config = CompressionConfig(
                 structure=structure, budget=budget,
                 steps=args.search_steps if structure == "gblr" else None,
-                calibration=calibration is not None,
+                calibration=calibration is not None, calibration_mode=args.calibration_mode,
                 target_modules=targets, exclude_modules=exclude)
             start = time.perf_counter()
             _, report = compress(student, config, calibration_data=calibration,
@@ -148,6 +148,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "exclude": exclude, "train_text": str(train_file), "test_text": str(test_file),
             "eval_passages": len(held), "steps": args.steps, "minutes": args.minutes,
             "calibration_batches": args.calibration_batches if args.calibrate else 0,
+            "calibration_mode": args.calibration_mode,
             "search_steps": args.search_steps, "batch_size": args.batch_size,
             "max_length": args.max_length, "lr": args.lr, "structure_lr": args.structure_lr,
             "device": str(device),
@@ -162,7 +163,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def markdown(results: dict[str, Any]) -> str:
     s = results["setup"]
     cal = s.get("calibration_batches")
-    projection = f"data-aware ({cal} batches of activations)" if cal else "plain (weights only)"
+    projection = (f"data-aware, {s.get('calibration_mode', 'inputs')} ({cal} batches of "
+                  "activations)" if cal else "plain (weights only)")
     length = (f"{s['minutes']:g} min for the first structure, the same steps for the others"
               if s.get("minutes") else f"{s['steps']} steps")
     lines = [
@@ -207,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="data-aware projection of every structure from activations on "
                    "training text (default on)")
     p.add_argument("--calibration-batches", type=int, default=16)
+    p.add_argument("--calibration-mode", default="inputs", choices=CALIBRATION_MODES,
+                   help="'inputs' (the dense model's activations; default) or 'sequential' "
+                   "(layer by layer, fitted to the dense model's outputs)")
     p.add_argument("--search-steps", type=int, default=0,
                    help="steps of GBLR's structure search (default 0: its whitened-SVD start, "
                    "the same start as low rank; see results/compress/search for the search)")

@@ -12,6 +12,7 @@ __all__ = [
     "calibration_batches",
     "capture_second_moments",
     "capture_teacher_moments",
+    "shared_input_groups",
     "teacher_target",
     "run_model",
 ]
@@ -94,67 +95,99 @@ def capture_second_moments(
 
 
 class _Captured(Exception):
-    """Raised by a hook once it has the layer's input: the rest of the forward is skipped."""
+    """Raised by a hook once it has the layers' inputs: the rest of the forward is skipped."""
 
 
-def _first_input(model: nn.Module, name: str, batch: Any) -> torch.Tensor:
-    """The input of layer ``name`` when ``model`` runs on ``batch``, ``(tokens, in)`` float64."""
-    seen: list[torch.Tensor] = []
+def _inputs_of(model: nn.Module, names: list[str], batch: Any) -> dict[str, torch.Tensor]:
+    """The inputs of the named layers when ``model`` runs on ``batch`` (stops once all are seen)."""
+    seen: dict[str, torch.Tensor] = {}
 
-    def hook(_module: nn.Module, inputs: tuple[Any, ...]) -> None:
-        seen.append(inputs[0].detach())
-        raise _Captured
+    def hook(name: str):
+        def fn(_module: nn.Module, inputs: tuple[Any, ...]) -> None:
+            seen.setdefault(name, inputs[0].detach())
+            if len(seen) == len(names):
+                raise _Captured
 
-    handle = model.get_submodule(name).register_forward_pre_hook(hook)
+        return fn
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
     try:
         run_model(model, batch)
     except _Captured:
         pass
     finally:
-        handle.remove()
-    if not seen:
-        raise ValueError(f"calibration_data never reached layer {name!r}")
-    x = seen[0]
-    return x.reshape(-1, x.shape[-1]).double()
+        for handle in handles:
+            handle.remove()
+    missing = [n for n in names if n not in seen]
+    if missing:
+        raise ValueError(f"calibration_data never reached layer(s) {missing[:4]}")
+    return seen
+
+
+@torch.no_grad()
+def shared_input_groups(model: nn.Module, names: list[str], data: list[Any]) -> list[list[str]]:
+    """``names`` in order, consecutive layers that read the very same input tensor grouped
+    (e.g. an attention block's query, key and value): compressing one of them does not
+    change the others' input, so a group shares one calibration pass."""
+    was_training = model.training
+    model.eval()
+    try:
+        inputs = _inputs_of(model, names, data[0])
+    finally:
+        model.train(was_training)
+    groups: list[list[str]] = []
+    for name in names:
+        x = inputs[name]
+        if groups:
+            y = inputs[groups[-1][0]]
+            if x.data_ptr() == y.data_ptr() and x.shape == y.shape:
+                groups[-1].append(name)
+                continue
+        groups.append([name])
+    return groups
 
 
 @torch.no_grad()
 def capture_teacher_moments(
-    student: nn.Module, teacher: nn.Module, name: str, data: Any
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(C_ss, C_ts)``: the second moment of the inputs of layer ``name`` in ``student`` and
-    their cross moment ``X_t^T X_s / N`` with the same layer's inputs in ``teacher``.
+    student: nn.Module, teacher: nn.Module, names: list[str], data: Any
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{name: (C_ss, C_ts)}``: the second moment of the inputs of each named layer in
+    ``student`` and their cross moment ``X_t^T X_s / N`` with the same layer's inputs in
+    ``teacher``.
 
-    Both models run on the same batches (evaluation mode; each forward stops at the layer).
+    Both models run on the same batches (evaluation mode; each forward stops once it has
+    reached every named layer).
     """
-    c_ss: torch.Tensor | None = None
-    c_ts: torch.Tensor | None = None
+    sums: dict[str, list[torch.Tensor]] = {}
     count = 0
     modes = [(m, m.training) for m in (student, teacher)]
     for m, _ in modes:
         m.eval()
     try:
         for batch in _batches(data):
-            xs = _first_input(student, name, batch)
-            xt = _first_input(teacher, name, batch).to(xs.device)
-            if xs.shape != xt.shape:
-                raise ValueError(
-                    f"layer {name!r} sees inputs of shape {tuple(xs.shape)} in the compressed "
-                    f"model but {tuple(xt.shape)} in the dense one"
-                )
-            if c_ss is None:
-                c_ss = torch.zeros(xs.shape[1], xs.shape[1], dtype=torch.float64,
-                                   device=xs.device)
-                c_ts = torch.zeros_like(c_ss)
-            c_ss.addmm_(xs.t(), xs)
-            c_ts.addmm_(xt.t(), xs)
+            xs_all = _inputs_of(student, names, batch)
+            xt_all = _inputs_of(teacher, names, batch)
+            for name in names:
+                xs = xs_all[name].reshape(-1, xs_all[name].shape[-1]).double()
+                xt = xt_all[name].reshape(-1, xt_all[name].shape[-1]).double().to(xs.device)
+                if xs.shape != xt.shape:
+                    raise ValueError(
+                        f"layer {name!r} sees inputs of shape {tuple(xs.shape)} in the "
+                        f"compressed model but {tuple(xt.shape)} in the dense one"
+                    )
+                if name not in sums:
+                    zeros = torch.zeros(xs.shape[1], xs.shape[1], dtype=torch.float64,
+                                        device=xs.device)
+                    sums[name] = [zeros, zeros.clone()]
+                sums[name][0].addmm_(xs.t(), xs)
+                sums[name][1].addmm_(xt.t(), xs)
             count += xs.shape[0]
     finally:
         for m, mode in modes:
             m.train(mode)
-    if c_ss is None or count == 0:
-        raise ValueError(f"calibration_data never reached layer {name!r}")
-    return c_ss / count, c_ts / count
+    if count == 0:
+        raise ValueError(f"calibration_data never reached layer(s) {names[:4]}")
+    return {n: (c_ss / count, c_ts / count) for n, (c_ss, c_ts) in sums.items()}
 
 
 def teacher_target(

@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
                    help="data-aware projection from activations on the training text "
                    "(default on; --no-calibrate projects the weights alone)")
+    p.add_argument("--calibration-mode", default="inputs", choices=("inputs", "sequential"),
+                   help="'inputs' (default): the original model's activations, in one pass; "
+                   "'sequential': layer by layer, each fitted to the original model's outputs "
+                   "from the inputs it sees in the partly compressed model (closer right after "
+                   "projection, slower)")
     p.add_argument("--steps", type=int, help="distillation steps (default: bounded by --minutes)")
     p.add_argument("--minutes", type=float, help="distillation time limit (default 2, or none "
                    "when --steps is given); 0 skips distillation")
@@ -114,6 +119,7 @@ def _config(args: argparse.Namespace, model: torch.nn.Module):
     return CompressionConfig(structure=args.structure, budget=args.budget,
                              target_modules=targets, exclude_modules=exclude,
                              calibration=bool(args.calibrate),
+                             calibration_mode=args.calibration_mode,
                              steps=args.search_steps if args.structure == "gblr" else None)
 
 

@@ -18,6 +18,7 @@ from gblr.convert.calibrate import (
     calibration_batches,
     capture_second_moments,
     capture_teacher_moments,
+    shared_input_groups,
     teacher_target,
 )
 from gblr.convert.config import REGEX_PREFIX, CompressionConfig
@@ -164,10 +165,17 @@ def compress(
     moments: dict[str, torch.Tensor] = {}
     sequential = bool(wants_data) and config.calibration_mode == "sequential"
     teacher = None
+    pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    leader: dict[str, list[str]] = {}
     if sequential:
-        # every layer gets its own calibration pass: keep the batches and the dense model
+        # a calibration pass per group of layers with one input: keep the batches and the
+        # dense model
         calibration_data = calibration_batches(calibration_data)
+        if not calibration_data:
+            raise ValueError("calibration_data holds no batch")
         teacher = copy.deepcopy(model)
+        calibrated = [n for n in layers if n in wants_data and layers[n] != "conv2d"]
+        leader = {g[0]: g for g in shared_input_groups(model, calibrated, calibration_data)}
     elif wants_data:
         moments = capture_second_moments(model, {n: layers[n] for n in wants_data},
                                          calibration_data)
@@ -194,8 +202,11 @@ def compress(
             weight = w_param.detach().to(torch.float32)
             bias = None if old.bias is None else old.bias.detach().to(torch.float32)
             target, moment = weight, moments.get(name)
-            if sequential and name in wants_data:
-                moment, cross = capture_teacher_moments(model, teacher, name, calibration_data)
+            if name in leader:
+                pending.update(capture_teacher_moments(model, teacher, leader[name],
+                                                       calibration_data))
+            if name in pending:
+                moment, cross = pending.pop(name)
                 target = teacher_target(weight, moment, cross)
             new = _project(name, target, bias, setting, budgets[name], moment)
         seconds = time.perf_counter() - start
