@@ -36,9 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", nargs="+", metavar="PATTERN", default=None,
                    help="layers to leave dense")
     p.add_argument("--config", help="a CompressionConfig JSON file (overrides the options above)")
-    p.add_argument("--search-steps", type=int, default=None,
-                   help="steps of GBLR's structure search at projection (0: its SVD start; "
-                   "default: the projection's own default)")
+    p.add_argument("--search-steps", type=int, default=0,
+                   help="steps of GBLR's structure search at projection (default 0: its "
+                   "(whitened) SVD start, which distillation then reshapes; e.g. 30 searches)")
     p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
                    help="data-aware projection from activations on the training text "
                    "(default on; --no-calibrate projects the weights alone)")
@@ -58,11 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=128, help="tokens per passage")
     p.add_argument("--loss", default="both", choices=("hidden", "embedding", "both"))
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--structure-lr", type=float, default=0.0,
+    p.add_argument("--lr", type=float, default=3e-4,
+                   help="peak learning rate of the distillation (warm-up, then cosine decay)")
+    p.add_argument("--structure-lr", type=float, default=1e-3,
                    help="learning rate of GBLR widths and locations during distillation "
-                   "(default 0: keep the searched structure; a short distillation that moves "
-                   "it loses more than it gains, see the README)")
+                   "(0 keeps the structure fixed); the budget is held by gblr.BudgetController")
     p.add_argument("--eval-passages", type=int, default=400,
                    help="held-out passages for cosine and neighbour agreement")
     p.add_argument("--seed", type=int, default=0)
