@@ -1,5 +1,8 @@
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gblr import GBLRLinear
@@ -232,3 +235,31 @@ def test_lowrank_init_off_components_can_regrow():
     layer(torch.randn(32, 16)).square().sum().backward()
     # an off component has a gradient on its closed (output) width, so training can reopen it
     assert layer.widths.grad[1, ~on].abs().sum() > 0
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+@pytest.mark.parametrize("path", ["dense", "lowrank"])
+@pytest.mark.parametrize("sigma", [None, 3.0])
+def test_components_off_on_both_axes_are_skipped_exactly(rank, path, sigma):
+    torch.manual_seed(0)
+    layer = GBLRLinear(20, 14, num_components=6, rank_per_component=rank, path=path,
+                       sigma=sigma)
+    with torch.no_grad():
+        layer.widths[:, 3:] = 0.0  # three components off on both axes
+        layer.widths[0, 2] = 0.0  # one off on the input axis only
+    x = torch.randn(5, 20)
+    u, v = layer.masked_factors(live_only=True)
+    # sharp training switches a component off when one axis is <= 1 index (as evaluation
+    # does); with a low-pass its other mask is nonzero, so it stays and may regrow
+    live = 2 if sigma is None else 3
+    assert u.shape[1] == v.shape[0] == live * rank
+    full = copy.deepcopy(layer)
+    y = layer(x)
+    torch.testing.assert_close(y, F.linear(x, full.to_dense(), full.bias))
+    y.square().sum().backward()
+    u_f, v_f = full.masked_factors()
+    F.linear(F.linear(x, v_f), u_f, full.bias).square().sum().backward()
+    for name in ("U", "V", "widths", "locations", "bias"):
+        torch.testing.assert_close(getattr(layer, name).grad, getattr(full, name).grad)
+    if sigma is not None:
+        assert float(layer.widths.grad[0, 2].abs()) > 0  # the half-off component learns

@@ -190,7 +190,10 @@ def distill(
         p.requires_grad_(False)
     groups = param_groups(student, lr=lr, weight_decay=weight_decay,
                           structure_lr=structure_lr if learn_structure else None)
-    optimizer = torch.optim.AdamW(groups)
+    params = [p for g in groups for p in g["params"]]
+    # the fused kernel (several times faster on CPU) where every parameter allows it
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    optimizer = torch.optim.AdamW(groups, fused=fused or None)
     for group in optimizer.param_groups:
         group["base_lr"] = group["lr"]
 

@@ -190,9 +190,12 @@ class GBLRLinear(StructuredLinear):
         return (torch.arange(k, dtype=torch.float32) / k).expand(2, k).clone()
 
     # -- masks ---------------------------------------------------------------------------------
-    def _axis_mask(self, axis: int, n: int) -> torch.Tensor:
-        width = round_to_grid(self.widths[axis].clamp(0.0, 1.0), n)
-        location = round_to_grid(torch.remainder(self.locations[axis], 1.0), n)
+    def _axis_mask(self, axis: int, n: int, index: torch.Tensor | None = None) -> torch.Tensor:
+        width, location = self.widths[axis], self.locations[axis]
+        if index is not None:
+            width, location = width[index], location[index]
+        width = round_to_grid(width.clamp(0.0, 1.0), n)
+        location = round_to_grid(torch.remainder(location, 1.0), n)
         return gaudi_mask(width, location, n, self.sigma)
 
     def active_components(self) -> torch.Tensor:
@@ -205,16 +208,20 @@ class GBLRLinear(StructuredLinear):
 
     def masks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(m_in (K, in), m_out (K, out))`` as the forward pass uses them in the current mode."""
-        m_in = self._axis_mask(INPUT_AXIS, self.in_features)
-        m_out = self._axis_mask(OUTPUT_AXIS, self.out_features)
-        if not self.training:
-            on = self.active_components().to(m_in.dtype)[:, None]
-            m_in = torch.where(m_in.abs() < EVAL_MASK_THRESHOLD, 0.0, m_in) * on
-            m_out = torch.where(m_out.abs() < EVAL_MASK_THRESHOLD, 0.0, m_out) * on
-        elif self.sigma is None:
-            # sharp training computes what evaluation computes: a component one index wide on
-            # an axis is off in evaluation, so it must not contribute in training either
-            on = self.active_components().to(m_in.dtype)[:, None]
+        return self._masks_of(None)
+
+    def _masks_of(self, index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`masks` of the components ``index`` only (all when None)."""
+        m_in = self._axis_mask(INPUT_AXIS, self.in_features, index)
+        m_out = self._axis_mask(OUTPUT_AXIS, self.out_features, index)
+        if not self.training or self.sigma is None:
+            # evaluation, and sharp training, which computes what evaluation computes: a
+            # component at most one index wide on an axis is off
+            on = self.active_components()
+            on = (on if index is None else on[index]).to(m_in.dtype)[:, None]
+            if not self.training:
+                m_in = torch.where(m_in.abs() < EVAL_MASK_THRESHOLD, 0.0, m_in)
+                m_out = torch.where(m_out.abs() < EVAL_MASK_THRESHOLD, 0.0, m_out)
             m_in, m_out = m_in * on, m_out * on
         return m_in, m_out
 
@@ -228,30 +235,52 @@ class GBLRLinear(StructuredLinear):
         finally:
             self.train(was_training)
 
-    def masked_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``U_m (out, K r)`` and ``V_m (K r, in)``, current-mode masks applied: ``W = U_m V_m``."""
-        m_in, m_out = self.masks()
+    def masked_factors(self, live_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``U_m (out, K r)`` and ``V_m (K r, in)``, current-mode masks applied: ``W = U_m V_m``.
+
+        With ``live_only`` the components whose masks are zero on both axes are left out
+        (``K`` shrinks): they add nothing to ``W`` and, since each mask's gradient is
+        weighted by the other mask, they get no gradient either, so the forward and
+        backward passes are unchanged while skipping their work.
+        """
+        u, v = self.U, self.V
         r = self.rank_per_component
+        live_only = live_only and not torch.compiler.is_compiling()
+        index = None
+        if live_only and (self.sigma is None or not self.training):
+            # sharp masks and evaluation: the components that are off are known from the
+            # widths alone, so their masks are not even built
+            active = self.active_components()
+            if not bool(active.all()):
+                index = active.nonzero().squeeze(1)
+        m_in, m_out = self._masks_of(index)
+        if live_only and index is None:
+            live = (m_in != 0).any(dim=1) | (m_out != 0).any(dim=1)
+            if not bool(live.all()):
+                index = live.nonzero().squeeze(1)
+                m_in, m_out = m_in[index], m_out[index]
+        if index is not None:
+            cols = (index[:, None] * r + torch.arange(r, device=index.device)).flatten()
+            u, v = u[:, cols], v[cols]
         if r > 1:
             m_in = m_in.repeat_interleave(r, dim=0)
             m_out = m_out.repeat_interleave(r, dim=0)
-        u = self.U * m_out.t().to(self.U.dtype)
-        v = self.V * m_in.to(self.V.dtype)
-        return u, v
+        return u * m_out.t().to(u.dtype), v * m_in.to(v.dtype)
 
     # -- the interface -------------------------------------------------------------------------
-    def _choose_path(self, tokens: int) -> str:
+    def _choose_path(self, tokens: int, kr: int | None = None) -> str:
         if self.path != "auto":
             return self.path
-        kr = self.num_components * self.rank_per_component
+        if kr is None:
+            kr = self.num_components * self.rank_per_component
         n_in, n_out = self.in_features, self.out_features
         lowrank_macs = tokens * kr * (n_in + n_out)
         dense_macs = kr * n_in * n_out + tokens * n_in * n_out
         return "lowrank" if lowrank_macs <= dense_macs else "dense"
 
     def _apply_2d(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        u, v = self.masked_factors()
-        dense = self._choose_path(x.shape[0]) == "dense"
+        u, v = self.masked_factors(live_only=True)
+        dense = self._choose_path(x.shape[0], u.shape[1]) == "dense"
         if not self.training:
             # evaluation: an op that FlopCounterMode counts at the layer's cost (flops())
             y = costed_linear(x, u, v, self.flops(), dense)

@@ -70,6 +70,8 @@ def gaudi_mask(
     if sigma is not None and not sigma > 0:
         raise ValueError(f"sigma must be positive or None, got {sigma}")
     dtype = torch.float64 if width.dtype == torch.float64 else torch.float32
+    if width.shape[0] == 0:  # no components (the FFT refuses an empty batch)
+        return (width.to(dtype).unsqueeze(1) * location.to(dtype).unsqueeze(1)).expand(0, n)
     with _no_autocast(width.device):
         w = width.to(dtype).unsqueeze(1)
         loc = location.to(dtype).unsqueeze(1)

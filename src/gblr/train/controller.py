@@ -11,9 +11,9 @@ from torch import nn
 from gblr.cost import (
     INPUT_AXIS,
     OUTPUT_AXIS,
+    box_component_cost,
     check_budget,
     check_positive,
-    grouped_component_cost,
 )
 from gblr.layers.gblr import GBLRLinear
 from gblr.train.groups import gblr_layers
@@ -38,32 +38,25 @@ class LayerCost:
         return self.cost / self.dense
 
 
-def _box_support(width: torch.Tensor, location: torch.Tensor, n: int) -> torch.Tensor:
-    # the exact box that the rounded (width, location) select with sigma=None, (K, n) bool
-    count = torch.round(width.clamp(0.0, 1.0) * n).long()
-    start = torch.round(torch.remainder(location, 1.0) * n).long() % n
-    offset = torch.remainder(torch.arange(n, device=width.device)[None, :] - start[:, None], n)
-    return offset < count[:, None]
-
-
 @torch.no_grad()
 def sharp_flops(layer: GBLRLinear) -> int:
     """Evaluation-mode cost of the boxes the layer ends with (``sigma=None``), in MACs/token.
 
     Equal to :meth:`GBLRLinear.flops` with ``sigma=None``: with no low-pass the rounded Gaudi
-    masks are exact 0/1 boxes (SPEC §2), so the supports are computed directly from the
-    rounded widths and locations instead of through the FFT, and costed by the same rule
-    (:func:`gblr.cost.grouped_component_cost`). While ``sigma`` is annealed a blurred mask has
+    masks are exact 0/1 boxes (SPEC §2), so the boxes are read directly from the rounded
+    widths and locations instead of through the FFT, and costed by the same rule
+    (:func:`gblr.cost.box_component_cost`, in O(K)). While ``sigma`` is annealed a blurred mask has
     more entries above the evaluation threshold, so the cost at the current ``sigma`` would
     overstate what training converges to; the controller steers this sharp, deployed cost.
     """
-    w = layer.widths.detach()
-    loc = layer.locations.detach()
-    on = layer.active_components()[:, None]
-    in_support = _box_support(w[INPUT_AXIS], loc[INPUT_AXIS], layer.in_features) & on
-    out_support = _box_support(w[OUTPUT_AXIS], loc[OUTPUT_AXIS], layer.out_features) & on
-    ranks = torch.full((layer.num_components,), layer.rank_per_component, dtype=torch.long)
-    return grouped_component_cost(in_support, out_support, ranks)
+    w = layer.widths.detach().clamp(0.0, 1.0)
+    loc = torch.remainder(layer.locations.detach(), 1.0)
+    n_in, n_out = layer.in_features, layer.out_features
+    return box_component_cost(
+        torch.round(w[INPUT_AXIS] * n_in).long(), torch.round(loc[INPUT_AXIS] * n_in).long(),
+        torch.round(w[OUTPUT_AXIS] * n_out).long(), torch.round(loc[OUTPUT_AXIS] * n_out).long(),
+        n_in, n_out, layer.rank_per_component,
+    )
 
 
 @torch.no_grad()
