@@ -505,7 +505,9 @@ class GBLRLinear(StructuredLinear):
         The result's evaluation-mode ``flops()`` is at most ``budget * in * out`` and its
         error is never above the truncated SVD's at that budget. ``steps=0`` returns the
         truncated-SVD start itself: ``min(in, out) // rank_per_component`` components, those
-        that fit the budget at full width and the others off (width 0) but able to regrow.
+        that fit the budget at full width and the others off (width 0; they can regrow
+        while a low-pass ``sigma`` is set, but with sharp masks an off component gets no
+        gradient, and the forward pass skips it).
         ``calibration`` is inputs ``X (N, in)`` or a ``gblr.Calibration``; a second moment
         ``C = X^T X / N`` goes in ``second_moment=``. ``sigma`` and ``path`` are set on the
         returned layer; ``**opts`` are search settings (``gblr.projection.SearchOptions``).
