@@ -138,7 +138,7 @@ def layer_table(
         out_f, in_f = weight.shape
         layer = layer.to(device)
         weight = weight.to(device)
-        packed = layer.packed(tokens=tuple(tokens))
+        packed = layer.packed(tokens=tuple(tokens), tune=True)
         dense = nn.Linear(in_f, out_f, device=device)
         dense.weight.copy_(weight)
         lowrank = LowRankLinear.from_dense(weight, budget, bias=dense.bias.detach())
