@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -229,6 +231,86 @@ def test_group_bands_follows_the_cost_model():
     assert wrap == [(95, 12, [0, 1])]
 
 
+def nested_layer(n_in=800, n_out=600, k=40, seed=20, wrap=False):
+    """Rank-1 components on nested bands around a common centre (like trained layers):
+    one union GEMM per group wastes MACs that segmenting the band saves."""
+    torch.manual_seed(seed)
+    layer = GBLRLinear(n_in, n_out, num_components=k, init="random", bias=True).double()
+    with torch.no_grad():
+        layer.widths.copy_(torch.linspace(0.05, 0.95, k).expand(2, k))
+        layer.locations.fill_(0.9 if wrap else 0.5)  # centred at 0.9: bands wrap
+        layer.locations.sub_(layer.widths / 2)
+        layer.bias.normal_()
+    return layer.eval()
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_segmented_bands_exact_and_cheaper(wrap):
+    from gblr.deploy.packed import PackedGBLRLinear
+
+    layer = nested_layer(wrap=wrap)
+    m_in, m_out = layer.component_supports()
+    if wrap:
+        assert m_in[-1, 0] and m_in[-1, -1] and m_out[-1, 0] and m_out[-1, -1]
+    x = torch.randn(70, 800, dtype=torch.float64)
+    ref = layer(x)
+    macs = {}
+    for split, merge in [(True, "best"), (True, None), (True, 1.0), (False, 1.0), (False, None)]:
+        for t in (1, 64, 4096):
+            packed = PackedGBLRLinear.from_gblr(layer, tokens=t)
+            plan = _plan(layer, t, split, merge)
+            packed.plans[0] = plan
+            assert torch.allclose(packed(x), ref, atol=1e-10, rtol=0), (split, merge, t)
+            assert plan.macs >= layer.flops()
+            macs[split, merge, t] = plan.macs
+    # one group over all nested bands: segmenting it saves most of the union's waste
+    assert macs[True, None, 4096] < 0.75 * macs[False, None, 4096]
+    for t in (1, 64, 4096):
+        assert macs[True, None, t] <= macs[False, None, t]
+        assert macs[True, 1.0, t] <= macs[False, 1.0, t]
+
+
+def _plan(layer, tokens, split, merge):
+    """One packing of ``layer`` with the given segmenting and merging (see _stage_groups)."""
+    from gblr.deploy.packed import TIME_MODELS, _build_plan, cyclic_band
+
+    m_in, m_out = layer.eval_masks()
+    u_m = layer.U.detach().double() * m_out.double().t()
+    v_m = layer.V.detach().double() * m_in.double()
+    k = layer.num_components
+    cols = [cyclic_band((m_in[c] != 0).numpy()) for c in range(k)]
+    rows = [cyclic_band((m_out[c] != 0).numpy()) for c in range(k)]
+    return _build_plan(u_m, v_m, [1] * k, cols, rows, tokens, torch.float64,
+                       *TIME_MODELS["cpu"], split, merge)
+
+
+def test_long_inputs_run_in_chunks_exactly():
+    from gblr.deploy.packed import CHUNK_TOKENS
+
+    layer = random_layer(45, 38, 16, seed=21)
+    packed = layer.packed(tokens=4096)
+    for t in (CHUNK_TOKENS, CHUNK_TOKENS + 1, 2 * CHUNK_TOKENS + 37):
+        x = torch.randn(t, 45, dtype=torch.float64)
+        assert torch.allclose(packed(x), layer(x), atol=1e-10, rtol=0), t
+    nobias = random_layer(45, 38, 16, seed=22, bias=False)
+    x = torch.randn(3, CHUNK_TOKENS, 45, dtype=torch.float64)
+    assert torch.allclose(nobias.packed(tokens=4096)(x), nobias(x), atol=1e-10, rtol=0)
+
+
+def test_tune_times_candidates_and_stays_exact(tmp_path):
+    layer = nested_layer(wrap=True)
+    packed = layer.packed(tokens=(1, 600), tune=True)
+    assert len(packed.plans) == 2
+    for t in (1, 5, 600, 1300):
+        x = torch.randn(t, 800, dtype=torch.float64)
+        assert torch.allclose(packed(x), layer(x), atol=1e-10, rtol=0), t
+    save_packed(packed, tmp_path / "tuned.safetensors")
+    x = torch.randn(9, 800, dtype=torch.float64)
+    loaded = load_packed(tmp_path / "tuned.safetensors")
+    assert [p.spec for p in loaded.plans] == json.loads(json.dumps([p.spec for p in packed.plans]))
+    assert torch.allclose(loaded(x), packed(x), atol=1e-12, rtol=0)  # same GEMMs, same weights
+
+
 class Tiny(nn.Module):
     def __init__(self):
         super().__init__()
@@ -322,7 +404,5 @@ def test_speed_bench_quick(tmp_path):
     assert speed.main(["--quick", "--no-minilm", "--out", str(tmp_path)]) == 0
     text = (tmp_path / "results.md").read_text()
     assert "packed vs dense" in text and (tmp_path / "speed_vs_cost.png").exists()
-    import json
-
     rows = json.loads((tmp_path / "results.json").read_text())["layers"]
     assert rows and all(r["packed_max_rel_error"] < 1e-4 for r in rows)
