@@ -420,6 +420,20 @@ class _Plan(nn.Module):
         sparse = sparse or {}
         for name in SPARSE_BUFFERS:
             self.register_buffer(name, sparse.get(name))
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Cache the GEMM operands per step (stage-1 weights as transposed views), so that
+        a forward does no buffer lookups (a decode step is only a few GEMVs long)."""
+        w = self.weights()
+        self._ops1 = tuple((a, b, lo, hi, w[i].t(), init) for a, b, lo, hi, i, init in self._s1)
+        self._ops2 = tuple((a, b, lo, hi, w[i]) for a, b, lo, hi, i in self._s2)
+        self._ops_dense = tuple((ca, cb, ra, rb, w[i]) for ca, cb, ra, rb, i in self._dense)
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .bfloat16(): new buffers
+        out = super()._apply(fn, recurse)
+        self._refresh()
+        return out
 
     def weights(self) -> list[torch.Tensor]:
         """Weight buffers in index order: stage 1 ``(r, cols)``, stage 2 ``(r, rows)``,
@@ -447,33 +461,31 @@ class _Plan(nn.Module):
         self, x: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, h: torch.Tensor
     ) -> None:
         """``y = x W^T + bias`` for a 2-D chunk ``x``, written into ``y``; ``h`` is scratch."""
-        buffers = self._buffers  # direct lookups: a decode step is only a few GEMVs long
-        w = [buffers[name] for name in self._names]
         for lo, hi in self._h_zero:
             h[:, lo:hi].zero_()
-        for a, b, lo, hi, i, init in self._s1:
+        for a, b, lo, hi, w, init in self._ops1:
             if init:
-                torch.mm(x[:, a:b], w[i].t(), out=h[:, lo:hi])
+                torch.mm(x[:, a:b], w, out=h[:, lo:hi])
             else:
-                h[:, lo:hi].addmm_(x[:, a:b], w[i].t())
+                h[:, lo:hi].addmm_(x[:, a:b], w)
         if self.perm is not None:
             h = h.index_select(1, self.perm)
-        rest = self._s2
+        rest = self._ops2
         if self._y_init:
-            _, _, lo, hi, i = rest[0]
+            _, _, lo, hi, w = rest[0]
             if bias is None:
-                torch.mm(h[:, lo:hi], w[i], out=y)
+                torch.mm(h[:, lo:hi], w, out=y)
             else:
-                torch.addmm(bias, h[:, lo:hi], w[i], out=y)
+                torch.addmm(bias, h[:, lo:hi], w, out=y)
             rest = rest[1:]
         elif bias is None:
             y.zero_()
         else:
             y.copy_(bias.expand_as(y))
-        for a, b, lo, hi, i in rest:
-            y[:, a:b].addmm_(h[:, lo:hi], w[i])
-        for ca, cb, ra, rb, i in self._dense:
-            y[:, ra:rb].addmm_(x[:, ca:cb], w[i])
+        for a, b, lo, hi, w in rest:
+            y[:, a:b].addmm_(h[:, lo:hi], w)
+        for ca, cb, ra, rb, w in self._ops_dense:
+            y[:, ra:rb].addmm_(x[:, ca:cb], w)
         if self.sp_val is not None:
             size = (self.out_features, self.in_features)
             val = self.sp_val
@@ -759,8 +771,8 @@ class PackedGBLRLinear(nn.Module):
     def plan_for(self, tokens: int) -> _Plan:
         """The packing used for ``tokens`` tokens per call."""
         i = 0
-        while i < len(self._switch) and tokens > self._switch[i]:
-            i += 1
+        for switch in self._switch:
+            i += tokens > switch
         return self.plans[i]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -769,11 +781,14 @@ class PackedGBLRLinear(nn.Module):
                 f"PackedGBLRLinear expects inputs of shape (..., {self.in_features}), "
                 f"got {tuple(x.shape)}"
             )
+        bias = self.bias
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        if x.dim() == 2:  # the common case, without reshapes
+            return self.plan_for(x.shape[0]).forward(x, bias)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        plan = self.plan_for(x2.shape[0])
-        bias = None if self.bias is None else self.bias.to(x2.dtype)
-        return plan(x2, bias).reshape(*lead, self.out_features)
+        return self.plan_for(x2.shape[0]).forward(x2, bias).reshape(*lead, self.out_features)
 
     def flops(self, tokens: int | None = None) -> int:
         """MACs per token this module computes (for the packing used at ``tokens``)."""
