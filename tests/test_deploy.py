@@ -168,7 +168,8 @@ def test_multiple_packings_chosen_by_token_count():
     assert packed.plan_for(1) is packed.plans[0] and packed.plan_for(4096) is packed.plans[1]
     # decode packing uses fewer, larger GEMMs than the long-prompt packing
     assert packed.num_gemms(1) <= packed.num_gemms(4096)
-    assert packed.flops(1) >= packed.flops(4096) >= layer.flops()
+    # (the long-prompt packing may compute more: its stage-1 ranks are padded to 16s)
+    assert packed.flops(1) >= layer.flops() and packed.flops(4096) >= layer.flops()
     for t in (1, 3, 100, 5000):
         x = torch.randn(t, 96, dtype=torch.float64)
         assert torch.allclose(packed(x), layer(x), atol=1e-10, rtol=0)
