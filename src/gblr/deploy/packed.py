@@ -6,19 +6,25 @@ cyclic band of output rows (the mask values, 0/1 or smooth when ``sigma`` is set
 are folded into the factors, so the packed form is exact). Computing only the
 bands turns the cost reduction into wall-clock time:
 
-- **stage 1** groups components whose column bands are close; each group is one
-  GEMM ``h_g = x[:, cols_g] @ V_g^T`` over the union band ``cols_g``;
-- **stage 2** groups components (independently of stage 1) whose row bands are
-  close; each group is one GEMM ``y[:, rows_g] += h[:, comps_g] @ U_g^T``;
+- **stage 1** groups components whose column bands are close; a group's union band
+  ``cols_g`` is cut into segments, each one GEMM ``h[:, ranks] = x[:, seg] @ V^T`` over
+  the group's ranks from the first to the last member meeting the segment (so nested
+  bands cost little more than their true MACs);
+- **stage 2** does the same on the output side, grouped independently:
+  ``y[:, seg] += h[:, ranks] @ U^T``;
 - components sharing one box whose summed rank makes a dense block cheaper
   (``h * w < rank * (h + w)``) become one dense GEMM ``y[:, R] += x[:, C] @ B^T``.
 
-Groups are chosen per stage by agglomerative merging under a time model:
-``max(tokens, MEMORY_TOKENS) * (MACs + IO_MACS * activations moved) + OP_OVERHEAD_MACS *
-GEMM calls``, so that a
-decode step (1 token) uses few large GEMMs and a long prompt many tight ones. A band
-that wraps around the end of an axis is split into two GEMMs on contiguous slices
-(no gather of the input). Every slice is precomputed at packing time.
+Groups are chosen per stage by agglomerative merging, and segments by dynamic
+programming, under a time model in MAC-equivalents: per GEMM ``max(tokens,
+MEMORY_TOKENS) * MACs + IO_MACS * tokens * activations moved + OP_OVERHEAD_MACS``, so that
+a decode step (1 token) uses few large GEMMs and a long prompt many tight ones; several
+merge strengths are tried and the cheapest kept (``tune=True`` times candidates instead).
+Segments never cross the end of an axis (a wrapping band needs no gather). From a few
+tokens on, stage-1 rank ranges are padded to multiples of :data:`RANK_ALIGN` (MKL's
+narrow GEMMs are much faster at such widths), and inputs longer than
+:data:`CHUNK_TOKENS` run chunk by chunk. Every slice is precomputed at packing time, and
+the intermediate ``h`` is one buffer written by ``out=`` GEMMs.
 """
 
 from __future__ import annotations
@@ -50,10 +56,12 @@ __all__ = [
 ]
 
 #: Below this many tokens a GEMM is bound by reading its weights: it costs as if it had
-#: this many tokens (CPU: ~4 bytes per weight at memory speed vs. MACs at compute speed).
-MEMORY_TOKENS = 16
-#: Fixed cost of one GEMM call (dispatch, slicing) in MAC-equivalents (~10 us at ~30 GMAC/s).
-OP_OVERHEAD_MACS = 300_000
+#: this many tokens (measured on CPU, 1 thread: weights stream at ~11 G floats/s, MACs
+#: run at ~40 G/s).
+MEMORY_TOKENS = 4
+#: Fixed cost of one GEMM call (dispatch, slicing) in MAC-equivalents (~4 us at ~40 GMAC/s;
+#: measured: the best packings of two 768x3072 layers at 1 and 64 tokens).
+OP_OVERHEAD_MACS = 150_000
 #: Cost of moving one activation element in or out of a GEMM, in MAC-equivalents: a GEMM
 #: with a few rank-1 rows is bound by reading its input band (stage 1) or updating its
 #: output band (stage 2), so a group of rank ``r`` over ``L`` indices costs ``(r + IO) L``.
@@ -392,12 +400,13 @@ def _stage_groups(
 
 
 #: Candidate packings timed by ``from_gblr(tune=True)``: ``(split, merge, overhead factor)``
-#: (see :func:`_stage_groups`): the model's choice, with the per-GEMM overhead halved and
-#: quadrupled (a decode step measured fastest with fewer GEMMs than the model picks), one
-#: group per stage segmented, and unsegmented groups.
+#: (see :func:`_stage_groups`): the model's choice, with the per-GEMM overhead halved,
+#: doubled and quadrupled (the best factor varies by ~2x between layers and token counts),
+#: one group per stage segmented, and unsegmented groups.
 TUNE_VARIANTS: tuple[tuple[bool, float | None | str, float], ...] = (
     (True, "best", 1.0),
     (True, "best", 0.5),
+    (True, "best", 2.0),
     (True, "best", 4.0),
     (True, None, 1.0),
     (False, 1.0, 1.0),
