@@ -285,6 +285,28 @@ def _plan(layer, tokens, split, merge):
                        *TIME_MODELS["cpu"], split, merge)
 
 
+def test_one_token_runs_as_matrix_vector_products_exactly():
+    torch.manual_seed(23)
+    blocks = GBLRLinear.from_block_sparse(
+        torch.randn(24, 32, dtype=torch.float64),
+        torch.tensor([[1, 0, 0, 1], [0, 1, 0, 0], [1, 0, 1, 0]], dtype=torch.bool), (8, 8),
+    ).eval()
+    layers = [random_layer(37, 53, 20), random_layer(30, 41, 9, bias=False, seed=3),
+              nested_layer(wrap=True), blocks]
+    for layer in layers:
+        for t in TOKENS:  # every packing, also one tuned for many tokens, at one token
+            packed = layer.packed(tokens=t)
+            x = torch.randn(1, layer.in_features, dtype=torch.float64)
+            assert torch.allclose(packed(x), layer(x), atol=1e-10, rtol=0), t
+            assert torch.allclose(packed(x[0]), layer(x[0]), atol=1e-10, rtol=0), t
+    layer = random_layer(64, 48, 20, seed=8, dtype=torch.float32)
+    x = torch.randn(1, 64)
+    with torch.inference_mode():
+        out = layer.packed(tokens=1, dtype=torch.bfloat16)(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - layer(x)).norm() / layer(x).norm() < 2e-2
+
+
 def test_long_inputs_run_in_chunks_exactly():
     from gblr.deploy.packed import CHUNK_TOKENS
 
