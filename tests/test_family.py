@@ -501,3 +501,36 @@ def test_meta_device_construction():
     for cls, n_in, n_out, kwargs in LAYERS:
         layer = cls(n_in, n_out, device="meta", **kwargs)
         assert layer.flops() > 0 and layer.num_parameters() > 0
+
+
+# -- data-aware projection of the baselines ----------------------------------------------------
+@pytest.mark.parametrize("name, n_in, n_out", [
+    ("lowrank", 96, 64), ("monarch", 96, 64), ("monarch", 90, 70), ("blr", 96, 64),
+])
+def test_data_aware_from_dense_lowers_the_output_error(name, n_in, n_out):
+    torch.manual_seed(0)
+    x = torch.randn(2000, n_in) @ torch.randn(n_in, n_in) * 0.3 + 0.1 * torch.randn(2000, n_in)
+    weight = torch.randn(n_out, n_in)
+    moment = x.t() @ x / x.shape[0]
+    cls = gblr.get_structure(name)
+    plain = cls.from_dense(weight, 0.3)
+    aware = cls.from_dense(weight, 0.3, second_moment=moment)
+    assert aware.flops() == plain.flops()
+
+    def err(layer):
+        return float((x @ (layer.to_dense() - weight).t()).norm())
+
+    assert err(aware) < err(plain)
+    with pytest.raises(ValueError, match="second_moment"):
+        cls.from_dense(weight, 0.3, second_moment=moment[:-1, :-1])
+
+
+def test_data_aware_lowrank_matches_the_projection():
+    from gblr.projection import Calibration, project
+
+    torch.manual_seed(1)
+    x, weight = torch.randn(500, 48), torch.randn(40, 48)
+    layer = gblr.get_structure("lowrank").from_dense(weight, 0.4, second_moment=x.t() @ x / 500)
+    ref, _ = project(weight, 0.4, structure="lowrank", calibration=Calibration.from_inputs(x),
+                     progress=False)
+    torch.testing.assert_close(layer.to_dense(), ref.to_dense(), atol=1e-5, rtol=1e-5)

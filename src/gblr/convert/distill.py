@@ -1,9 +1,11 @@
 """Fine-tuning after projection: distil the compressed model towards the dense teacher.
 
 The student learns its factors and, for GBLR layers, its structure (widths and
-locations); after every optimizer step :func:`project_widths_to_budget` shrinks all
-widths by one common amount, just enough that the evaluation-mode cost of the
-compressed layers stays within the budget.
+locations); after every optimizer step :class:`gblr.BudgetController` holds the
+measured cost of the GBLR layers at the budget (shrinking widths when a step grew
+them, regrowing them when it undershot), and its ``enforce()`` makes the final cost
+exact. The learning rate warms up and then follows a cosine to the end of the run,
+measured in steps or in wall-clock time, whichever limit is closer.
 """
 
 from __future__ import annotations
@@ -20,53 +22,26 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gblr.convert.evaluate import last_hidden, mean_pool
-from gblr.cost import INPUT_AXIS, OUTPUT_AXIS, check_positive
+from gblr.cost import check_budget, check_positive
 from gblr.layers.base import StructuredLinear
 from gblr.layers.conv import GBLRConv2d
+from gblr.layers.gblr import GBLRLinear
+from gblr.train.controller import BudgetController
+from gblr.train.groups import gblr_layers, param_groups, structure_parameters
 
 __all__ = [
     "DistillResult",
     "distill",
     "structured_cost",
-    "project_widths_to_budget",
+    "lr_factor",
     "LOSSES",
+    "SCHEDULES",
 ]
 
 #: What the student matches: every hidden state, the mean-pooled embedding, or both.
 LOSSES = ("hidden", "embedding", "both")
-
-
-def _has_structure(layer: nn.Module) -> bool:
-    return isinstance(layer, StructuredLinear) and hasattr(layer, "widths") and hasattr(
-        layer, "locations"
-    )
-
-
-def _box_cost(
-    widths: torch.Tensor, locations: torch.Tensor, n_in: int, n_out: int, rank: int
-) -> int:
-    """Evaluation-mode cost of one GBLR layer from its (rounded) boxes.
-
-    A component more than one index wide on both axes is on; components with the same box
-    are one block costing ``min(sum of ranks * (h + w), h * w)`` (the rule of ``flops()``).
-    """
-    w = widths.clamp(0.0, 1.0)
-    cols = torch.round(w[INPUT_AXIS] * n_in).long()
-    rows = torch.round(w[OUTPUT_AXIS] * n_out).long()
-    on = (cols > 1) & (rows > 1)
-    if not bool(on.any()):
-        return 0
-    loc = torch.remainder(locations, 1.0)
-    col_at = torch.remainder(torch.round(loc[INPUT_AXIS] * n_in).long(), n_in)
-    row_at = torch.remainder(torch.round(loc[OUTPUT_AXIS] * n_out).long(), n_out)
-    col_at = torch.where(cols >= n_in, 0, col_at)  # a full axis starts anywhere
-    row_at = torch.where(rows >= n_out, 0, row_at)
-    keys = torch.stack([cols, col_at, rows, row_at], dim=1)[on]
-    boxes, inverse = torch.unique(keys, dim=0, return_inverse=True)
-    group_rank = torch.zeros(boxes.shape[0], dtype=torch.long).index_add_(
-        0, inverse, torch.full((keys.shape[0],), int(rank), dtype=torch.long))
-    h, wd = boxes[:, 2], boxes[:, 0]
-    return int(torch.minimum(group_rank * (h + wd), h * wd).sum())
+#: Learning-rate schedules of :func:`distill`.
+SCHEDULES = ("constant", "cosine")
 
 
 def structured_cost(model: nn.Module) -> tuple[int, int]:
@@ -75,47 +50,45 @@ def structured_cost(model: nn.Module) -> tuple[int, int]:
     return sum(int(m.flops()) for m in layers), sum(m.dense_flops() for m in layers)
 
 
-@torch.no_grad()
-def project_widths_to_budget(layers: Iterable[StructuredLinear], max_cost: float) -> float:
-    """Shrink the widths of GBLR ``layers`` so that their summed cost is ``<= max_cost``.
+def lr_factor(progress: float, schedule: str, warmup: float) -> float:
+    """Learning-rate multiplier at ``progress`` in ``[0, 1]`` of the run.
 
-    Widths are clamped to ``[0, 1]`` and locations wrapped into ``[0, 1)``; then, if the
-    evaluation-mode cost (from the rounded boxes, identical boxes merged as ``flops()``
-    does) exceeds ``max_cost``, every width becomes ``clamp(w - tau, 0, 1)`` with the
-    smallest ``tau`` (found by bisection) that meets it. Returns ``tau``. This is the
-    budget projection used during distillation; ``max_cost`` covers these layers only.
+    ``"constant"``: 1. ``"cosine"``: linear warm-up from 0.1 over the first ``warmup``
+    fraction, then a cosine from 1 down to 0.05 at the end.
     """
-    layers = [m for m in layers if _has_structure(m)]
-    for m in layers:
-        m.widths.clamp_(0.0, 1.0)
-        m.locations.remainder_(1.0)
+    if schedule == "constant":
+        return 1.0
+    p = min(1.0, max(0.0, float(progress)))
+    if p < warmup:
+        return 0.1 + 0.9 * p / warmup
+    t = (p - warmup) / max(1e-12, 1.0 - warmup)
+    return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def _controller(
+    student: nn.Module, budget: float, dense: int, fixed_cost: int, steps: int | None
+) -> BudgetController | None:
+    """The controller of the GBLR layers' share of the budget (None without GBLR layers)."""
+    layers = list(gblr_layers(student))
     if not layers:
-        return 0.0
-    # on the CPU in float32, as the layers round them
-    start = [m.widths.detach().float().cpu() for m in layers]
-    where = [m.locations.detach().float().cpu() for m in layers]
+        return None
+    gblr_dense = sum(m.dense_flops() for _, m in layers)
+    target = (budget * dense - fixed_cost) / gblr_dense
+    if target <= 0:
+        raise ValueError(
+            f"budget={budget} is used up by the structured layers that are not GBLR "
+            f"({fixed_cost} of {dense} MACs/token): nothing is left for the GBLR layers"
+        )
+    return BudgetController(student, target=min(1.0, target), total_steps=steps or 1,
+                            floor=0.0)
 
-    def cost(tau: float) -> float:
-        return float(sum(
-            _box_cost((w - tau).clamp(0.0, 1.0), loc, m.in_features, m.out_features,
-                      m.rank_per_component)
-            for m, w, loc in zip(layers, start, where, strict=True)
-        ))
 
-    if cost(0.0) <= max_cost:
-        return 0.0
-    lo, hi = 0.0, 1.0
-    if cost(hi) > max_cost:
-        raise ValueError(f"max_cost={max_cost} cannot be met even with every component off")
-    for _ in range(30):
-        mid = 0.5 * (lo + hi)
-        if cost(mid) <= max_cost:
-            hi = mid
-        else:
-            lo = mid
-    for m, w in zip(layers, start, strict=True):
-        m.widths.copy_((w - hi).clamp(0.0, 1.0).to(device=m.widths.device, dtype=m.widths.dtype))
-    return hi
+def _progress(step: int, steps: int | None, start: float, minutes: float | None) -> float:
+    """How far the run is, in ``[0, 1]``: by steps or by time, whichever limit is closer."""
+    done = 0.0 if steps is None else step / steps
+    if minutes is not None:
+        done = max(done, (time.perf_counter() - start) / (60.0 * float(minutes)))
+    return done
 
 
 def _outputs(model: nn.Module, batch: dict[str, torch.Tensor], hidden: bool) -> Any:
@@ -168,6 +141,8 @@ def distill(
     lr: float = 1e-4,
     structure_lr: float = 1e-3,
     weight_decay: float = 0.0,
+    schedule: str = "cosine",
+    warmup: float = 0.05,
     progress: bool = True,
 ) -> DistillResult:
     """Train ``student`` to reproduce ``teacher`` on text batches, holding the budget.
@@ -177,9 +152,13 @@ def distill(
     optimizer steps, or as many as fit in ``minutes`` (the first limit reached when both
     are given). ``loss`` picks the target: normalised error of every hidden state,
     ``1 - cosine`` of mean-pooled embeddings, or their sum. Dropout is off. All student
-    parameters train; widths and locations in their own group (Adam betas ``(0, 0.999)``, no weight
-    decay, ``structure_lr``). ``budget`` (default: the student's cost fraction at the start)
-    is held on the structured layers after every step by :func:`project_widths_to_budget`.
+    parameters train (learning rate ``lr``, warm-up and cosine decay with ``schedule=
+    "cosine"``); GBLR widths and locations in their own group (Adam betas ``(0, 0.999)``,
+    no weight decay, ``structure_lr``; ``structure_lr=0`` keeps the structure fixed).
+    ``budget`` (default: the student's cost fraction at the start) covers all structured
+    layers; the GBLR layers' share of it is held after every step by a
+    :class:`gblr.BudgetController` and met exactly at the end (a student above it is first
+    shrunk onto it).
     """
     if steps is None and minutes is None:
         raise ValueError("give steps or minutes (or both) to bound the distillation")
@@ -189,24 +168,31 @@ def distill(
         raise ValueError(f"minutes must be a positive number, got {minutes!r}")
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if not 0.0 <= float(warmup) < 1.0:
+        raise ValueError(f"warmup must be in [0, 1), got {warmup!r}")
+    if not float(structure_lr) >= 0:
+        raise ValueError(f"structure_lr must be >= 0, got {structure_lr!r}")
     structured = [m for m in student.modules() if isinstance(m, StructuredLinear)]
     if not structured:
         raise ValueError("student has no structured layers; compress it first")
     cost0, dense = structured_cost(student)
-    if budget is None:
-        budget = cost0 / dense
-    learnable = [m for m in structured if _has_structure(m)]
-    fixed_cost = sum(int(m.flops()) for m in structured if not _has_structure(m))
-    max_cost = budget * dense - fixed_cost
-    structure_params = [p for m in learnable for p in (m.widths, m.locations)]
-    ids = {id(p) for p in structure_params}
-    weights = [p for p in student.parameters() if id(p) not in ids and p.requires_grad]
-    groups = [{"params": weights, "lr": lr, "weight_decay": weight_decay}]
-    if structure_params:
-        groups.append({"params": structure_params, "lr": structure_lr, "weight_decay": 0.0,
-                       "betas": (0.0, 0.999)})
+    budget = cost0 / dense if budget is None else check_budget(budget)
+    fixed_cost = sum(int(m.flops()) for m in structured if not isinstance(m, GBLRLinear))
+    controller = _controller(student, budget, dense, fixed_cost, steps)
+    if controller is not None:
+        controller.enforce()
+    learn_structure = controller is not None and float(structure_lr) > 0
+    frozen = [] if learn_structure else [
+        p for p in structure_parameters(student) if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    groups = param_groups(student, lr=lr, weight_decay=weight_decay,
+                          structure_lr=structure_lr if learn_structure else None)
     optimizer = torch.optim.AdamW(groups)
-    project_widths_to_budget(learnable, max_cost)
+    for group in optimizer.param_groups:
+        group["base_lr"] = group["lr"]
 
     teacher.eval()
     for p in teacher.parameters():
@@ -244,8 +230,12 @@ def distill(
             value = _loss(s_out, t_out, mask, loss)
             optimizer.zero_grad(set_to_none=True)
             value.backward()
+            factor = lr_factor(_progress(step, steps, start, minutes), schedule, warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
             optimizer.step()
-            project_widths_to_budget(learnable, max_cost)
+            if learn_structure:
+                controller.step()
             losses.append(float(value.detach()))
             step += 1
             bar.update(1)
@@ -253,6 +243,10 @@ def distill(
     finally:
         bar.close()
         student.train(was_training)
+        for p in frozen:
+            p.requires_grad_(True)
+    if controller is not None:
+        controller.enforce()
     cost, dense = structured_cost(student)
     if cost > budget * dense * (1 + 1e-9):
         raise RuntimeError(f"budget not held: cost {cost} > {budget} * {dense}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import re
@@ -13,7 +14,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from gblr.convert.calibrate import capture_second_moments
+from gblr.convert.calibrate import (
+    calibration_batches,
+    capture_second_moments,
+    capture_teacher_moments,
+    teacher_target,
+)
 from gblr.convert.config import REGEX_PREFIX, CompressionConfig
 from gblr.convert.fingerprint import architecture_fingerprint
 from gblr.convert.report import CompressionReport, LayerRecord
@@ -127,8 +133,9 @@ def compress(
     ``flops`` attribute holds ``gblr.flops_report`` of the whole compressed model). With
     ``calibration_data`` (a tensor, a dict of model keyword inputs, or an iterable of
     batches) and ``config.calibration``, layer inputs are captured by forward hooks and the
-    projection is data-aware. The replaced layers keep the original's device, dtype and
-    train/eval mode.
+    projection is data-aware (``config.calibration_mode="sequential"``: layer by layer,
+    fitted to the dense model's outputs from the partly compressed model's inputs). The
+    replaced layers keep the original's device, dtype and train/eval mode.
     """
     if isinstance(config, dict):
         config = CompressionConfig.from_dict(config)
@@ -155,7 +162,13 @@ def compress(
             "for a data-aware projection, or drop calibration_data"
         )
     moments: dict[str, torch.Tensor] = {}
-    if wants_data:
+    sequential = bool(wants_data) and config.calibration_mode == "sequential"
+    teacher = None
+    if sequential:
+        # every layer gets its own calibration pass: keep the batches and the dense model
+        calibration_data = calibration_batches(calibration_data)
+        teacher = copy.deepcopy(model)
+    elif wants_data:
         moments = capture_second_moments(model, {n: layers[n] for n in wants_data},
                                          calibration_data)
     modules = dict(model.named_modules())
@@ -180,7 +193,11 @@ def compress(
             w_param = dense_weight(old, kind)
             weight = w_param.detach().to(torch.float32)
             bias = None if old.bias is None else old.bias.detach().to(torch.float32)
-            new = _project(name, weight, bias, setting, budgets[name], moments.get(name))
+            target, moment = weight, moments.get(name)
+            if sequential and name in wants_data:
+                moment, cross = capture_teacher_moments(model, teacher, name, calibration_data)
+                target = teacher_target(weight, moment, cross)
+            new = _project(name, target, bias, setting, budgets[name], moment)
         seconds = time.perf_counter() - start
         new = new.to(device=w_param.device, dtype=w_param.dtype)
         new.train(old.training)

@@ -83,6 +83,26 @@ def check_dense_args(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[i
     return out_features, in_features
 
 
+def check_second_moment(
+    second_moment: torch.Tensor | None, in_features: int
+) -> torch.Tensor | None:
+    """Validate the input second moment ``C (in, in)`` given to a data-aware ``from_dense``."""
+    if second_moment is None:
+        return None
+    if not isinstance(second_moment, torch.Tensor):
+        raise TypeError(
+            f"second_moment must be a torch.Tensor, got {type(second_moment).__name__}"
+        )
+    if tuple(second_moment.shape) != (in_features, in_features):
+        raise ValueError(
+            f"second_moment must be ({in_features}, {in_features}) for in_features="
+            f"{in_features}, got {tuple(second_moment.shape)}"
+        )
+    if not second_moment.is_floating_point() or not bool(torch.isfinite(second_moment).all()):
+        raise ValueError("second_moment must be a finite floating-point matrix")
+    return second_moment.detach().double()
+
+
 def init_uniform_(tensor: torch.Tensor, fan_in: float) -> torch.Tensor:
     """Fill ``tensor`` uniformly in ``±1/sqrt(fan_in)``, as ``nn.Linear`` does for its weight
     (with ``a=sqrt(5)``) and bias."""

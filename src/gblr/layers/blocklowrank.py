@@ -17,6 +17,7 @@ from gblr.cost import (
 from gblr.layers.base import (
     StructuredLinear,
     check_dense_args,
+    check_second_moment,
     init_uniform_,
     register_structure,
 )
@@ -25,6 +26,7 @@ from gblr.layers.blocks import (
     blocks_to_factors,
     check_block_shape,
     default_block_shape,
+    diagonal_blocks,
     from_blocks,
     to_blocks,
     truncated_svd_factors,
@@ -167,11 +169,14 @@ class BlockLowRankLinear(StructuredLinear):
         bias: torch.Tensor | None = None,
         *,
         block_shape: tuple[int, int] | None = None,
+        second_moment: torch.Tensor | None = None,
     ) -> BlockLowRankLinear:
         """Per-block truncated SVD at the largest rank the budget allows.
 
         The blocks are independent, so this is the Frobenius-optimal projection onto
-        the grid at that rank (Eckart-Young on every block).
+        the grid at that rank (Eckart-Young on every block). With ``second_moment``
+        (``C = X^T X / N`` of the inputs) each block's SVD is whitened by the diagonal block of
+        ``C`` of its column band (cross-band correlations of the inputs are not used).
         """
         out_features, in_features = check_dense_args(weight, bias)
         layer = cls(
@@ -179,6 +184,9 @@ class BlockLowRankLinear(StructuredLinear):
             device=weight.device, dtype=weight.dtype,
         )
         p, q = layer.block_shape
-        u, v = truncated_svd_factors(to_blocks(weight.detach(), p, q), layer.rank)
+        moments = check_second_moment(second_moment, in_features)
+        if moments is not None:  # each block sees the inputs of its column band
+            moments = diagonal_blocks(moments, q).unsqueeze(0)
+        u, v = truncated_svd_factors(to_blocks(weight.detach(), p, q), layer.rank, moments)
         layer.load_tensors(bias, U=u, V=v)
         return layer

@@ -29,6 +29,7 @@ __all__ = [
     "pad_matrix",
     "padding_masks",
     "truncated_svd_factors",
+    "diagonal_blocks",
     "blocks_to_factors",
     "factors_to_blocks",
     "block_factor_matmul",
@@ -154,19 +155,52 @@ def padding_masks(
 
 
 def truncated_svd_factors(
-    matrices: torch.Tensor, rank: int
+    matrices: torch.Tensor, rank: int, input_moments: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Balanced rank-``rank`` truncated SVD of a batch ``(..., m, n)`` of matrices.
 
     Returns ``U (..., m, rank)`` and ``V (..., rank, n)`` with ``U @ V`` the best
     rank-``rank`` approximation in Frobenius norm of each matrix (Eckart-Young),
     both scaled by the square root of the singular values. Computed in float64.
+
+    With ``input_moments`` (second moments ``C = X^T X / N`` of the inputs each matrix
+    sees, ``(..., n, n)``, broadcast against the batch) the SVD is whitened: ``U V``
+    minimises the output error ``||(U V - W) C^{1/2}||_F`` instead (directions with no
+    input energy get zero weight).
     """
-    u, s, vh = torch.linalg.svd(matrices.double(), full_matrices=False)
-    root = s[..., :rank].sqrt()
-    u_r = u[..., :rank] * root[..., None, :]
-    v_r = root[..., :, None] * vh[..., :rank, :]
+    w = matrices.double()
+    if input_moments is None:
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    else:
+        root, pinv_root = _sqrt_and_pinv_sqrt(input_moments.to(w.device).double())
+        u, s, vh = torch.linalg.svd(w @ root, full_matrices=False)
+        vh = vh @ pinv_root
+    root_s = s[..., :rank].sqrt()
+    u_r = u[..., :rank] * root_s[..., None, :]
+    v_r = root_s[..., :, None] * vh[..., :rank, :]
     return u_r.to(matrices.dtype), v_r.to(matrices.dtype)
+
+
+def _sqrt_and_pinv_sqrt(moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric ``C^{1/2}`` and pseudo-inverse ``C^{+1/2}`` of a batch of PSD matrices."""
+    evals, evecs = torch.linalg.eigh((moments + moments.transpose(-1, -2)) / 2)
+    evals = evals.clamp_min(0.0)
+    keep = evals > evals.amax(dim=-1, keepdim=True).clamp_min(1e-300) * 1e-10
+    root = evals.sqrt()
+    inv = torch.where(keep, 1.0 / root.clamp_min(1e-300), torch.zeros_like(root))
+    vt = evecs.transpose(-1, -2)
+    return (evecs * root[..., None, :]) @ vt, (evecs * inv[..., None, :]) @ vt
+
+
+def diagonal_blocks(matrix: torch.Tensor, size: int) -> torch.Tensor:
+    """The ``(n/size, size, size)`` diagonal blocks of a square ``(n, n)`` matrix."""
+    n = matrix.shape[0]
+    if matrix.dim() != 2 or matrix.shape[1] != n or n % size:
+        raise ValueError(
+            f"need a square matrix whose side is a multiple of {size}, got {tuple(matrix.shape)}"
+        )
+    idx = torch.arange(n // size, device=matrix.device)
+    return matrix.reshape(n // size, size, n // size, size)[idx, :, idx, :]
 
 
 def blocks_to_factors(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,7 @@ from gblr.cost import (
 from gblr.layers.base import (
     StructuredLinear,
     check_dense_args,
+    check_second_moment,
     init_uniform_,
     register_structure,
 )
@@ -102,15 +103,25 @@ class LowRankLinear(StructuredLinear):
 
     @classmethod
     def from_dense(
-        cls, weight: torch.Tensor, budget: float, bias: torch.Tensor | None = None
+        cls,
+        weight: torch.Tensor,
+        budget: float,
+        bias: torch.Tensor | None = None,
+        *,
+        second_moment: torch.Tensor | None = None,
     ) -> LowRankLinear:
         """Truncated SVD of ``weight`` at the largest rank the budget allows (optimal in
-        Frobenius norm, Eckart-Young); the factors share the singular values' square roots."""
+        Frobenius norm, Eckart-Young); the factors share the singular values' square roots.
+
+        With ``second_moment`` (``C = X^T X / N`` of the layer's inputs) the whitened SVD,
+        which minimises the output error on those inputs instead.
+        """
         out_features, in_features = check_dense_args(weight, bias)
+        moments = check_second_moment(second_moment, in_features)
         layer = cls(
             in_features, out_features, bias=bias is not None, budget=budget,
             device=weight.device, dtype=weight.dtype,
         )
-        u, v = truncated_svd_factors(weight.detach(), layer.rank)
+        u, v = truncated_svd_factors(weight.detach(), layer.rank, moments)
         layer.load_tensors(bias, U=u, V=v)
         return layer

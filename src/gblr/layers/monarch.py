@@ -30,6 +30,7 @@ from gblr.cost import (
 from gblr.layers.base import (
     StructuredLinear,
     check_dense_args,
+    check_second_moment,
     init_uniform_,
     register_structure,
 )
@@ -37,6 +38,7 @@ from gblr.layers.blocks import (
     block_factor_matmul,
     blocks_to_factors,
     check_nblocks,
+    diagonal_blocks,
     factors_to_blocks,
     from_blocks,
     pad_matrix,
@@ -190,13 +192,17 @@ class MonarchLinear(StructuredLinear):
         *,
         nblocks: int | None = None,
         rank: int | None = None,
+        second_moment: torch.Tensor | None = None,
     ) -> MonarchLinear:
         """Closed-form projection: rank-``rank`` truncated SVD of every block of ``weight``.
 
         Each block of the ``nblocks x nblocks`` grid uses its own rows of ``R`` and
         columns of ``L``, so the blocks decouple and the block-wise SVD is the
         Frobenius-optimal Monarch approximation of the zero-padded ``weight``
-        (block-wise rank-1 SVD in the paper's square case).
+        (block-wise rank-1 SVD in the paper's square case). With ``second_moment``
+        (``C = X^T X / N`` of the inputs) each block's SVD is whitened by the diagonal block of
+        ``C`` of its column band, which lowers the output error (cross-band correlations of
+        the inputs are not used).
         """
         out_features, in_features = check_dense_args(weight, bias)
         layer = cls(
@@ -205,7 +211,11 @@ class MonarchLinear(StructuredLinear):
         )
         nb, bi, bo = layer.nblocks, layer.block_in, layer.block_out
         grid = to_blocks(pad_matrix(weight.detach(), nb * bo, nb * bi), bo, bi)
-        u, v = truncated_svd_factors(grid, layer.rank)
+        moments = check_second_moment(second_moment, in_features)
+        if moments is not None:  # each block sees the inputs of its column band
+            padded = pad_matrix(moments, nb * bi, nb * bi)
+            moments = diagonal_blocks(padded, bi).unsqueeze(0)
+        u, v = truncated_svd_factors(grid, layer.rank, moments)
         first, second = blocks_to_factors(u, v)
         layer.load_tensors(bias, blkdiag1=first, blkdiag2=second)
         layer._zero_padding()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from gblr.layers.blocks import truncated_svd_factors
 from gblr.projection.calibration import Calibration
 
 __all__ = ["lowrank_factors"]
@@ -19,12 +20,5 @@ def lowrank_factors(
     ``||(U V - W) C^{1/2}||_F`` over rank-``rank`` matrices. Factors share the singular
     values' square roots; computed in float64 and returned in ``weight``'s dtype.
     """
-    w = weight.detach().double()
-    if calibration is not None:
-        root = calibration.root().to(w.device)
-        u, s, vh = torch.linalg.svd(w @ root, full_matrices=False)
-        vh = vh @ calibration.pinv_root().to(w.device)
-    else:
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
-    sq = s[:rank].sqrt()
-    return (u[:, :rank] * sq).to(weight.dtype), (sq[:, None] * vh[:rank]).to(weight.dtype)
+    moments = None if calibration is None else calibration.second_moment
+    return truncated_svd_factors(weight.detach(), rank, moments)
