@@ -80,6 +80,9 @@ SPARSE_BLOCK_AREA = 16
 #: Packings for at most this many tokens hold that sparse matrix as CSR (25x faster than
 #: COO at 1 token on CPU), the others as COO (1.4x faster than CSR at 4096 tokens).
 SPARSE_CSR_TOKENS = 256
+#: CPU sparse kernels run at about this fraction of the dense GEMM's MACs per second
+#: (measured: ~9 vs ~45 GMAC/s at ~11% density): the time model charges sparse MACs 5x.
+SPARSE_MAC_FACTOR = 5
 #: Buffer names of the sparse part of a packing.
 SPARSE_BUFFERS = ("sp_idx", "sp_crow", "sp_col", "sp_val")
 #: Band edges that do not wrap are widened to multiples of this many indices (64 bytes
@@ -399,18 +402,20 @@ def _stage_groups(
     return best[0], result
 
 
-#: Candidate packings timed by ``from_gblr(tune=True)``: ``(split, merge, overhead factor)``
-#: (see :func:`_stage_groups`): the model's choice, with the per-GEMM overhead halved,
-#: doubled and quadrupled (the best factor varies by ~2x between layers and token counts),
-#: one group per stage segmented, and unsegmented groups.
-TUNE_VARIANTS: tuple[tuple[bool, float | None | str, float], ...] = (
-    (True, "best", 1.0),
-    (True, "best", 0.5),
-    (True, "best", 2.0),
-    (True, "best", 4.0),
-    (True, None, 1.0),
-    (False, 1.0, 1.0),
-    (False, 1.0, 4.0),
+#: Candidate packings timed by ``from_gblr(tune=True)``: ``(split, merge, overhead factor,
+#: dense)`` (see :func:`_stage_groups`, :func:`_build_plan`): the model's choice, with the
+#: per-GEMM overhead halved, doubled and quadrupled (the best factor varies by ~2x between
+#: layers and token counts), one group per stage segmented, unsegmented groups, and the
+#: layer as one dense GEMM (so a tuned packing is not slower than the dense layer).
+TUNE_VARIANTS: tuple[tuple[bool, float | None | str, float, bool | None], ...] = (
+    (True, "best", 1.0, False),
+    (True, "best", 0.5, False),
+    (True, "best", 2.0, False),
+    (True, "best", 4.0, False),
+    (True, None, 1.0, False),
+    (False, 1.0, 1.0, False),
+    (False, 1.0, 4.0, False),
+    (True, "best", 1.0, True),
 )
 
 
@@ -589,8 +594,13 @@ def _build_plan(
     io: float,
     split: bool = True,
     merge: float | None | str = "best",
+    dense: bool | None = None,
 ) -> _Plan:
     """Group components and slice the folded factors ``u_m (out, R)``, ``v_m (R, in)``.
+
+    ``dense``: ``True`` packs the layer as one dense GEMM (its matrix ``u_m v_m``),
+    ``False`` never, ``None`` when the time model finds that faster than the packing
+    (small layers with many scattered bands).
 
     ``split`` and ``merge`` choose how groups become GEMMs (see :func:`_stage_groups`).
     """
@@ -655,17 +665,25 @@ def _build_plan(
 
     stage1, stage2, h_zero, perm = [], [], [], []
     h_width = 0
-    if lowrank:
+    teff = float(max(group_tokens, memory_tokens))
+    # modelled time of the packing (stages added below) and of one dense GEMM
+    cost = sum(teff * (b - a) * (rb - ra) + io * group_tokens * (b - a + rb - ra) + overhead
+               for a, b, ra, rb, _ in dense_specs)
+    if sparse is not None:
+        cost += SPARSE_MAC_FACTOR * teff * int(sparse["sp_val"].numel()) + overhead
+    dense_cost = teff * in_f * out_f + io * group_tokens * (in_f + out_f) + overhead
+    if lowrank and dense is not True:
         lr_ranks = [ranks[c] for c in lowrank]
         model = (group_tokens, memory_tokens, overhead, io, split, merge)
         # stage-1 GEMMs produce rank columns: widths in multiples of RANK_ALIGN run 2-3x
         # faster on CPU from a few tokens on (a decode step reads weights: no padding)
         rank_tile = RANK_ALIGN if group_tokens >= memory_tokens else 1
-        _, g1 = _stage_groups([col_bands[c][0] for c in lowrank],
-                              [col_bands[c][1] for c in lowrank], lr_ranks, in_f, *model,
-                              rank_tile)
-        _, g2 = _stage_groups([row_bands[c][0] for c in lowrank],
-                              [row_bands[c][1] for c in lowrank], lr_ranks, out_f, *model)
+        cost1, g1 = _stage_groups([col_bands[c][0] for c in lowrank],
+                                  [col_bands[c][1] for c in lowrank], lr_ranks, in_f, *model,
+                                  rank_tile)
+        cost2, g2 = _stage_groups([row_bands[c][0] for c in lowrank],
+                                  [row_bands[c][1] for c in lowrank], lr_ranks, out_f, *model)
+        cost += cost1 + cost2
         total = sum(lr_ranks)
 
         def free(groups) -> bool:  # one GEMM over every rank: the rank order is free
@@ -712,6 +730,11 @@ def _build_plan(
         if full:
             stage2.remove(full[0])
             stage2.insert(0, full[0])
+    if dense is True or (dense is None and comps and cost >= dense_cost):
+        weights, sparse = [], None
+        stage1, stage2, h_zero, perm, h_width = [], [], [], [], 0
+        dense_specs = [(0, in_f, 0, out_f, add((u_m @ v_m).t()))]
+        macs = in_f * out_f
     spec = {
         "out": out_f,
         "in": in_f,
@@ -800,6 +823,7 @@ class PackedGBLRLinear(nn.Module):
         overhead: float | None = None,
         io: float | None = None,
         tune: bool = False,
+        allow_dense: bool = True,
     ) -> PackedGBLRLinear:
         """Pack a GBLR layer's evaluation-mode structure (whatever its current mode).
 
@@ -807,7 +831,9 @@ class PackedGBLRLinear(nn.Module):
         (see :func:`group_bands`); by default the entry of :data:`TIME_MODELS` for the
         layer's device type. With ``tune`` the candidate packings of :data:`TUNE_VARIANTS`
         are timed for each token count on the layer's device, on random inputs, and the
-        fastest is kept (packing is slower: a few forwards of each candidate).
+        fastest is kept (packing is slower: a few forwards of each candidate). With
+        ``allow_dense`` a packing may be the layer's dense matrix as one GEMM, where that is
+        modelled (or, tuned, measured) faster: small layers with many scattered bands.
         """
         from gblr.layers.gblr import GBLRLinear
 
@@ -835,12 +861,14 @@ class PackedGBLRLinear(nn.Module):
         plans = []
         for t in sorted(set(token_list)):
             if not tune:
-                plans.append(_build_plan(*args, t, dtype, memory_tokens, overhead, io))
+                plans.append(_build_plan(*args, t, dtype, memory_tokens, overhead, io,
+                                         dense=None if allow_dense else False))
                 continue
             candidates = [
-                _build_plan(*args, t, dtype, memory_tokens, overhead * f, io, split, merge)
-                .to(layer.U.device)
-                for split, merge, f in TUNE_VARIANTS
+                _build_plan(*args, t, dtype, memory_tokens, overhead * f, io, split, merge,
+                            dense).to(layer.U.device)
+                for split, merge, f, dense in TUNE_VARIANTS
+                if allow_dense or not dense
             ]
             plans.append(_fastest(candidates, t, layer.in_features, dtype, layer.U.device))
         bias = None if layer.bias is None else layer.bias.detach().to(dtype)
