@@ -311,6 +311,23 @@ def test_one_token_runs_as_matrix_vector_products_exactly():
     assert (out.float() - layer(x)).norm() / layer(x).norm() < 2e-2
 
 
+def test_dense_fallback_is_one_linear_exact_and_saved(tmp_path):
+    layer = random_layer(20, 14, 12, seed=24)  # tiny, scattered bands: dense is faster
+    packed = layer.packed(tokens=(1, 4096))
+    assert all(p.spec["full"] for p in packed.plans) and packed.num_gemms(1) == 1
+    assert packed.flops() == 20 * 14 and packed.true_flops == layer.flops()
+    assert torch.allclose(packed.to_dense(), layer.to_dense(), atol=1e-12, rtol=0)
+    for shape in [(20,), (1, 20), (3, 700, 20)]:
+        x = torch.randn(*shape, dtype=torch.float64)
+        assert torch.allclose(packed(x), layer(x), atol=1e-10, rtol=0), shape
+    save_packed(packed, tmp_path / "full.safetensors")
+    x = torch.randn(5, 20, dtype=torch.float64)
+    assert torch.allclose(load_packed(tmp_path / "full.safetensors")(x), layer(x), atol=1e-10)
+    kept = PackedGBLRLinear.from_gblr(layer, tokens=1, allow_dense=False)
+    assert not kept.plans[0].spec["full"] and kept.num_gemms() > 1
+    assert torch.allclose(kept(x), layer(x), atol=1e-10, rtol=0)
+
+
 def test_long_inputs_run_in_chunks_exactly():
     from gblr.deploy.packed import CHUNK_TOKENS
 

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gblr.cost import block_cost
@@ -467,6 +468,8 @@ class _Plan(nn.Module):
         self._ops1 = tuple((a, b, lo, hi, w[i].t(), init) for a, b, lo, hi, i, init in self._s1)
         self._ops2 = tuple((a, b, lo, hi, w[i]) for a, b, lo, hi, i in self._s2)
         self._ops_dense = tuple((ca, cb, ra, rb, w[i]) for ca, cb, ra, rb, i in self._dense)
+        # the layer as its dense (out, in) matrix: one F.linear
+        self._full = w[0] if self.spec.get("full") else None
         # one token: matrix-vector products, operands laid out for torch.mv
         self._mv1 = tuple((a, b, lo, hi, w[i], init) for a, b, lo, hi, i, init in self._s1)
         self._mv2 = tuple((a, b, lo, hi, w[i].t()) for a, b, lo, hi, i in self._s2)
@@ -484,9 +487,13 @@ class _Plan(nn.Module):
 
     def num_gemms(self) -> int:
         """GEMM calls per (chunk of a) forward; the sparse part counts as one."""
+        if self._full is not None:
+            return 1
         return len(self._s1) + len(self._s2) + len(self._dense) + (self.sp_val is not None)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self._full is not None:
+            return F.linear(x, self._full, bias)
         t = x.shape[0]
         if t == 1 and self.sp_val is None:
             return self._run_vector(x, bias)
@@ -730,10 +737,11 @@ def _build_plan(
         if full:
             stage2.remove(full[0])
             stage2.insert(0, full[0])
-    if dense is True or (dense is None and comps and cost >= dense_cost):
+    full = dense is True or (dense is None and bool(comps) and cost >= dense_cost)
+    if full:
         weights, sparse = [], None
-        stage1, stage2, h_zero, perm, h_width = [], [], [], [], 0
-        dense_specs = [(0, in_f, 0, out_f, add((u_m @ v_m).t()))]
+        stage1, stage2, h_zero, perm, h_width, dense_specs = [], [], [], [], 0, []
+        add(u_m @ v_m)  # (out, in), as nn.Linear holds it
         macs = in_f * out_f
     spec = {
         "out": out_f,
@@ -746,6 +754,7 @@ def _build_plan(
         "dense": dense_specs,
         "perm": perm,
         "macs": macs,
+        "full": int(full),
     }
     return _Plan(spec, weights, sparse)
 
