@@ -379,6 +379,10 @@ def test_deploy_model_in_place_and_report():
     assert "total" in str(report)
     assert torch.allclose(model(x), ref, atol=1e-5, rtol=1e-5)
     assert deploy(model).layers == []  # nothing left to pack
+    tuned = Tiny()
+    deploy(tuned, tokens=(1, 10), tune=True)  # candidate packings timed, fastest kept
+    assert isinstance(tuned.a, PackedGBLRLinear) and len(tuned.a.plans) == 2
+    assert torch.allclose(tuned(x), Tiny()(x), atol=1e-5, rtol=1e-5)
     conv_model = nn.Sequential(gblr.GBLRConv2d(3, 4, 3).eval(), nn.Flatten())
     x_img = torch.randn(1, 3, 6, 6)
     ref_img = conv_model(x_img)

@@ -771,15 +771,21 @@ def _fastest(
     """
     x = torch.randn(tokens, in_features, dtype=dtype, device=device)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    for p in plans:  # warm up
+    calls = []
+    for p in plans:  # warm up, and pick calls per sample: ~10 ms of work
         p(x, None)
+        sync()
+        t0 = time.perf_counter()
+        p(x, None)
+        sync()
+        calls.append(max(1, min(1000, int(0.01 / max(time.perf_counter() - t0, 1e-6)))))
+    n = min(calls)  # the same count for every plan
     times: list[list[float]] = [[] for _ in plans]
-    calls = max(1, int(2e6 // max(1, tokens * in_features)))  # ~ms of work per sample
     for _ in range(reps):
         for i, p in enumerate(plans):
             sync()
             t0 = time.perf_counter()
-            for _ in range(calls):
+            for _ in range(n):
                 p(x, None)
             sync()
             times[i].append(time.perf_counter() - t0)
