@@ -138,7 +138,7 @@ def layer_table(
         out_f, in_f = weight.shape
         layer = layer.to(device)
         weight = weight.to(device)
-        packed = layer.packed(tokens=tuple(tokens))
+        packed = layer.packed(tokens=tuple(tokens), tune=True)
         dense = nn.Linear(in_f, out_f, device=device)
         dense.weight.copy_(weight)
         lowrank = LowRankLinear.from_dense(weight, budget, bias=dense.bias.detach())
@@ -290,7 +290,10 @@ def _markdown(meta: dict, rows: list[dict], e2e: dict | None) -> str:
         f"({meta['shrink_steps']} shrink steps); 'projected' ones are real MiniLM-L6 weights "
         "projected by `GBLRLinear.from_dense` (the projection search) at the same budget. "
         "Low-rank: "
-        "`LowRankLinear` (truncated SVD) at the largest rank within the same budget.",
+        "`LowRankLinear` (truncated SVD) at the largest rank within the same budget. "
+        "Packed: `layer.packed(tokens=(1, 64, 4096), tune=True)` (candidate packings timed "
+        "once at packing time on this machine, the fastest kept; packed MACs include band "
+        "unions and rank padding).",
         "",
         "| layer | shape | tokens | true cost | packed MACs | GEMMs | dense ms | low-rank ms "
         "| packed ms | packed vs dense | packed / low-rank time |",

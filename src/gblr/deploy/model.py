@@ -75,6 +75,7 @@ def deploy(
     memory_tokens: int | None = None,
     overhead: float | None = None,
     io: float | None = None,
+    tune: bool = False,
 ) -> DeployReport:
     """Replace every :class:`~gblr.GBLRLinear` inside ``model`` by a :class:`PackedGBLRLinear`.
 
@@ -83,7 +84,8 @@ def deploy(
     skipped). ``tokens`` is
     the tokens-per-call the grouping is tuned for (a sequence: one packing per entry);
     ``memory_tokens``, ``overhead`` and ``io`` override the device's time model
-    (``gblr.deploy.packed.TIME_MODELS``).
+    (``gblr.deploy.packed.TIME_MODELS``); ``tune`` times candidate packings of each layer
+    on its device and keeps the fastest (see ``PackedGBLRLinear.from_gblr``).
     Returns a :class:`DeployReport`. To pack a lone layer use ``GBLRLinear.packed()``.
     """
     from gblr.layers.base import StructuredLinear
@@ -112,7 +114,7 @@ def deploy(
     for name, layer in targets:
         packed = PackedGBLRLinear.from_gblr(
             layer, tokens=tokens, dtype=dtype, memory_tokens=memory_tokens, overhead=overhead,
-            io=io,
+            io=io, tune=tune,
         )
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

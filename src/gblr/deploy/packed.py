@@ -6,23 +6,30 @@ cyclic band of output rows (the mask values, 0/1 or smooth when ``sigma`` is set
 are folded into the factors, so the packed form is exact). Computing only the
 bands turns the cost reduction into wall-clock time:
 
-- **stage 1** groups components whose column bands are close; each group is one
-  GEMM ``h_g = x[:, cols_g] @ V_g^T`` over the union band ``cols_g``;
-- **stage 2** groups components (independently of stage 1) whose row bands are
-  close; each group is one GEMM ``y[:, rows_g] += h[:, comps_g] @ U_g^T``;
+- **stage 1** groups components whose column bands are close; a group's union band
+  ``cols_g`` is cut into segments, each one GEMM ``h[:, ranks] = x[:, seg] @ V^T`` over
+  the group's ranks from the first to the last member meeting the segment (so nested
+  bands cost little more than their true MACs);
+- **stage 2** does the same on the output side, grouped independently:
+  ``y[:, seg] += h[:, ranks] @ U^T``;
 - components sharing one box whose summed rank makes a dense block cheaper
   (``h * w < rank * (h + w)``) become one dense GEMM ``y[:, R] += x[:, C] @ B^T``.
 
-Groups are chosen per stage by agglomerative merging under a time model:
-``max(tokens, MEMORY_TOKENS) * (MACs + IO_MACS * activations moved) + OP_OVERHEAD_MACS *
-GEMM calls``, so that a
-decode step (1 token) uses few large GEMMs and a long prompt many tight ones. A band
-that wraps around the end of an axis is split into two GEMMs on contiguous slices
-(no gather of the input). Every slice is precomputed at packing time.
+Groups are chosen per stage by agglomerative merging, and segments by dynamic
+programming, under a time model in MAC-equivalents: per GEMM ``max(tokens,
+MEMORY_TOKENS) * MACs + IO_MACS * tokens * activations moved + OP_OVERHEAD_MACS``, so that
+a decode step (1 token) uses few large GEMMs and a long prompt many tight ones; several
+merge strengths are tried and the cheapest kept (``tune=True`` times candidates instead).
+Segments never cross the end of an axis (a wrapping band needs no gather). From a few
+tokens on, stage-1 rank ranges are padded to multiples of :data:`RANK_ALIGN` (MKL's
+narrow GEMMs are much faster at such widths), and inputs longer than
+:data:`CHUNK_TOKENS` run chunk by chunk. Every slice is precomputed at packing time, and
+the intermediate ``h`` is one buffer written by ``out=`` GEMMs.
 """
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Sequence
 
@@ -43,13 +50,19 @@ __all__ = [
     "ALIGN",
     "TIME_MODELS",
     "SPARSE_BLOCK_AREA",
+    "CHUNK_TOKENS",
+    "RANK_ALIGN",
+    "MERGE_FACTORS",
+    "TUNE_VARIANTS",
 ]
 
 #: Below this many tokens a GEMM is bound by reading its weights: it costs as if it had
-#: this many tokens (CPU: ~4 bytes per weight at memory speed vs. MACs at compute speed).
-MEMORY_TOKENS = 16
-#: Fixed cost of one GEMM call (dispatch, slicing) in MAC-equivalents (~10 us at ~30 GMAC/s).
-OP_OVERHEAD_MACS = 300_000
+#: this many tokens (measured on CPU, 1 thread: weights stream at ~11 G floats/s, MACs
+#: run at ~40 G/s).
+MEMORY_TOKENS = 4
+#: Fixed cost of one GEMM call (dispatch, slicing) in MAC-equivalents (~4 us at ~40 GMAC/s;
+#: measured: the best packings of two 768x3072 layers at 1 and 64 tokens).
+OP_OVERHEAD_MACS = 150_000
 #: Cost of moving one activation element in or out of a GEMM, in MAC-equivalents: a GEMM
 #: with a few rank-1 rows is bound by reading its input band (stage 1) or updating its
 #: output band (stage 2), so a group of rank ``r`` over ``L`` indices costs ``(r + IO) L``.
@@ -68,11 +81,22 @@ SPARSE_BLOCK_AREA = 16
 #: Packings for at most this many tokens hold that sparse matrix as CSR (25x faster than
 #: COO at 1 token on CPU), the others as COO (1.4x faster than CSR at 4096 tokens).
 SPARSE_CSR_TOKENS = 256
+#: CPU sparse kernels run at about this fraction of the dense GEMM's MACs per second
+#: (measured: ~9 vs ~45 GMAC/s at ~11% density): the time model charges sparse MACs 5x.
+SPARSE_MAC_FACTOR = 5
 #: Buffer names of the sparse part of a packing.
 SPARSE_BUFFERS = ("sp_idx", "sp_crow", "sp_col", "sp_val")
 #: Band edges that do not wrap are widened to multiples of this many indices (64 bytes
 #: of float32), which makes the sliced GEMMs faster.
 ALIGN = 16
+#: Stage-1 GEMMs (for at least ``memory_tokens`` tokens) write rank ranges whose widths are
+#: multiples of this (groups padded with zero rows): MKL runs a GEMM with 16 output
+#: columns 2.7x faster than one with 15, 32 1.3x faster than 33 (1 thread, 512 tokens).
+RANK_ALIGN = 16
+#: Inputs with more tokens than this run in chunks of this many tokens, so that a chunk's
+#: input, intermediate and output stay in cache across the GEMMs (measured ~10% faster at
+#: 4096 tokens on CPU); the grouping is chosen for this many tokens.
+CHUNK_TOKENS = 512
 
 
 def cyclic_band(support: np.ndarray) -> tuple[int, int]:
@@ -143,9 +167,10 @@ def group_bands(
     """Group cyclic bands so that one GEMM per group over the union band is cheapest.
 
     Each item is a band ``(start, length)`` on an axis of length ``n`` carrying ``rank``
-    rows of a factor. A group costs ``max(tokens, memory_tokens) * (rank_sum + io) *
-    union_length + overhead * pieces`` (``pieces`` is 2 when the union wraps around the
-    end). Groups are merged greedily, cheapest merge first, while merging lowers the total.
+    rows of a factor. A group costs ``(max(tokens, memory_tokens) * rank_sum + io * tokens)
+    * union_length + overhead * pieces`` (``pieces`` is 2 when the union wraps around the
+    end): weights are read once per call, activations once per token. Groups are merged
+    greedily, cheapest merge first, while merging lowers the total.
     Returns ``(start, length, member indices)`` per group, sorted by start.
     """
     a = np.asarray(starts, dtype=np.int64).copy()
@@ -158,7 +183,7 @@ def group_bands(
     members: list[list[int]] = [[i] for i in range(k)]
 
     def cost(s, l, r):
-        return teff * (r + io) * l + overhead * (1.0 + ((s + l) > n))
+        return (teff * r + io * tokens) * l + overhead * (1.0 + ((s + l) > n))
 
     own = cost(a, ln, rk)
     alive = np.ones(k, dtype=bool)
@@ -205,6 +230,196 @@ def group_bands(
     return sorted(groups, key=lambda g: (g[0], g[1]))
 
 
+def _rank_pad(rank: int, tile: int) -> int:
+    """Ranks of a stage-1 group padded to a multiple of ``tile`` (below ``tile / 2``, where
+    a narrow GEMM is as fast as the padded one, left as they are)."""
+    return rank if rank < tile // 2 else -(-rank // tile) * tile
+
+
+def _segment(
+    offs: np.ndarray,
+    lens: np.ndarray,
+    cum: np.ndarray,
+    start: int,
+    length: int,
+    n: int,
+    tokens: int,
+    teff: float,
+    io: float,
+    overhead: float,
+    tile: int,
+    rank_tile: int = 1,
+) -> tuple[float, list[tuple[int, int, int, int]]]:
+    """Split one group's union band into segments, each one GEMM over the members meeting it.
+
+    The members, in their order along the rank axis (member ``i`` holds ranks
+    ``[cum[i], cum[i+1])``), have bands ``[offs[i], offs[i] + lens[i])`` relative to the
+    union band ``[start, start + length)`` of an axis of length ``n``. A segment
+    ``[a, b)`` of the band is one GEMM over the ranks from the first to the last member
+    that meets it (members in between that do not are zeros of the packed factors). The
+    segments minimise the time model exactly (dynamic programming over the band edges,
+    snapped down to multiples of ``tile``; a segment never crosses the end of the axis).
+    With ``rank_tile`` a GEMM's rank range is widened to multiples of it (see
+    :data:`RANK_ALIGN`; the group's ranks are padded with zero rows to a multiple, and
+    ``cum[-1]`` must be a multiple or ``rank_tile`` 1).
+    Returns the modelled time and ``(a, b, lo, hi)`` per GEMM: ``a, b`` offsets in the
+    band, ``lo, hi`` rank positions (widened).
+    """
+    m = len(offs)
+    ends = (offs + lens) % n  # a member may wrap around the band's end when it is the axis
+    wrap = n - start if start + length > n else None
+    cuts = {0, length}
+    if wrap is not None:
+        cuts.add(wrap)
+    for c in np.concatenate([offs, ends]):
+        c = int(c)
+        if 0 < c < length and c != wrap:
+            c -= ((start + c) % n) % tile
+            low = wrap if wrap is not None and c > wrap else 0
+            cuts.add(max(c, low))
+    cut = np.array(sorted(cuts), dtype=np.int64)
+    p = cut.shape[0] - 1
+    # elementary segment [c0, c1) meets the cyclic band [o, o + l) when c0 lies in the band
+    # or o lies in the segment
+    c0, c1 = cut[:-1, None], cut[1:, None]
+    cov = ((c0 - offs[None, :]) % n < lens[None, :]) | ((offs[None, :] - c0) % n < c1 - c0)
+    any_cov = cov.any(axis=1)
+    first = np.where(any_cov, cov.argmax(axis=1), m)
+    last = np.where(any_cov, m - 1 - cov[:, ::-1].argmax(axis=1), -1)
+    wrap_i = int(np.searchsorted(cut, wrap)) if wrap is not None else p
+    best = np.full(p + 1, np.inf)
+    best[0] = 0.0
+    back = np.zeros(p + 1, dtype=np.int64)
+    for i in range(p):
+        stop = wrap_i if i < wrap_i else p  # j in (i, stop]
+        lo = np.minimum.accumulate(first[i:stop])
+        hi = np.maximum.accumulate(last[i:stop])
+        ok = hi >= lo
+        r_hi = -(-cum[np.minimum(hi + 1, m)] // rank_tile) * rank_tile
+        r_lo = cum[np.minimum(lo, m - 1)] // rank_tile * rank_tile
+        r = np.where(ok, r_hi - r_lo, 0)
+        seg = cut[i + 1 : stop + 1] - cut[i]
+        cost = np.where(ok, teff * r * seg + io * tokens * (seg + r) + overhead, 0.0)
+        total = best[i] + cost
+        tail = best[i + 1 : stop + 1]
+        better = total < tail
+        tail[better] = total[better]
+        back[i + 1 : stop + 1][better] = i
+    rects = []
+    j = p
+    while j > 0:
+        i = int(back[j])
+        lo, hi = int(first[i:j].min()), int(last[i:j].max())
+        if hi >= lo:
+            r_lo = int(cum[lo]) // rank_tile * rank_tile
+            r_hi = -(-int(cum[hi + 1]) // rank_tile) * rank_tile
+            rects.append((int(cut[i]), int(cut[j]), r_lo, r_hi))
+        j = i
+    return float(best[p]), rects[::-1]
+
+
+#: Merges of band groups tried before segmenting: the time model's overhead and io scaled
+#: by these factors (larger: fewer, wider groups, which segmenting then trims), and one
+#: group holding every component.
+MERGE_FACTORS = (1.0, 4.0, None)
+
+
+def _stage_groups(
+    starts: Sequence[int],
+    lengths: Sequence[int],
+    ranks: Sequence[int],
+    n: int,
+    tokens: int,
+    memory_tokens: int,
+    overhead: float,
+    io: float,
+    split: bool = True,
+    merge: float | None | str = "best",
+    rank_tile: int = 1,
+) -> tuple[float, list[tuple[list[int], list[tuple[int, int, int, int]]]]]:
+    """Groups of one stage and the GEMMs of each: ``(modelled time, [(members, rects)])``.
+
+    Bands are grouped by :func:`group_bands` (with the overhead and io scaled by each of
+    :data:`MERGE_FACTORS`, or one group, when ``merge="best"``); each group lists its
+    members in their rank order and its GEMMs ``(a, b, lo, hi)``: the contiguous slice
+    ``[a, b)`` of the axis times the group's ranks ``[lo, hi)``. With ``split`` a group's
+    union band is segmented (:func:`_segment`, members ordered by decreasing band length
+    or by start, whichever models faster); without, it is one GEMM (two when it wraps).
+    The variant with the lowest modelled time is kept. ``rank_tile``: each group's ranks
+    are padded to a multiple of it (see :func:`_rank_pad`), and its GEMMs' rank ranges
+    widened to multiples.
+    """
+    k = len(starts)
+    teff = float(max(int(tokens), int(memory_tokens)))
+    lens_all = np.asarray(lengths, dtype=np.int64)
+    starts_all = np.asarray(starts, dtype=np.int64)
+    factors = MERGE_FACTORS if merge == "best" else (merge,)
+    best: tuple[float, list] | None = None
+    for f in factors:
+        if f is None:
+            s, ln = int(starts_all[0]), int(lens_all[0])
+            for j in range(1, k):
+                s, ln = (int(v) for v in _cover(s, ln, starts_all[j], lens_all[j], n))
+            groups = [(s, ln, list(range(k)))]
+        else:
+            groups = group_bands(starts, lengths, ranks, n, tokens, memory_tokens,
+                                 overhead * f, io * f)
+        total = 0.0
+        out = []
+        for g_start, g_len, members in groups:
+            g_start, g_len = _snap(g_start, g_len, n, ALIGN)
+            mem = np.asarray(members)
+            offs = (starts_all[mem] - g_start) % n
+            lens = lens_all[mem]
+            r_sum = int(sum(ranks[c] for c in members))
+            tile = rank_tile if r_sum >= rank_tile // 2 else 1  # as _rank_pad
+            if not split:
+                r_all = _rank_pad(r_sum, rank_tile)
+                rects = [(o, o + b - a, 0, r_all) for a, b, o in _pieces(g_start, g_len, n)]
+                total += sum(teff * r_all * (b - a) + io * tokens * (b - a + r_all) + overhead
+                             for a, b, _, _ in rects)
+                out.append((list(members), rects, g_start))
+                continue
+            choice = None
+            for key in (np.lexsort((offs, -lens)), np.lexsort((-lens, offs))):
+                rk = np.concatenate([[0], np.cumsum([ranks[c] for c in mem[key]])])
+                cost, rects = _segment(offs[key], lens[key], rk, g_start, g_len, n, tokens,
+                                       teff, io, overhead, ALIGN, tile)
+                if choice is None or cost < choice[0]:
+                    choice = (cost, mem[key].tolist(), rects)
+            total += choice[0]
+            out.append((choice[1], choice[2], g_start))
+        if best is None or total < best[0]:
+            best = (total, out)
+    # rect offsets to absolute positions on the axis
+    result = []
+    for members, rects, g_start in best[1]:
+        r_all = _rank_pad(int(sum(ranks[c] for c in members)), rank_tile)
+        absolute = [((g_start + a) % n, (g_start + a) % n + (b - a), lo, hi)
+                    for a, b, lo, hi in rects]
+        # a GEMM over all of the group's ranks goes first: it initialises the group's output
+        absolute.sort(key=lambda q: (q[3] - q[2] != r_all, q[0]))
+        result.append((members, absolute))
+    return best[0], result
+
+
+#: Candidate packings timed by ``from_gblr(tune=True)``: ``(split, merge, overhead factor,
+#: dense)`` (see :func:`_stage_groups`, :func:`_build_plan`): the model's choice, with the
+#: per-GEMM overhead halved, doubled and quadrupled (the best factor varies by ~2x between
+#: layers and token counts), one group per stage segmented, unsegmented groups, and the
+#: layer as one dense GEMM (so a tuned packing is not slower than the dense layer).
+TUNE_VARIANTS: tuple[tuple[bool, float | None | str, float, bool | None], ...] = (
+    (True, "best", 1.0, False),
+    (True, "best", 0.5, False),
+    (True, "best", 2.0, False),
+    (True, "best", 4.0, False),
+    (True, None, 1.0, False),
+    (False, 1.0, 1.0, False),
+    (False, 1.0, 4.0, False),
+    (True, "best", 1.0, True),
+)
+
+
 class _Plan(nn.Module):
     """One packing of a layer (one grouping), as weight buffers plus integer slices."""
 
@@ -220,10 +435,15 @@ class _Plan(nn.Module):
             self.register_buffer(f"w{i}", w)
         self._weights_n = len(weights)
         self._names = tuple(f"w{i}" for i in range(len(weights)))
-        # stage 1: list of groups, each a list of (col_a, col_b, weight index)
-        self._s1 = [tuple(tuple(p) for p in g) for g in spec["stage1"]]
-        # stage 2: list of (h_a, h_b, [(row_a, row_b, weight index), ...])
-        self._s2 = [(g[0], g[1], tuple(tuple(p) for p in g[2])) for g in spec["stage2"]]
+        # stage 1: (col_a, col_b, h_lo, h_hi, weight index, starts its h slice)
+        self._s1 = [(a, b, lo, hi, i, bool(init)) for a, b, lo, hi, i, init in spec["stage1"]]
+        # h slices that no stage-1 GEMM starts: zeroed first
+        self._h_zero = [tuple(z) for z in spec["h_zero"]]
+        self._h_width = int(spec["h_width"])
+        # stage 2: (row_a, row_b, h_lo, h_hi, weight index); the first one starts y when
+        # it spans every output row
+        self._s2 = [tuple(q) for q in spec["stage2"]]
+        self._y_init = bool(self._s2) and self._s2[0][:2] == (0, spec["out"])
         # dense blocks: list of (col_a, col_b, row_a, row_b, weight index)
         self._dense = [tuple(p) for p in spec["dense"]]
         perm = spec["perm"]
@@ -239,46 +459,118 @@ class _Plan(nn.Module):
         sparse = sparse or {}
         for name in SPARSE_BUFFERS:
             self.register_buffer(name, sparse.get(name))
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Cache the GEMM operands per step (stage-1 weights as transposed views), so that
+        a forward does no buffer lookups (a decode step is only a few GEMVs long)."""
+        w = self.weights()
+        self._ops1 = tuple((a, b, lo, hi, w[i].t(), init) for a, b, lo, hi, i, init in self._s1)
+        self._ops2 = tuple((a, b, lo, hi, w[i]) for a, b, lo, hi, i in self._s2)
+        self._ops_dense = tuple((ca, cb, ra, rb, w[i]) for ca, cb, ra, rb, i in self._dense)
+        # the layer as its dense (out, in) matrix: one F.linear
+        self._full = w[0] if self.spec.get("full") else None
+        # one token: matrix-vector products, operands laid out for torch.mv
+        self._mv1 = tuple((a, b, lo, hi, w[i], init) for a, b, lo, hi, i, init in self._s1)
+        self._mv2 = tuple((a, b, lo, hi, w[i].t()) for a, b, lo, hi, i in self._s2)
+        self._mv_dense = tuple((ca, cb, ra, rb, w[i].t()) for ca, cb, ra, rb, i in self._dense)
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .bfloat16(): new buffers
+        out = super()._apply(fn, recurse)
+        self._refresh()
+        return out
 
     def weights(self) -> list[torch.Tensor]:
         """Weight buffers in index order: stage 1 ``(r, cols)``, stage 2 ``(r, rows)``,
         dense blocks ``(cols, rows)`` (laid out as each GEMM reads them fastest)."""
         return [getattr(self, f"w{i}") for i in range(self._weights_n)]
 
+    def num_gemms(self) -> int:
+        """GEMM calls per (chunk of a) forward; the sparse part counts as one."""
+        if self._full is not None:
+            return 1
+        return len(self._s1) + len(self._s2) + len(self._dense) + (self.sp_val is not None)
+
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        buffers = self._buffers  # direct lookups: a decode step is only a few GEMVs long
-        w = [buffers[name] for name in self._names]
-        hs = []
-        for group in self._s1:
-            a, b, i = group[0]
-            h = F.linear(x[:, a:b], w[i])
-            for a, b, i in group[1:]:
-                h = h.addmm(x[:, a:b], w[i].t())
-            hs.append(h)
-        y = None
-        if hs:
-            h = hs[0] if len(hs) == 1 else torch.cat(hs, dim=1)
-            if self.perm is not None:
-                h = h.index_select(1, self.perm)
-            first = self._s2[0]
-            if first[2][0][0] == 0 and first[2][0][1] == self.out_features:
-                # a group spanning every output row starts y (with the bias) in one call
-                a, b, ((_, _, i),) = first
-                y = h[:, a:b] @ w[i] if bias is None else torch.addmm(bias, h[:, a:b], w[i])
-                rest = self._s2[1:]
+        if self._full is not None:
+            return F.linear(x, self._full, bias)
+        t = x.shape[0]
+        if t == 1 and self.sp_val is None:
+            return self._run_vector(x, bias)
+        y = x.new_empty((t, self.out_features))
+        if t <= CHUNK_TOKENS:
+            self._run(x, bias, y, x.new_empty((t, self._h_width)))
+            return y
+        # long inputs in chunks of tokens: each chunk's activations stay in cache
+        h = x.new_empty((CHUNK_TOKENS, self._h_width))
+        for s in range(0, t, CHUNK_TOKENS):
+            e = min(t, s + CHUNK_TOKENS)
+            self._run(x[s:e], bias, y[s:e], h[: e - s])
+        return y
+
+    def _run_vector(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """One token (a decode step): the GEMMs as matrix-vector products, which dispatch
+        faster (measured 7-13% less time per forward on CPU)."""
+        x1 = x[0]
+        y = x.new_empty((1, self.out_features))
+        y1 = y[0]
+        h = x.new_empty((self._h_width,))
+        for lo, hi in self._h_zero:
+            h[lo:hi].zero_()
+        for a, b, lo, hi, w, init in self._mv1:
+            if init:
+                torch.mv(w, x1[a:b], out=h[lo:hi])
             else:
-                rest = self._s2
+                h[lo:hi].addmv_(w, x1[a:b])
+        if self.perm is not None:
+            h = h.index_select(0, self.perm)
+        rest = self._mv2
+        if self._y_init:
+            _, _, lo, hi, w = rest[0]
+            if bias is None:
+                torch.mv(w, h[lo:hi], out=y1)
+            else:
+                torch.addmv(bias, w, h[lo:hi], out=y1)
+            rest = rest[1:]
+        elif bias is None:
+            y1.zero_()
         else:
-            rest = []
-        if y is None:
-            out_shape = (x.shape[0], self.out_features)
-            y = x.new_zeros(out_shape) if bias is None else bias.expand(out_shape).clone()
-        for a, b, pieces in rest:
-            hg = h[:, a:b]
-            for ra, rb, i in pieces:
-                y[:, ra:rb].addmm_(hg, w[i])
-        for ca, cb, ra, rb, i in self._dense:
-            y[:, ra:rb].addmm_(x[:, ca:cb], w[i])
+            y1.copy_(bias)
+        for a, b, lo, hi, w in rest:
+            y1[a:b].addmv_(w, h[lo:hi])
+        for ca, cb, ra, rb, w in self._mv_dense:
+            y1[ra:rb].addmv_(w, x1[ca:cb])
+        return y
+
+    def _run(
+        self, x: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, h: torch.Tensor
+    ) -> None:
+        """``y = x W^T + bias`` for a 2-D chunk ``x``, written into ``y``; ``h`` is scratch."""
+        for lo, hi in self._h_zero:
+            h[:, lo:hi].zero_()
+        for a, b, lo, hi, w, init in self._ops1:
+            if init:
+                torch.mm(x[:, a:b], w, out=h[:, lo:hi])
+            else:
+                h[:, lo:hi].addmm_(x[:, a:b], w)
+        if self.perm is not None:
+            h = h.index_select(1, self.perm)
+        rest = self._ops2
+        if self._y_init:
+            _, _, lo, hi, w = rest[0]
+            if bias is None:
+                torch.mm(h[:, lo:hi], w, out=y)
+            else:
+                torch.addmm(bias, h[:, lo:hi], w, out=y)
+            rest = rest[1:]
+        elif bias is None:
+            y.zero_()
+        else:
+            y.copy_(bias.expand_as(y))
+        for a, b, lo, hi, w in rest:
+            y[:, a:b].addmm_(h[:, lo:hi], w)
+        for ca, cb, ra, rb, w in self._ops_dense:
+            y[:, ra:rb].addmm_(x[:, ca:cb], w)
         if self.sp_val is not None:
             size = (self.out_features, self.in_features)
             val = self.sp_val
@@ -294,7 +586,6 @@ class _Plan(nn.Module):
                 )
             xt = x.t().contiguous().to(val.dtype)
             y.add_(torch.sparse.mm(s, xt).t().to(y.dtype))
-        return y
 
 
 def _build_plan(
@@ -308,13 +599,24 @@ def _build_plan(
     memory_tokens: int,
     overhead: float,
     io: float,
+    split: bool = True,
+    merge: float | None | str = "best",
+    dense: bool | None = None,
 ) -> _Plan:
-    """Group components and slice the folded factors ``u_m (out, R)``, ``v_m (R, in)``."""
+    """Group components and slice the folded factors ``u_m (out, R)``, ``v_m (R, in)``.
+
+    ``dense``: ``True`` packs the layer as one dense GEMM (its matrix ``u_m v_m``),
+    ``False`` never, ``None`` when the time model finds that faster than the packing
+    (small layers with many scattered bands).
+
+    ``split`` and ``merge`` choose how groups become GEMMs (see :func:`_stage_groups`).
+    """
     out_f, in_f = u_m.shape[0], v_m.shape[1]
     offsets = np.concatenate([[0], np.cumsum(ranks)]).astype(int)
     comps = [c for c in range(len(ranks)) if col_bands[c][1] > 0 and row_bands[c][1] > 0]
     weights: list[torch.Tensor] = []
     macs = 0
+    group_tokens = min(int(tokens), CHUNK_TOKENS)  # long inputs run in chunks
 
     def add(w: torch.Tensor) -> int:
         weights.append(w.to(dtype).contiguous())
@@ -368,63 +670,127 @@ def _build_plan(
             sparse = {"sp_idx": coo.indices().contiguous(),
                       "sp_val": coo.values().to(dtype).contiguous()}
 
-    stage1, stage2, perm = [], [], []
-    if lowrank:
+    stage1, stage2, h_zero, perm = [], [], [], []
+    h_width = 0
+    teff = float(max(group_tokens, memory_tokens))
+    # modelled time of the packing (stages added below) and of one dense GEMM
+    cost = sum(teff * (b - a) * (rb - ra) + io * group_tokens * (b - a + rb - ra) + overhead
+               for a, b, ra, rb, _ in dense_specs)
+    if sparse is not None:
+        cost += SPARSE_MAC_FACTOR * teff * int(sparse["sp_val"].numel()) + overhead
+    dense_cost = teff * in_f * out_f + io * group_tokens * (in_f + out_f) + overhead
+    if lowrank and dense is not True:
         lr_ranks = [ranks[c] for c in lowrank]
-        g1 = group_bands(
-            [col_bands[c][0] for c in lowrank], [col_bands[c][1] for c in lowrank], lr_ranks,
-            in_f, tokens, memory_tokens, overhead, io,
-        )
-        g2 = group_bands(
-            [row_bands[c][0] for c in lowrank], [row_bands[c][1] for c in lowrank], lr_ranks,
-            out_f, tokens, memory_tokens, overhead, io,
-        )
-        # a group spanning every output row goes first: it starts y with the bias
-        g2.sort(key=lambda g: g[1] < out_f)
-        if len(g1) == 1:
-            # one stage-1 GEMM: order its outputs as stage 2 wants them, no permutation
-            g1 = [(g1[0][0], g1[0][1], [m for g in g2 for m in g[2]])]
+        model = (group_tokens, memory_tokens, overhead, io, split, merge)
+        # stage-1 GEMMs produce rank columns: widths in multiples of RANK_ALIGN run 2-3x
+        # faster on CPU from a few tokens on (a decode step reads weights: no padding)
+        rank_tile = RANK_ALIGN if group_tokens >= memory_tokens else 1
+        cost1, g1 = _stage_groups([col_bands[c][0] for c in lowrank],
+                                  [col_bands[c][1] for c in lowrank], lr_ranks, in_f, *model,
+                                  rank_tile)
+        cost2, g2 = _stage_groups([row_bands[c][0] for c in lowrank],
+                                  [row_bands[c][1] for c in lowrank], lr_ranks, out_f, *model)
+        cost += cost1 + cost2
+        total = sum(lr_ranks)
+
+        def free(groups) -> bool:  # one GEMM over every rank: the rank order is free
+            return len(groups) == 1 and all(q[2] == 0 and q[3] >= total for q in groups[0][1])
+
+        if free(g1):
+            g1 = [([m for g in g2 for m in g[0]], g1[0][1])]
+        elif free(g2):
+            g2 = [([m for g in g1 for m in g[0]], g2[0][1])]
         # stage 1: h columns in the order of the stage-1 groups
         h_pos: dict[int, int] = {}
-        pos = 0
-        for start, length, members in g1:
-            start, length = _snap(start, length, in_f, ALIGN)
+        for members, rects in g1:
             idx = rank_index([lowrank[m] for m in members])
-            cols = (torch.arange(length) + start) % in_f
-            vg = v_m[idx][:, cols]
-            stage1.append([(a, b, add(vg[:, o : o + b - a]))
-                           for a, b, o in _pieces(start, length, in_f)])
-            macs += int(idx.numel()) * length
+            r_all = _rank_pad(int(idx.numel()), rank_tile)
+            vg = torch.cat([v_m[idx], v_m.new_zeros(r_all - int(idx.numel()), in_f)])
+            started = False
+            for a, b, lo, hi in rects:
+                init = not started and lo == 0 and hi == r_all
+                started = started or init
+                stage1.append((a, b, h_width + lo, h_width + hi, add(vg[lo:hi, a:b]), init))
+                macs += (hi - lo) * (b - a)
+            if not started:
+                h_zero.append((h_width, h_width + r_all))
+            start = h_width
             for m in members:
-                h_pos[m] = pos
-                pos += lr_ranks[m]
+                h_pos[m] = h_width
+                h_width += lr_ranks[m]
+            h_width = start + r_all  # zero rows pad the group to a multiple of rank_tile
         # stage 2: h columns gathered into stage-2 group order
         hpos = 0
-        for start, length, members in g2:
-            start, length = _snap(start, length, out_f, ALIGN)
+        for members, rects in g2:
             idx = rank_index([lowrank[m] for m in members])
-            rows = (torch.arange(length) + start) % out_f
-            ug = u_m[rows][:, idx]
-            pieces = [(a, b, add(ug[o : o + b - a].t()))
-                      for a, b, o in _pieces(start, length, out_f)]
-            stage2.append((hpos, hpos + int(idx.numel()), pieces))
+            ug = u_m[:, idx]
+            for a, b, lo, hi in rects:
+                stage2.append((a, b, hpos + lo, hpos + hi, add(ug[a:b, lo:hi].t())))
+                macs += (hi - lo) * (b - a)
             hpos += int(idx.numel())
-            macs += int(idx.numel()) * length
             for m in members:
                 perm.extend(range(h_pos[m], h_pos[m] + lr_ranks[m]))
         if perm == list(range(len(perm))):
             perm = []
+        # a GEMM spanning every output row goes first: it starts y (with the bias)
+        full = [q for q in stage2 if q[:2] == (0, out_f)]
+        if full:
+            stage2.remove(full[0])
+            stage2.insert(0, full[0])
+    full = dense is True or (dense is None and bool(comps) and cost >= dense_cost)
+    if full:
+        weights, sparse = [], None
+        stage1, stage2, h_zero, perm, h_width, dense_specs = [], [], [], [], 0, []
+        add(u_m @ v_m)  # (out, in), as nn.Linear holds it
+        macs = in_f * out_f
     spec = {
         "out": out_f,
         "in": in_f,
         "tokens": int(tokens),
         "stage1": stage1,
+        "h_zero": h_zero,
+        "h_width": h_width,
         "stage2": stage2,
         "dense": dense_specs,
         "perm": perm,
         "macs": macs,
+        "full": int(full),
     }
     return _Plan(spec, weights, sparse)
+
+
+@torch.no_grad()
+def _fastest(
+    plans: Sequence[_Plan], tokens: int, in_features: int, dtype: torch.dtype,
+    device: torch.device, reps: int = 5,
+) -> _Plan:
+    """The plan with the lowest median time on random ``(tokens, in_features)`` inputs.
+
+    Repetitions are interleaved across the plans, so that a slow spell of the machine
+    does not favour one of them.
+    """
+    x = torch.randn(tokens, in_features, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    calls = []
+    for p in plans:  # warm up, and pick calls per sample: ~10 ms of work
+        p(x, None)
+        sync()
+        t0 = time.perf_counter()
+        p(x, None)
+        sync()
+        calls.append(max(1, min(1000, int(0.01 / max(time.perf_counter() - t0, 1e-6)))))
+    n = min(calls)  # the same count for every plan
+    times: list[list[float]] = [[] for _ in plans]
+    for _ in range(reps):
+        for i, p in enumerate(plans):
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                p(x, None)
+            sync()
+            times[i].append(time.perf_counter() - t0)
+    medians = [float(np.median(t)) for t in times]
+    return plans[int(np.argmin(medians))]
 
 
 class PackedGBLRLinear(nn.Module):
@@ -471,12 +837,18 @@ class PackedGBLRLinear(nn.Module):
         memory_tokens: int | None = None,
         overhead: float | None = None,
         io: float | None = None,
+        tune: bool = False,
+        allow_dense: bool = True,
     ) -> PackedGBLRLinear:
         """Pack a GBLR layer's evaluation-mode structure (whatever its current mode).
 
         ``memory_tokens``, ``overhead`` and ``io`` are the time model of the grouping
         (see :func:`group_bands`); by default the entry of :data:`TIME_MODELS` for the
-        layer's device type.
+        layer's device type. With ``tune`` the candidate packings of :data:`TUNE_VARIANTS`
+        are timed for each token count on the layer's device, on random inputs, and the
+        fastest is kept (packing is slower: a few forwards of each candidate). With
+        ``allow_dense`` a packing may be the layer's dense matrix as one GEMM, where that is
+        modelled (or, tuned, measured) faster: small layers with many scattered bands.
         """
         from gblr.layers.gblr import GBLRLinear
 
@@ -500,11 +872,20 @@ class PackedGBLRLinear(nn.Module):
         out_sup = (m_out != 0).cpu().numpy()
         col_bands = [cyclic_band(in_sup[c]) for c in range(k)]
         row_bands = [cyclic_band(out_sup[c]) for c in range(k)]
-        plans = [
-            _build_plan(u_m, v_m, [r] * k, col_bands, row_bands, t, dtype, memory_tokens,
-                        overhead, io)
-            for t in sorted(set(token_list))
-        ]
+        args = (u_m, v_m, [r] * k, col_bands, row_bands)
+        plans = []
+        for t in sorted(set(token_list)):
+            if not tune:
+                plans.append(_build_plan(*args, t, dtype, memory_tokens, overhead, io,
+                                         dense=None if allow_dense else False))
+                continue
+            candidates = [
+                _build_plan(*args, t, dtype, memory_tokens, overhead * f, io, split, merge,
+                            dense).to(layer.U.device)
+                for split, merge, f, dense in TUNE_VARIANTS
+                if allow_dense or not dense
+            ]
+            plans.append(_fastest(candidates, t, layer.in_features, dtype, layer.U.device))
         bias = None if layer.bias is None else layer.bias.detach().to(dtype)
         packed = cls(layer.in_features, layer.out_features, plans, bias, layer.flops())
         return packed.to(layer.U.device)
@@ -512,8 +893,8 @@ class PackedGBLRLinear(nn.Module):
     def plan_for(self, tokens: int) -> _Plan:
         """The packing used for ``tokens`` tokens per call."""
         i = 0
-        while i < len(self._switch) and tokens > self._switch[i]:
-            i += 1
+        for switch in self._switch:
+            i += tokens > switch
         return self.plans[i]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -522,11 +903,14 @@ class PackedGBLRLinear(nn.Module):
                 f"PackedGBLRLinear expects inputs of shape (..., {self.in_features}), "
                 f"got {tuple(x.shape)}"
             )
+        bias = self.bias
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        if x.dim() == 2:  # the common case, without reshapes
+            return self.plan_for(x.shape[0]).forward(x, bias)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        plan = self.plan_for(x2.shape[0])
-        bias = None if self.bias is None else self.bias.to(x2.dtype)
-        return plan(x2, bias).reshape(*lead, self.out_features)
+        return self.plan_for(x2.shape[0]).forward(x2, bias).reshape(*lead, self.out_features)
 
     def flops(self, tokens: int | None = None) -> int:
         """MACs per token this module computes (for the packing used at ``tokens``)."""
@@ -534,15 +918,10 @@ class PackedGBLRLinear(nn.Module):
         return plan.macs
 
     def num_gemms(self, tokens: int | None = None) -> int:
-        """GEMM calls per forward (for the packing used at ``tokens``; the sparse part is one)."""
+        """GEMM calls per forward (for the packing used at ``tokens``, per chunk of
+        :data:`CHUNK_TOKENS` tokens; the sparse part counts as one)."""
         plan = self.plans[0] if tokens is None else self.plan_for(tokens)
-        spec = plan.spec
-        return (
-            sum(len(g) for g in spec["stage1"])
-            + sum(len(g[2]) for g in spec["stage2"])
-            + len(spec["dense"])
-            + (plan.sp_val is not None)
-        )
+        return plan.num_gemms()
 
     @torch.no_grad()
     def to_dense(self) -> torch.Tensor:

@@ -327,14 +327,18 @@ class GBLRLinear(StructuredLinear):
         self.__dict__["_cost_cache"] = (key, cost)
         return cost
 
-    def packed(self, tokens: int | tuple[int, ...] = 64, dtype: torch.dtype | None = None):
+    def packed(
+        self, tokens: int | tuple[int, ...] = 64, dtype: torch.dtype | None = None,
+        tune: bool = False,
+    ):
         """Frozen inference form computing only the bands: a ``PackedGBLRLinear``.
 
-        ``tokens``: the tokens per call the grouping is tuned for (see ``gblr.deploy``).
+        ``tokens``: the tokens per call the grouping is tuned for (see ``gblr.deploy``);
+        ``tune``: time candidate packings on this device and keep the fastest.
         """
         from gblr.deploy.packed import PackedGBLRLinear
 
-        return PackedGBLRLinear.from_gblr(self, tokens=tokens, dtype=dtype)
+        return PackedGBLRLinear.from_gblr(self, tokens=tokens, dtype=dtype, tune=tune)
 
     def extra_repr(self) -> str:
         return (
