@@ -105,6 +105,18 @@ def test_sharp_flops_equals_layer_flops():
         layer.sigma = sigma
         assert sharp_flops(layer) == expected
         assert layer.sigma == sigma
+    # identical boxes (merged into one block), full-width ones, rank > 1
+    for i in range(40):
+        n_in, n_out = (int(v) for v in torch.randint(3, 40, (2,), generator=gen))
+        layer = GBLRLinear(n_in, n_out, num_components=8, rank_per_component=1 + i % 2,
+                           init="random")
+        with torch.no_grad():
+            layer.widths.uniform_(0.0, 1.0, generator=gen)
+            layer.locations.uniform_(-1.0, 2.0, generator=gen)
+            layer.widths[:, 4:] = layer.widths[:, :1]
+            layer.locations[:, 4:] = layer.locations[:, :1] + (i % 3)  # same box, wrapped
+            layer.widths[:, 1] = 1.0
+        assert sharp_flops(layer) == layer.eval().flops()
 
 
 # -- the controller ----------------------------------------------------------------------------
