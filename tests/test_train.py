@@ -367,3 +367,24 @@ def test_compare_runs_each_structure_and_writes_the_table(tmp_path, capsys):
     assert (tmp_path / "dense" / "summary.json").is_file()
     table = (tmp_path / "compare.md").read_text()
     assert "| gblr | 0.3 |" in table and "| dense | — |" in table
+
+
+def test_controller_magnitude_weighting_shrinks_weak_components_first():
+    torch.manual_seed(0)
+    model = nn.Sequential(GBLRLinear(32, 32, num_components=8, init="random"))
+    layer = model[0]
+    with torch.no_grad():
+        scale = torch.tensor([4.0, 4.0, 4.0, 4.0, 0.25, 0.25, 0.25, 0.25])
+        layer.U.mul_(scale[None, :])  # components 0-3 strong, 4-7 weak
+    controller = BudgetController(model, target=0.25, total_steps=10, reach=0.5,
+                                  weighting="magnitude")
+    for _ in range(3):
+        controller.step()
+    widths = layer.widths.detach()
+    assert float(widths[:, 4:].mean()) < float(widths[:, :4].mean()) < 1.0
+    uniform = copy.deepcopy(nn.Sequential(GBLRLinear(32, 32, num_components=8, init="random")))
+    BudgetController(uniform, target=0.25, total_steps=10, reach=0.5).step()
+    w = uniform[0].widths.detach()
+    assert torch.allclose(w, w[0, 0].expand_as(w))  # uniform: every width alike
+    with pytest.raises(ValueError, match="weighting"):
+        BudgetController(model, target=0.5, total_steps=10, weighting="random")

@@ -18,7 +18,17 @@ from gblr.cost import (
 from gblr.layers.gblr import GBLRLinear
 from gblr.train.groups import gblr_layers
 
-__all__ = ["BudgetController", "LayerCost", "measure_costs", "measure_costs_of", "sharp_flops"]
+#: Shrink weightings of :class:`BudgetController`.
+WEIGHTINGS = ("uniform", "magnitude")
+
+__all__ = [
+    "BudgetController",
+    "WEIGHTINGS",
+    "LayerCost",
+    "measure_costs",
+    "measure_costs_of",
+    "sharp_flops",
+]
 
 
 @dataclass(frozen=True)
@@ -115,6 +125,11 @@ class BudgetController:
             the group that holds the widths is used instead.
         measure_every: re-measure the cost every N steps (always every step within 5% of the
             target); intermediate steps reuse the last measurement.
+        weighting: ``"uniform"`` (every width shrinks by the same amount) or ``"magnitude"``
+            (a reweighted L1: component ``c`` shrinks by the amount times
+            ``mean_magnitude / magnitude_c``, clipped to ``[0.25, 4]``, where the magnitude is
+            ``||U_c|| ||V_c||``; weak components are switched off first and strong ones stay
+            wide, as a low-rank truncation would keep them).
     """
 
     def __init__(
@@ -130,6 +145,7 @@ class BudgetController:
         lr: float = 1.0,
         optimizer: torch.optim.Optimizer | None = None,
         measure_every: int = 1,
+        weighting: str = "uniform",
     ) -> None:
         self.target = check_budget(target, "target")
         self.total_steps = check_positive("total_steps", total_steps)
@@ -145,6 +161,9 @@ class BudgetController:
             raise ValueError(f"gain must be positive, got {gain!r}")
         if not float(lr) > 0:
             raise ValueError(f"lr must be positive, got {lr!r}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        self.weighting = weighting
         self.layers = list(gblr_layers(model))
         if not self.layers:
             raise ValueError("model has no GBLRLinear layer for the budget controller to steer")
@@ -214,6 +233,23 @@ class BudgetController:
         for (_, layer), w, amount in zip(self.layers, before, amounts, strict=True):
             layer.widths.copy_((w.clamp(0, 1) - amount).clamp(0, 1))
 
+    @torch.no_grad()
+    def _weights(self) -> list[float | torch.Tensor]:
+        """Per-component shrink multipliers of every layer (1.0 with uniform weighting)."""
+        if self.weighting == "uniform":
+            return [1.0] * len(self.layers)
+        out: list[float | torch.Tensor] = []
+        for _, layer in self.layers:
+            r = layer.rank_per_component
+            u = layer.U.detach().float().reshape(layer.out_features, -1, r)
+            v = layer.V.detach().float().reshape(-1, r, layer.in_features)
+            magnitude = u.square().sum(dim=(0, 2)).sqrt() * v.square().sum(dim=(1, 2)).sqrt()
+            on = layer.widths.detach().clamp(0, 1).prod(dim=0) > 0
+            mean = magnitude[on].mean() if bool(on.any()) else magnitude.mean()
+            weight = (mean / magnitude.clamp_min(1e-12)).clamp(0.25, 4.0)
+            out.append(weight.to(layer.widths.device, layer.widths.dtype)[None, :])
+        return out
+
     def _shrinkable(self) -> list[bool]:
         return [c > self.floor * d for c, d in zip(self._costs, self.dense, strict=True)]
 
@@ -239,8 +275,11 @@ class BudgetController:
         before = self._snapshot()
         lowest = self.target * (1.0 - self.tolerance)
 
+        weights = self._weights()
+
         def apply(scale: float) -> float:
-            self._shrink_from(before, [amount * scale if s else 0.0 for s in shrinkable])
+            self._shrink_from(before, [amount * scale * w if s else 0.0
+                                       for s, w in zip(shrinkable, weights, strict=True)])
             self._costs = self._measure()
             return self.cost_fraction
 
@@ -359,6 +398,7 @@ class BudgetController:
             "initial_cost": self.initial_cost,
             "target": self.target,
             "total_steps": self.total_steps,
+            "weighting": self.weighting,
         }
 
     def load_state_dict(self, state: dict) -> None:

@@ -214,7 +214,8 @@ def run(cfg) -> dict[str, Any]:
         structure = StructureCallback(
             float(cfg.budget),
             controller={"reach": s.reach, "floor": s.floor, "tolerance": s.tolerance,
-                        "gain": s.gain, "measure_every": s.measure_every},
+                        "gain": s.gain, "measure_every": s.measure_every,
+                        "weighting": s.weighting},
             sigma_start=s.sigma_start, sigma_end=s.sigma_end, sigma_anneal=s.sigma_anneal,
             sigma_by=s.sigma_by, enforce=bool(s.enforce),
             figure_dir=str(out / "figures") if cfg.logging.figures else None,
