@@ -272,6 +272,10 @@ def test_sequential_calibration():
     names = list(select_layers(bert, ["layer.0"], []))
     groups = shared_input_groups(bert, names, [{"input_ids": IDS}])
     assert [len(g) for g in groups] == [3, 1, 1, 1]  # query, key and value share their input
+    cnn = nn.Sequential(nn.Conv2d(3, 4, 3))
+    cfg = CompressionConfig(steps=0, calibration=True, calibration_mode="sequential")
+    with pytest.raises(ValueError, match="calibration of layer"):
+        compress(cnn, cfg, calibration_data=[torch.randn(1, 3, 6, 6)], progress=False)
     with pytest.raises(ValueError, match="calibration_mode must be one of"):
         CompressionConfig(calibration_mode="later")
     with pytest.raises(ValueError, match="allocation='global'"):

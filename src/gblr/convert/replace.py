@@ -173,8 +173,14 @@ def compress(
         calibration_data = calibration_batches(calibration_data)
         if not calibration_data:
             raise ValueError("calibration_data holds no batch")
+        convs = [n for n in wants_data if layers[n] not in ("linear", "conv1d")]
+        if convs:
+            raise ValueError(
+                f"calibration of layer(s) {convs[:3]} of kind {layers[convs[0]]!r} is not "
+                "supported; calibration works on linear and Conv1D layers"
+            )
         teacher = copy.deepcopy(model)
-        calibrated = [n for n in layers if n in wants_data and layers[n] != "conv2d"]
+        calibrated = [n for n in layers if n in wants_data]
         leader = {g[0]: g for g in shared_input_groups(model, calibrated, calibration_data)}
     elif wants_data:
         moments = capture_second_moments(model, {n: layers[n] for n in wants_data},
