@@ -273,7 +273,8 @@ def test_sequential_calibration():
     groups = shared_input_groups(bert, names, [{"input_ids": IDS}])
     assert [len(g) for g in groups] == [3, 1, 1, 1]  # query, key and value share their input
     cnn = nn.Sequential(nn.Conv2d(3, 4, 3))
-    cfg = CompressionConfig(steps=0, calibration=True, calibration_mode="sequential")
+    cfg = CompressionConfig(steps=0, calibration=True, calibration_mode="sequential",
+                            target_modules=["0"])
     with pytest.raises(ValueError, match="calibration of layer"):
         compress(cnn, cfg, calibration_data=[torch.randn(1, 3, 6, 6)], progress=False)
     with pytest.raises(ValueError, match="calibration_mode must be one of"):
