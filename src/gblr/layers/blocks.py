@@ -30,6 +30,7 @@ __all__ = [
     "padding_masks",
     "truncated_svd_factors",
     "diagonal_blocks",
+    "sqrt_and_pinv_sqrt",
     "blocks_to_factors",
     "factors_to_blocks",
     "block_factor_matmul",
@@ -172,7 +173,7 @@ def truncated_svd_factors(
     if input_moments is None:
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
     else:
-        root, pinv_root = _sqrt_and_pinv_sqrt(input_moments.to(w.device).double())
+        root, pinv_root = sqrt_and_pinv_sqrt(input_moments.to(w.device).double())
         u, s, vh = torch.linalg.svd(w @ root, full_matrices=False)
         vh = vh @ pinv_root
     root_s = s[..., :rank].sqrt()
@@ -181,7 +182,7 @@ def truncated_svd_factors(
     return u_r.to(matrices.dtype), v_r.to(matrices.dtype)
 
 
-def _sqrt_and_pinv_sqrt(moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sqrt_and_pinv_sqrt(moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric ``C^{1/2}`` and pseudo-inverse ``C^{+1/2}`` of a batch of PSD matrices."""
     evals, evecs = torch.linalg.eigh((moments + moments.transpose(-1, -2)) / 2)
     evals = evals.clamp_min(0.0)

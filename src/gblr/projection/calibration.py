@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from gblr.layers.blocks import sqrt_and_pinv_sqrt
+
 __all__ = ["Calibration", "as_calibration", "relative_error"]
 
 
@@ -78,13 +80,7 @@ class Calibration:
         return Calibration(self.second_moment.to(device))
 
     def _eig(self) -> None:
-        evals, evecs = torch.linalg.eigh(self.second_moment)
-        evals = evals.clamp_min(0.0)
-        keep = evals > evals.max().clamp_min(1e-300) * 1e-10
-        root = evals.sqrt()
-        inv = torch.where(keep, 1.0 / root.clamp_min(1e-300), torch.zeros_like(root))
-        self._root = (evecs * root) @ evecs.t()
-        self._pinv_root = (evecs * inv) @ evecs.t()
+        self._root, self._pinv_root = sqrt_and_pinv_sqrt(self.second_moment)
 
     def root(self) -> torch.Tensor:
         """The symmetric square root ``C^{1/2}`` (float64)."""
