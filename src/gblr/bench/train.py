@@ -48,11 +48,32 @@ def _jobs(args) -> list[dict]:
     return jobs
 
 
-def _run(job: dict, work: Path, data_root: Path) -> dict:
+def _finished(out: Path, args: list[str]) -> dict | None:
+    """The summary of a finished run in ``out`` whose saved configuration is exactly the one
+    ``args`` compose now (same experiment, overrides and packaged config); else None."""
+    from omegaconf import OmegaConf
+
+    from gblr.train.runner import compose
+
+    summary, saved = out / "summary.json", out / "config.yaml"
+    if not (summary.is_file() and saved.is_file()):
+        return None
+    wanted = OmegaConf.to_container(compose(args), resolve=True)
+    if OmegaConf.to_container(OmegaConf.load(saved), resolve=True) != wanted:
+        return None
+    return json.loads(summary.read_text())
+
+
+def _run(job: dict, work: Path, data_root: Path, reuse: bool = False) -> dict:
     out = work / job["experiment"].replace("/", "_") / f"seed{job['seed']}"
-    cmd = [sys.executable, "-m", "gblr.cli", "train", f"experiment={job['experiment']}",
-           f"out_dir={out}", f"data.root={data_root}", "threads=1",
-           "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", *job["overrides"]]
+    args = [f"experiment={job['experiment']}", f"out_dir={out}", f"data.root={data_root}",
+            "threads=1", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu",
+            *job["overrides"]]
+    done = _finished(out, args) if reuse else None
+    if done is not None:
+        print(f"reusing the finished run in {out}")
+        return {**done, "wall_seconds": done["fit_seconds"], "suite": job["suite"]}
+    cmd = [sys.executable, "-m", "gblr.cli", "train", *args]
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     # the child runs the same gblr as this process (the checkout's src, not another install)
@@ -156,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="runs/bench-train")
     p.add_argument("--data-root", default=os.environ.get("GBLR_DATA", "~/.cache/gblr/data"))
     p.add_argument("--out", default="results/train")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse finished runs in --work whose saved config matches exactly")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds = min(args.seeds, 1)
@@ -168,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     mnist1d_splits(data_root, num_samples=600 if args.quick else 10000)
     print(f"running {len(jobs)} trainings, {args.jobs} at a time")
     with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda j: _run(j, work, data_root), jobs))
+        results = list(pool.map(lambda j: _run(j, work, data_root, args.reuse), jobs))
     for r in results:
         print(f"{r['name']:<24} seed {r['seed']}: cost {100 * r['cost_fraction']:.2f}% "
               f"acc {100 * r.get('test_acc', float('nan')):.2f}% loss {r.get('test_loss'):.4f} "
