@@ -596,44 +596,32 @@ class _Plan(nn.Module):
             h = torch.zeros((self._h_width,), **kw)
             hp = h if self.perm is None else torch.zeros((self.perm.numel(),), **kw)
             x1, y1 = xb[0], yb[0]
-            zero = tuple(h[lo:hi] for lo, hi in self._h_zero)
-            ops1 = tuple((w, x1[a:b], h[lo:hi], init) for a, b, lo, hi, w, init in self._mv1)
+            ops1 = tuple((w, x1[a:b], h[lo:hi]) for a, b, lo, hi, w, _ in self._mv1)
             ops2 = tuple((w, hp[lo:hi], y1[a:b]) for a, b, lo, hi, w in self._mv2)
-            first = None
-            if self._y_init:
-                first, ops2 = ops2[0][:2], ops2[1:]
-            opsd = tuple((w, x1[ca:cb], y1[ra:rb]) for ca, cb, ra, rb, w in self._mv_dense)
-        steps = (xb, h, hp, self.perm, yb, y1, zero, ops1, first, ops2, opsd)
+            ops2 += tuple((w, x1[ca:cb], y1[ra:rb]) for ca, cb, ra, rb, w in self._mv_dense)
+        steps = (xb, h, hp, self.perm, yb, y1, ops1, ops2)
         self._scratch[key] = steps
         return steps
 
     def _run_vector_steps(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """One token through this thread's prepared views (see :meth:`_vector_steps`)."""
-        xb, h, hp, perm, yb, y1, zero, ops1, first, ops2, opsd = self._vector_steps(x)
+        """One token through this thread's prepared views (see :meth:`_vector_steps`).
+
+        Every GEMV accumulates in place into a zeroed (or bias-filled) buffer: in-place
+        ``addmv_`` dispatches faster than ``mv(out=)`` (measured ~4% of a 3072->768 step).
+        """
+        xb, h, hp, perm, yb, y1, ops1, ops2 = self._vector_steps(x)
         xb.copy_(x)
-        for z in zero:
-            z.zero_()
-        for w, xs, hs, init in ops1:
-            if init:
-                torch.mv(w, xs, out=hs)
-            else:
-                hs.addmv_(w, xs)
+        h.zero_()
+        for w, xs, hs in ops1:
+            hs.addmv_(w, xs)
         if perm is not None:
             torch.index_select(h, 0, perm, out=hp)
-        if first is not None:
-            w, hs = first
-            if bias is None:
-                torch.mv(w, hs, out=y1)
-            else:
-                torch.addmv(bias, w, hs, out=y1)
-        elif bias is None:
+        if bias is None:
             y1.zero_()
         else:
             y1.copy_(bias)
-        for w, hs, ys in ops2:
-            ys.addmv_(w, hs)
-        for w, xs, ys in opsd:
-            ys.addmv_(w, xs)
+        for w, src, ys in ops2:
+            ys.addmv_(w, src)
         return yb.clone()
 
     def _run_vector(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
