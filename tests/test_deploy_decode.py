@@ -34,6 +34,11 @@ def random_layer(n_in, n_out, k, seed=0, bias=True, dtype=torch.float64, wrap=Fa
     return layer.eval()
 
 
+def _one_buffer(plan) -> bool:
+    """Whether a packing's weights are views of one allocation (a one-token packing's are)."""
+    return len({w.untyped_storage().data_ptr() for w in plan.weights()}) == 1
+
+
 def trained_layer():
     """A small layer fitted to a target while its widths shrink to 30% of dense cost."""
     from gblr.bench.shrink import shrink_to_budget, structured_target
@@ -104,6 +109,7 @@ def test_trained_layer_exact_and_tuned(tmp_path):
     layer = trained_layer()
     assert layer.flops() < 0.45 * 40 * 72
     packed = pack(layer, (1, 64), tune=True)
+    assert _one_buffer(packed.plans[0]) and not _one_buffer(packed.plans[1])
     for t in (1, 5, 64, CHUNK_TOKENS + 3):
         _check(packed, layer, t, torch.inference_mode)
     # a saved and reloaded packing runs the same steps
@@ -138,6 +144,7 @@ def test_bfloat16_one_token_and_dtype_change_after_use():
     with torch.inference_mode():
         assert torch.allclose(packed(x), ref, atol=1e-5, rtol=1e-5)  # scratch in float32
         packed = packed.to(torch.bfloat16)  # new buffers: the prepared steps are rebuilt
+        assert _one_buffer(packed.plans[0]) and packed.plans[0].w0.dtype == torch.bfloat16
         out = packed(x.bfloat16())
         many = packed(torch.randn(7, 64).bfloat16())
     assert out.dtype == many.dtype == torch.bfloat16

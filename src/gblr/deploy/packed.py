@@ -490,9 +490,36 @@ class _Plan(nn.Module):
         self._scratch: dict = {}
         self._refresh()
 
+    def _flatten(self) -> None:
+        """Lay the weights of a one-token packing on CPU out back to back, in the order its
+        GEMVs read them (each buffer becomes a view of one allocation): a decode step
+        streams its weights from cache, and one stream is ~3% faster than a dozen
+        scattered ones (measured, 768x3072 and 3072x768 layers)."""
+        if self.spec["tokens"] != 1 or self.spec.get("full") or self._weights_n < 2:
+            return
+        ws = self.weights()
+        if ws[0].device.type != "cpu" or any(w.dtype != ws[0].dtype for w in ws):
+            return
+        order = [q[4] for q in self._s1] + [q[4] for q in self._s2]
+        order += [q[4] for q in self._dense] + list(range(self._weights_n))
+        order = list(dict.fromkeys(order))  # first use of each weight
+        sizes = [-(-ws[i].numel() // ALIGN) * ALIGN for i in order]  # 64-byte starts
+        starts = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+        base = ws[order[0]]
+        if all(ws[i].untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+               and ws[i].storage_offset() == starts[k] for k, i in enumerate(order)):
+            return  # already laid out
+        flat = torch.zeros(starts[-1], dtype=base.dtype, device=base.device)
+        for k, i in enumerate(order):
+            view = flat[starts[k]: starts[k] + ws[i].numel()].view(ws[i].shape)
+            view.copy_(ws[i])
+            self._buffers[f"w{i}"] = view
+
     def _refresh(self) -> None:
         """Cache the GEMM operands per step (stage-1 weights as transposed views), so that
         a forward does no buffer lookups (a decode step is only a few GEMVs long)."""
+        with torch.no_grad():
+            self._flatten()
         w = self.weights()
         self._ops1 = tuple((a, b, lo, hi, w[i].t(), init) for a, b, lo, hi, i, init in self._s1)
         self._ops2 = tuple((a, b, lo, hi, w[i]) for a, b, lo, hi, i in self._s2)
