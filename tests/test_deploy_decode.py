@@ -183,6 +183,9 @@ def test_copy_and_pickle_after_use():
     assert packed.plans[0]._scratch
     for other in (copy.deepcopy(packed), pickle.loads(pickle.dumps(packed))):
         assert not other.plans[0]._scratch
+        plan = other.plans[0]  # one buffer still, and the GEMV operands are views of it
+        assert _one_buffer(plan)
+        assert {w.data_ptr() for *_, w, _ in plan._mv1} <= {w.data_ptr() for w in plan.weights()}
         with torch.inference_mode():
             assert torch.equal(other(x1), packed(x1)) and torch.equal(other(x8), packed(x8))
 

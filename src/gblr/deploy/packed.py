@@ -577,10 +577,18 @@ class _Plan(nn.Module):
             self._run(x[s:e], bias, y[s:e], steps)
         return y
 
-    def __getstate__(self) -> dict:  # copies and pickles leave the per-thread scratch behind
-        state = self.__dict__.copy()
-        state["_scratch"] = {}
-        return state
+    #: Attributes derived from the weight buffers by :meth:`_refresh` (views, scratch).
+    _DERIVED = ("_ops1", "_ops2", "_ops_dense", "_full", "_mv1", "_mv2", "_mv_dense",
+                "_scratch")
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles hold the buffers only (no per-thread scratch, and no views
+        that would be stored as separate tensors); the views are rebuilt on load."""
+        return {k: v for k, v in self.__dict__.items() if k not in self._DERIVED}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._refresh()
 
     def _gemm_steps(self, h: torch.Tensor) -> tuple:
         """The operands of :meth:`_run` that live in the intermediate ``h (tokens, width)``
