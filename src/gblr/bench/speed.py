@@ -138,9 +138,11 @@ def layer_table(
         out_f, in_f = weight.shape
         layer = layer.to(device)
         weight = weight.to(device)
-        packed = layer.packed(tokens=tuple(tokens), tune=True)
         dense = nn.Linear(in_f, out_f, device=device)
         dense.weight.copy_(weight)
+        # all three layers add the same bias (the fitted GBLR layers have none)
+        layer.bias = nn.Parameter(dense.bias.detach().clone())
+        packed = layer.packed(tokens=tuple(tokens), tune=True)
         lowrank = LowRankLinear.from_dense(weight, budget, bias=dense.bias.detach())
         rank = lowrank.rank
         err_gblr = float((layer.to_dense() - weight).norm() / weight.norm())
@@ -291,6 +293,9 @@ def _markdown(meta: dict, rows: list[dict], e2e: dict | None) -> str:
         "projected by `GBLRLinear.from_dense` (the projection search) at the same budget. "
         "Low-rank: "
         "`LowRankLinear` (truncated SVD) at the largest rank within the same budget. "
+        "All three layers add the same bias (`nn.Linear`'s; `LowRankLinear` fuses it into "
+        "its second GEMM, the packed layer into a stage-2 GEMM over every output row where "
+        "it has one). "
         "Packed: `layer.packed(tokens=(1, 64, 4096), tune=True)` (candidate packings timed "
         "once at packing time on this machine, the fastest kept; packed MACs include band "
         "unions and rank padding).",

@@ -36,7 +36,8 @@ def save_packed(module: nn.Module, path: str | Path) -> None:
         plans = []
         for j, plan in enumerate(layer.plans):
             for i, w in enumerate(plan.weights()):
-                tensors[f"{name}/plan{j}.w{i}"] = w.detach().cpu().contiguous()
+                # (a clone: a one-token packing's weights are views of one buffer)
+                tensors[f"{name}/plan{j}.w{i}"] = w.detach().cpu().clone()
             for key in SPARSE_BUFFERS:
                 if getattr(plan, key) is not None:
                     tensors[f"{name}/plan{j}.{key}"] = getattr(plan, key).cpu().contiguous()
