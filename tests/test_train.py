@@ -367,6 +367,9 @@ def test_train_benchmark_reuses_only_runs_with_the_same_config(tmp_path):
     assert _finished(out, args) == {"name": "mnist1d/mixer-lowrank", "seed": 1}
     assert _finished(out, [*args[:-1], "budget=0.4"]) is None
     assert _finished(out, [*args, "trainer.max_steps=7"]) is None
+    moved = tmp_path / "moved"
+    out.rename(moved)  # a run folder that was moved is still the same run
+    assert _finished(moved, [*args[:1], f"out_dir={moved}", *args[2:]]) is not None
 
 
 def test_resnet18_gblr_convs_are_controlled():

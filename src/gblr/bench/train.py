@@ -49,8 +49,9 @@ def _jobs(args) -> list[dict]:
 
 
 def _finished(out: Path, args: list[str]) -> dict | None:
-    """The summary of a finished run in ``out`` whose saved configuration is exactly the one
-    ``args`` compose now (same experiment, overrides and packaged config); else None."""
+    """The summary of a finished run in ``out`` whose saved configuration is the one ``args``
+    compose now (same experiment, overrides and packaged config; only ``out_dir`` may differ,
+    so a run folder can be moved); else None."""
     from omegaconf import OmegaConf
 
     from gblr.train.runner import compose
@@ -59,7 +60,10 @@ def _finished(out: Path, args: list[str]) -> dict | None:
     if not (summary.is_file() and saved.is_file()):
         return None
     wanted = OmegaConf.to_container(compose(args), resolve=True)
-    if OmegaConf.to_container(OmegaConf.load(saved), resolve=True) != wanted:
+    found = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
+    wanted.pop("out_dir", None)
+    found.pop("out_dir", None)
+    if found != wanted:
         return None
     return json.loads(summary.read_text())
 
