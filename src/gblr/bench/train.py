@@ -68,15 +68,27 @@ def _finished(out: Path, args: list[str]) -> dict | None:
     return json.loads(summary.read_text())
 
 
-def _run(job: dict, work: Path, data_root: Path, reuse: bool = False) -> dict:
+def _job_args(job: dict, work: Path, data_root: Path) -> tuple[Path, list[str]]:
+    """A job's run folder and its ``gblr train`` arguments."""
     out = work / job["experiment"].replace("/", "_") / f"seed{job['seed']}"
     args = [f"experiment={job['experiment']}", f"out_dir={out}", f"data.root={data_root}",
             "threads=1", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu",
             *job["overrides"]]
-    done = _finished(out, args) if reuse else None
-    if done is not None:
-        print(f"reusing the finished run in {out}")
-        return {**done, "wall_seconds": done["fit_seconds"], "suite": job["suite"]}
+    return out, args
+
+
+def _reused(job: dict, work: Path, data_root: Path) -> dict | None:
+    """The job's finished run as a result row, if ``--reuse`` may take it (see _finished)."""
+    out, args = _job_args(job, work, data_root)
+    done = _finished(out, args)
+    if done is None:
+        return None
+    print(f"reusing the finished run in {out}")
+    return {**done, "wall_seconds": done["fit_seconds"], "suite": job["suite"]}
+
+
+def _run(job: dict, work: Path, data_root: Path) -> dict:
+    out, args = _job_args(job, work, data_root)
     cmd = [sys.executable, "-m", "gblr.cli", "train", *args]
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
@@ -193,9 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     from gblr.data import mnist1d_splits
 
     mnist1d_splits(data_root, num_samples=600 if args.quick else 10000)
-    print(f"running {len(jobs)} trainings, {args.jobs} at a time")
+    # finished runs are looked up here, in one thread (composing a config is not thread-safe)
+    reused = [_reused(j, work, data_root) if args.reuse else None for j in jobs]
+    todo = [j for j, r in zip(jobs, reused, strict=True) if r is None]
+    print(f"running {len(todo)} trainings, {args.jobs} at a time")
     with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda j: _run(j, work, data_root, args.reuse), jobs))
+        ran = iter(list(pool.map(lambda j: _run(j, work, data_root), todo)))
+    results = [r if r is not None else next(ran) for r in reused]
     for r in results:
         print(f"{r['name']:<24} seed {r['seed']}: cost {100 * r['cost_fraction']:.2f}% "
               f"acc {100 * r.get('test_acc', float('nan')):.2f}% loss {r.get('test_loss'):.4f} "
