@@ -277,16 +277,10 @@ def test_segmented_bands_exact_and_cheaper(wrap):
 
 def _plan(layer, tokens, split, merge):
     """One packing of ``layer`` with the given segmenting and merging (see _stage_groups)."""
-    from gblr.deploy.packed import TIME_MODELS, _build_plan, cyclic_band
+    from gblr.deploy.packed import TIME_MODELS, _build_plan, banded_factors
 
-    m_in, m_out = layer.eval_masks()
-    u_m = layer.U.detach().double() * m_out.double().t()
-    v_m = layer.V.detach().double() * m_in.double()
-    k = layer.num_components
-    cols = [cyclic_band((m_in[c] != 0).numpy()) for c in range(k)]
-    rows = [cyclic_band((m_out[c] != 0).numpy()) for c in range(k)]
-    return _build_plan(u_m, v_m, [1] * k, cols, rows, tokens, torch.float64,
-                       *TIME_MODELS["cpu"], split, merge)
+    return _build_plan(*banded_factors(layer), tokens, torch.float64, *TIME_MODELS["cpu"],
+                       split, merge)
 
 
 def test_one_token_runs_as_matrix_vector_products_exactly():

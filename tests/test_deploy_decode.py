@@ -232,16 +232,11 @@ def test_compile_takes_the_plain_path():
 
 def _plans(layer, overhead, merge):
     """Packings for 1 and 64 tokens from one grouping setting (see ``_stage_groups``)."""
-    from gblr.deploy.packed import _build_plan, cyclic_band
+    from gblr.deploy.packed import _build_plan, banded_factors
 
-    m_in, m_out = layer.eval_masks()
-    u_m = layer.U.detach().double() * m_out.double().t()
-    v_m = layer.V.detach().double() * m_in.double()
-    k = layer.num_components
-    cols = [cyclic_band((m_in[c] != 0).numpy()) for c in range(k)]
-    rows = [cyclic_band((m_out[c] != 0).numpy()) for c in range(k)]
-    return [_build_plan(u_m, v_m, [1] * k, cols, rows, t, torch.float64, 4, overhead, 1.0,
-                        True, merge, False) for t in (1, 64)]
+    args = banded_factors(layer)
+    return [_build_plan(*args, t, torch.float64, 4, overhead, 1.0, True, merge, False)
+            for t in (1, 64)]
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -51,6 +51,7 @@ from gblr.cost import block_cost
 __all__ = [
     "PackedGBLRLinear",
     "cyclic_band",
+    "banded_factors",
     "group_bands",
     "MEMORY_TOKENS",
     "OP_OVERHEAD_MACS",
@@ -248,6 +249,22 @@ def group_bands(
         arg[better] = i
     groups = [(int(a[i]), int(ln[i]), sorted(members[i])) for i in np.flatnonzero(alive)]
     return sorted(groups, key=lambda g: (g[0], g[1]))
+
+
+def banded_factors(layer) -> tuple[torch.Tensor, torch.Tensor, list[int], list, list]:
+    """A GBLR layer's evaluation-mode structure as packing input: ``(U_m, V_m, ranks,
+    col_bands, row_bands)``, the mask values folded into the factors in float64 (so the
+    packed form is exact) and each component's cyclic ``(start, length)`` band per axis."""
+    m_in, m_out = layer.eval_masks()
+    r = layer.rank_per_component
+    k = layer.num_components
+    u_m = layer.U.detach().double() * m_out.double().repeat_interleave(r, dim=0).t()
+    v_m = layer.V.detach().double() * m_in.double().repeat_interleave(r, dim=0)
+    in_sup = (m_in != 0).cpu().numpy()
+    out_sup = (m_out != 0).cpu().numpy()
+    col_bands = [cyclic_band(in_sup[c]) for c in range(k)]
+    row_bands = [cyclic_band(out_sup[c]) for c in range(k)]
+    return u_m, v_m, [r] * k, col_bands, row_bands
 
 
 def _rank_pad(rank: int, tile: int) -> int:
@@ -1022,17 +1039,7 @@ class PackedGBLRLinear(nn.Module):
         device_type = layer.U.device.type
         model = TIME_MODELS.get(device_type, TIME_MODELS["cpu"])
         memory_tokens = model[0] if memory_tokens is None else memory_tokens
-        m_in, m_out = layer.eval_masks()
-        r = layer.rank_per_component
-        k = layer.num_components
-        # fold the mask values into the factors in float64, so the packed form is exact
-        u_m = layer.U.detach().double() * m_out.double().repeat_interleave(r, dim=0).t()
-        v_m = layer.V.detach().double() * m_in.double().repeat_interleave(r, dim=0)
-        in_sup = (m_in != 0).cpu().numpy()
-        out_sup = (m_out != 0).cpu().numpy()
-        col_bands = [cyclic_band(in_sup[c]) for c in range(k)]
-        row_bands = [cyclic_band(out_sup[c]) for c in range(k)]
-        args = (u_m, v_m, [r] * k, col_bands, row_bands)
+        args = banded_factors(layer)
         plans = []
         for t in sorted(set(token_list)):
             # a decode step has its own per-call costs where it runs as prepared GEMVs
