@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from gblr.convert.cli import resolve_device
-from gblr.convert.config import CALIBRATION_MODES, CompressionConfig
+from gblr.convert.config import ALLOCATIONS, CALIBRATION_MODES, CompressionConfig
 from gblr.convert.distill import distill, structured_cost
 from gblr.convert.evaluate import compare_embeddings, sentence_embeddings
 from gblr.convert.hf import default_model_path, default_targets, load_hf_model
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if missing:
         print(f"structures not available in this installation, skipped: {missing}")
     calibration = None
-    if args.calibrate:
+    if args.calibrate or args.allocation == "sensitivity":
         calibration = list(itertools.islice(
             token_batches(tokenizer, train, batch_size=args.batch_size,
                           max_length=args.max_length, seed=args.seed + 1),
@@ -101,7 +101,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             config = CompressionConfig(
                 structure=structure, budget=budget,
                 steps=args.search_steps if structure == "gblr" else None,
-                calibration=calibration is not None, calibration_mode=args.calibration_mode,
+                calibration=args.calibrate, calibration_mode=args.calibration_mode,
+                allocation=args.allocation,
                 target_modules=targets, exclude_modules=exclude)
             start = time.perf_counter()
             _, report = compress(student, config, calibration_data=calibration,
@@ -148,7 +149,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "exclude": exclude, "train_text": str(train_file), "test_text": str(test_file),
             "eval_passages": len(held), "steps": args.steps, "minutes": args.minutes,
             "calibration_batches": args.calibration_batches if args.calibrate else 0,
-            "calibration_mode": args.calibration_mode,
+            "calibration_mode": args.calibration_mode, "allocation": args.allocation,
             "search_steps": args.search_steps, "batch_size": args.batch_size,
             "max_length": args.max_length, "lr": args.lr, "structure_lr": args.structure_lr,
             "device": str(device),
@@ -165,6 +166,7 @@ def markdown(results: dict[str, Any]) -> str:
     cal = s.get("calibration_batches")
     projection = (f"data-aware, {s.get('calibration_mode', 'inputs')} ({cal} batches of "
                   "activations)" if cal else "plain (weights only)")
+    projection += f", {s.get('allocation', 'uniform')} allocation"
     length = (f"{s['minutes']:g} min for the first structure, the same steps for the others"
               if s.get("minutes") else f"{s['steps']} steps")
     lines = [
@@ -212,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration-mode", default="inputs", choices=CALIBRATION_MODES,
                    help="'inputs' (the dense model's activations; default) or 'sequential' "
                    "(layer by layer, fitted to the dense model's outputs)")
+    p.add_argument("--allocation", default="uniform", choices=ALLOCATIONS,
+                   help="how each structure's budget is split among layers (default uniform; "
+                   "'sensitivity' measures each layer's effect on the output)")
     p.add_argument("--search-steps", type=int, default=0,
                    help="steps of GBLR's structure search (default 0: its whitened-SVD start, "
                    "the same start as low rank; see results/compress/search for the search)")

@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "'sequential': layer by layer, each fitted to the original model's outputs "
                    "from the inputs it sees in the partly compressed model (closer right after "
                    "projection, slower)")
+    p.add_argument("--allocation", default="uniform", choices=("uniform", "global", "sensitivity"),
+                   help="how the budget is split among layers: 'uniform' (default: every layer "
+                   "at --budget), 'global' (least summed weight error) or 'sensitivity' (least "
+                   "summed change of the model's output, measured layer by layer on the "
+                   "training text; a few minutes)")
     p.add_argument("--steps", type=int, help="distillation steps (default: bounded by --minutes)")
     p.add_argument("--minutes", type=float, help="distillation time limit (default 2, or none "
                    "when --steps is given); 0 skips distillation")
@@ -120,6 +125,7 @@ def _config(args: argparse.Namespace, model: torch.nn.Module):
                              target_modules=targets, exclude_modules=exclude,
                              calibration=bool(args.calibrate),
                              calibration_mode=args.calibration_mode,
+                             allocation=args.allocation,
                              steps=args.search_steps if args.structure == "gblr" else None)
 
 
@@ -256,7 +262,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ref = embed(teacher)
     phases.update(1)
     phases.set_postfix_str("project")
-    calibration = calibration_batches() if config.calibration else None
+    calibration = (calibration_batches()
+                   if config.calibration or config.allocation == "sensitivity" else None)
     model, report = compress(model, config, calibration_data=calibration, progress=progress)
     projected_costs = _layer_costs(model)
     quality = {"projected": compare_embeddings(ref, embed(model))}

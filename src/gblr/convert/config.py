@@ -23,7 +23,7 @@ __all__ = [
 ]
 
 #: How the overall budget is split among layers.
-ALLOCATIONS = ("uniform", "global")
+ALLOCATIONS = ("uniform", "global", "sensitivity")
 #: How calibration activations are taken (see :class:`CompressionConfig`).
 CALIBRATION_MODES = ("inputs", "sequential")
 #: ``target_modules`` value that selects every linear layer except the output head.
@@ -143,8 +143,11 @@ class CompressionConfig:
         exclude_modules: patterns (same syntax) of layers to leave dense.
         overrides: ``{pattern: {key: value}}`` with keys among ``structure``, ``budget``,
             ``steps``, ``calibration``, ``projection``; applied in order, later ones win.
-        allocation: ``"uniform"`` (every layer at its budget) or ``"global"`` (one budget
-            split among layers to minimise the summed error, with ``gblr.allocate``).
+        allocation: ``"uniform"`` (every layer at its budget), ``"global"`` (one budget
+            split among layers to minimise their summed weight error, with
+            ``gblr.allocate``) or ``"sensitivity"`` (split to minimise the summed change of
+            the model's output, each layer projected alone at a grid of budgets and run on
+            the first calibration batches; needs ``calibration_data``).
         calibration: data-aware projection from activations captured on calibration data.
         calibration_mode: ``"inputs"`` (the dense model's layer inputs, captured in one
             pass) or ``"sequential"`` (layer by layer in model order: each layer is fitted
@@ -185,10 +188,11 @@ class CompressionConfig:
                 f"calibration_mode must be one of {CALIBRATION_MODES}, "
                 f"got {self.calibration_mode!r}"
             )
-        if self.calibration_mode == "sequential" and self.allocation == "global":
+        if self.calibration_mode == "sequential" and self.allocation != "uniform":
             raise ValueError(
                 "calibration_mode='sequential' fits layers one after another, which "
-                "allocation='global' (one split from all layers at once) cannot use; pick one"
+                f"allocation={self.allocation!r} (one split from all layers at once) cannot "
+                "use; pick one"
             )
         projection_kwargs(self.structure, self.steps, self.calibration, self.projection, "")
         targets = self.target_modules

@@ -25,6 +25,7 @@ from gblr.convert.config import REGEX_PREFIX, CompressionConfig
 from gblr.convert.fingerprint import architecture_fingerprint
 from gblr.convert.report import CompressionReport, LayerRecord
 from gblr.convert.select import layer_settings, select_layers
+from gblr.convert.sensitivity import sensitivity_budgets
 from gblr.layers.base import StructuredLinear, get_structure
 
 __all__ = ["compress", "CompressionResult", "dense_weight", "set_submodule", "COMPRESSION_ATTR"]
@@ -112,6 +113,23 @@ def _project(
         raise type(err)(f"projecting layer {name!r} onto {setting['structure']!r}: {err}") from err
 
 
+def _project_layer(
+    name: str, module: nn.Module, kind: str, setting: dict[str, Any], budget: float,
+    moment: torch.Tensor | None,
+) -> nn.Module:
+    """The structured replacement of one layer of ``kind`` at ``budget`` (from its own weight)."""
+    if kind == "conv2d":
+        return _project_conv(name, module, setting, budget)
+    weight = dense_weight(module, kind).detach().to(torch.float32)
+    bias = None if module.bias is None else module.bias.detach().to(torch.float32)
+    return _project(name, weight, bias, setting, budget, moment)
+
+
+def _dense_size(module: nn.Module, kind: str) -> int:
+    """Dense MACs per token (per output position for a convolution) of a targeted layer."""
+    return int(module.weight.numel())
+
+
 def _recordable_config(config: CompressionConfig, layers: dict[str, str]) -> dict[str, Any]:
     """``config.to_dict()``; callable patterns are replaced by a regex of the resolved names."""
     try:
@@ -157,7 +175,13 @@ def compress(
             if len(wants_data) > 3
             else f"calibration=True (layers {wants_data}) needs calibration_data"
         )
-    if calibration_data is not None and not wants_data:
+    by_sensitivity = config.allocation == "sensitivity"
+    if by_sensitivity and calibration_data is None:
+        raise ValueError(
+            "allocation='sensitivity' measures the model's output on calibration_data: "
+            "pass some batches, or use allocation='uniform' or 'global'"
+        )
+    if calibration_data is not None and not wants_data and not by_sensitivity:
         raise ValueError(
             "calibration_data was given but config.calibration is False: set calibration=True "
             "for a data-aware projection, or drop calibration_data"
@@ -182,15 +206,29 @@ def compress(
         teacher = copy.deepcopy(model)
         calibrated = [n for n in layers if n in wants_data]
         leader = {g[0]: g for g in shared_input_groups(model, calibrated, calibration_data)}
-    elif wants_data:
-        moments = capture_second_moments(model, {n: layers[n] for n in wants_data},
-                                         calibration_data)
+    elif wants_data or by_sensitivity:
+        calibration_data = calibration_batches(calibration_data)
+        if not calibration_data:
+            raise ValueError("calibration_data holds no batch")
+        if wants_data:
+            moments = capture_second_moments(model, {n: layers[n] for n in wants_data},
+                                             calibration_data)
     modules = dict(model.named_modules())
     budgets = {n: s["budget"] for n, s in settings.items()}
     if config.allocation == "global":
         free = [n for n, s in settings.items() if not s["budget_overridden"]]
         weights = {n: dense_weight(modules[n], layers[n]).detach().float() for n in free}
         budgets.update(_global_budgets(weights, settings, config.budget, moments, progress))
+    elif by_sensitivity:
+        free = [n for n, s in settings.items() if not s["budget_overridden"]]
+
+        def project_alone(name: str, budget: float) -> nn.Module:
+            return _project_layer(name, modules[name], layers[name], settings[name], budget,
+                                  moments.get(name))
+
+        sizes = {n: _dense_size(modules[n], layers[n]) for n in free}
+        budgets.update(sensitivity_budgets(model, free, sizes, project_alone,
+                                           calibration_data, config.budget, progress=progress))
 
     report = CompressionReport(budget=config.budget)
     bar = tqdm(layers.items(), desc="project", unit="layer", disable=not progress)

@@ -1,6 +1,6 @@
 """Projection of dense matrices onto GBLR and its relatives, at an exact budget."""
 
-from gblr.projection.allocate import allocate, error_curve
+from gblr.projection.allocate import allocate, error_curve, split_budget
 from gblr.projection.batch import project_many
 from gblr.projection.calibration import Calibration, relative_error
 from gblr.projection.project import ProjectionRecord, project
@@ -12,6 +12,7 @@ __all__ = [
     "project_many",
     "allocate",
     "error_curve",
+    "split_budget",
     "Calibration",
     "ProjectionRecord",
     "SearchOptions",

@@ -18,7 +18,7 @@ from gblr.layers.base import check_matrix
 from gblr.projection.calibration import Calibration, as_calibration
 from gblr.projection.project import project
 
-__all__ = ["allocate", "error_curve", "DEFAULT_GRID"]
+__all__ = ["allocate", "error_curve", "split_budget", "DEFAULT_GRID"]
 
 #: Candidate per-layer budgets for structures other than low rank.
 DEFAULT_GRID = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.75, 0.9)
@@ -118,7 +118,6 @@ def allocate(
     budget = check_budget(budget)
     names = list(weights)
     sizes = {n: int(check_matrix(weights[n], f"weights[{n!r}]").numel()) for n in names}
-    limit = budget * sum(sizes.values())
     iterator: Any = names
     if progress:
         from tqdm.auto import tqdm
@@ -128,6 +127,27 @@ def allocate(
     for n in iterator:
         cal = None if calibration is None else calibration.get(n)
         curves[n] = error_curve(weights[n], structure, cal, grid, **project_kwargs)
+
+    return split_budget(curves, sizes, budget, repr(structure))
+
+
+def split_budget(
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    sizes: Mapping[str, int],
+    budget: float,
+    what: str = "the structure",
+) -> dict[str, float]:
+    """Pick one candidate per layer: least summed error with total cost within ``budget``.
+
+    ``curves`` maps each layer to ``(budgets, errors)`` at its candidate budgets (fractions
+    of its dense cost ``sizes[name]``); the multiple-choice knapsack is solved by a
+    Lagrangian sweep and a greedy fill of what is left. Raises a ``ValueError`` when even
+    the cheapest candidates exceed the budget (``what`` names the structure in it).
+    """
+    budget = check_budget(budget)
+    names = list(curves)
+    curves = {n: (list(curves[n][0]), list(curves[n][1])) for n in names}
+    limit = budget * sum(sizes[n] for n in names)
 
     def total(choice: dict[str, int]) -> float:
         return sum(curves[n][0][choice[n]] * sizes[n] for n in names)
@@ -140,8 +160,8 @@ def allocate(
     if total(choice) > limit:
         cheapest = sum(min(curves[n][0]) * sizes[n] for n in names)
         raise ValueError(
-            f"budget={budget} is below what the layers can reach with {structure!r} "
-            f"(at least {cheapest / sum(sizes.values()):.4f} of the dense cost)"
+            f"budget={budget} is below what the layers can reach with {what} "
+            f"(at least {cheapest / sum(sizes[n] for n in names):.4f} of the dense cost)"
         )
     for _ in range(60):
         mid = (lo + hi) / 2
