@@ -60,6 +60,14 @@ def test_deploy_gpt_quick_trains_deploys_and_matches(tmp_path):
     assert result["cosine"] > 0.999999
     assert result["layers"] == 12
     assert result["true_cost"] <= 0.4 + 1e-9
+    # another trained run (here the same one) is timed side by side as a baseline
+    run = tmp_path / "run"
+    assert deploy_gpt.main(["--quick", "--run", str(run), "--baseline", str(run),
+                            "--out", str(out)]) == 0
+    assert "baseline: gblr" in (out / "results.md").read_text()
+    with pytest.raises(FileNotFoundError, match="finished gblr train run"):
+        deploy_gpt.main(["--quick", "--run", str(run), "--baseline", str(tmp_path),
+                         "--out", str(out)])
 
 
 @pytest.mark.slow

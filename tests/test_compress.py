@@ -474,6 +474,9 @@ def test_cli_tiny_bert_and_gpt2(tmp_path, capsys):
     assert summary["cost"]["distilled"] <= 0.4 * summary["cost"]["dense"]
     assert summary["distill"]["steps"] == 2 and (tmp_path / "out" / "masks.png").stat().st_size
     assert "pooler.dense" not in {r["name"] for r in summary["layers"]}
+    # the default allocation gives layers different shares of their dense cost
+    assert summary["allocation"] == "sensitivity"
+    assert len({round(r["projected"] / r["dense"], 2) for r in summary["layers"]}) > 1
     again = load_compressed(transformers.AutoModel.from_pretrained(bert_dir), tmp_path / "out")
     assert isinstance(again.encoder.layer[0].output.dense, gblr.GBLRLinear)
 
@@ -552,7 +555,7 @@ def test_bench_quick_runs(tmp_path):
     if not (SHARED / "test.txt").is_file():
         pytest.skip(f"held-out text {SHARED / 'test.txt'} is absent (../shared/data)")
     assert main(["--quick", "--quiet", "--device", "cpu", "--structures", "gblr", "lowrank",
-                 "--out", str(tmp_path)]) == 0
+                 "--allocation", "uniform", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert [r["structure"] for r in rows] == ["gblr", "lowrank"]
     assert all(r["cost_distilled"] <= 0.5 for r in rows)

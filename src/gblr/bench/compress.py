@@ -214,9 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration-mode", default="inputs", choices=CALIBRATION_MODES,
                    help="'inputs' (the dense model's activations; default) or 'sequential' "
                    "(layer by layer, fitted to the dense model's outputs)")
-    p.add_argument("--allocation", default="uniform", choices=ALLOCATIONS,
-                   help="how each structure's budget is split among layers (default uniform; "
-                   "'sensitivity' measures each layer's effect on the output)")
+    p.add_argument("--allocation", default="sensitivity", choices=ALLOCATIONS,
+                   help="how each structure's budget is split among layers (default "
+                   "'sensitivity': by each layer's measured effect on the output; 'uniform': "
+                   "every layer at the budget)")
     p.add_argument("--search-steps", type=int, default=0,
                    help="steps of GBLR's structure search (default 0: its whitened-SVD start, "
                    "the same start as low rank; see results/compress/search for the search)")

@@ -9,6 +9,7 @@ deployed one side by side. Results go to ``results/deploy_gpt/``.
     python -m gblr.bench.deploy_gpt --run runs/shakespeare_gpt-gblr
     python -m gblr.bench.deploy_gpt               # trains the experiment first
     python -m gblr.bench.deploy_gpt --quick       # a few training steps, tiny timings
+    python -m gblr.bench.deploy_gpt --run RUN --baseline LOWRANK_RUN   # also time that one
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import argparse
 import copy
 import json
 import sys
+from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -50,8 +53,11 @@ def load_run(run_dir: Path) -> tuple[nn.Module, object]:
     return model.eval(), cfg
 
 
-def gpt_end_to_end(run_dir: Path, batch: int, reps: int) -> dict:
-    """Outputs agreement and median forward times: dense, trained GBLR, deployed GBLR."""
+def gpt_end_to_end(run_dir: Path, batch: int, reps: int, baselines: Sequence[Path] = ()) -> dict:
+    """Outputs agreement and median forward times: dense, trained GBLR, deployed GBLR.
+
+    ``baselines`` are finished runs of the same GPT with another structure (say low rank
+    at the same cost), timed side by side as they were trained."""
     from omegaconf import OmegaConf
 
     from gblr.train.runner import build_model
@@ -65,13 +71,17 @@ def gpt_end_to_end(run_dir: Path, batch: int, reps: int) -> dict:
     deployed = copy.deepcopy(trained)
     report = deploy(deployed, tokens=batch * seq)
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
+    others = {}
+    for path in baselines:
+        model, other_cfg = load_run(path)
+        if model.lm.config.vocab_size != vocab or int(other_cfg.data.block_size) != seq:
+            raise ValueError(f"--baseline {path}: not the same GPT (vocabulary or block size)")
+        others[f"{other_cfg.model.linear} ({path})"] = model
+    models = {"dense": dense, "trained": trained, "deployed": deployed, **others}
     with torch.inference_mode():
         ref, out = trained(ids).double(), deployed(ids).double()
-        times = time_side_by_side(
-            {"dense": lambda: dense(ids), "trained": lambda: trained(ids),
-             "deployed": lambda: deployed(ids)},
-            reps=reps, min_time=0.0,
-        )
+        times = time_side_by_side({k: partial(m, ids) for k, m in models.items()},
+                                  reps=reps, min_time=0.0)
     return {
         "run": str(run_dir), "batch": batch, "seq": seq, "layers": len(report.layers),
         "true_cost": report.true_flops / report.dense_flops,
@@ -80,6 +90,7 @@ def gpt_end_to_end(run_dir: Path, batch: int, reps: int) -> dict:
         "cosine": float(nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)),
         "same_argmax": float((out.argmax(-1) == ref.argmax(-1)).double().mean()),
         "time_ms": {k: v * 1e3 for k, v in times.items()},
+        "baselines": list(others),
         "speedup_vs_dense": times["dense"] / times["deployed"],
         "speedup_vs_trained": times["trained"] / times["deployed"],
     }
@@ -98,6 +109,8 @@ def _markdown(r: dict, command: str, threads: int) -> str:
         f"| dense GPT (same shape) | {t['dense']:.2f} | 1.00x |",
         f"| trained GBLR (masked) | {t['trained']:.2f} | {t['dense'] / t['trained']:.2f}x |",
         f"| deployed (packed) | {t['deployed']:.2f} | {r['speedup_vs_dense']:.2f}x |",
+        *(f"| baseline: {name}, as trained | {t[name]:.2f} | {t['dense'] / t[name]:.2f}x |"
+          for name in r.get("baselines", [])),
         "",
         f"Deployed vs trained logits: cosine {r['cosine']:.9f}, max abs diff "
         f"{r['max_abs_diff']:.1e}, same next-character prediction on {100 * r['same_argmax']:.2f}% "
@@ -113,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, default=None,
                         help=f"a finished `gblr train experiment={EXPERIMENT}` folder")
+    parser.add_argument("--baseline", type=Path, nargs="+", default=[], metavar="RUN",
+                        help="finished runs of the same GPT with other structures (e.g. "
+                        "shakespeare/gpt-lowrank), timed side by side as trained")
     parser.add_argument("--quick", action="store_true", help="tiny settings (a smoke test)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--reps", type=int, default=None)
@@ -139,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             print("deploy_gpt: training the GPT failed (see above)", file=sys.stderr)
             return 1
     result = gpt_end_to_end(run_dir, 4 if args.quick else args.batch,
-                            args.reps or (3 if args.quick else 30))
+                            args.reps or (3 if args.quick else 30), args.baseline)
     command = " ".join(["python -m gblr.bench.deploy_gpt", *given])
     table = _markdown(result, command, args.threads)
     print(table)
