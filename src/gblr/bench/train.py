@@ -190,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mnist-steps", type=int, default=None)
     p.add_argument("--text-steps", type=int, default=None)
     p.add_argument("--no-text", action="store_true", help="skip the Shakespeare runs")
-    p.add_argument("--work", default="runs/bench-train")
+    p.add_argument("--work", default=None,
+                   help="where the runs go (default runs/bench-train; with --quick, OUT/runs, "
+                   "so that a smoke test never overwrites real runs)")
     p.add_argument("--data-root", default=os.environ.get("GBLR_DATA", "~/.cache/gblr/data"))
     p.add_argument("--out", default="results/train")
     p.add_argument("--reuse", action="store_true",
@@ -199,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.seeds = min(args.seeds, 1)
     jobs = _jobs(args)
-    work = Path(args.work)
+    work = Path(args.work or (Path(args.out) / "runs" if args.quick else "runs/bench-train"))
     data_root = Path(os.path.expanduser(args.data_root))
     # generate the MNIST-1D cache once before the parallel runs
     from gblr.data import mnist1d_splits
