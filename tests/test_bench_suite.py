@@ -91,3 +91,14 @@ def test_whole_quick_suite_runs_end_to_end(tmp_path, monkeypatch):
     assert "did not complete" not in text and "wrote no results" not in text
     for spec in suite.BENCHMARKS.values():
         assert f"## {spec.title}" in text
+
+
+def test_steady_allocator_reports_whether_it_took():
+    import platform
+
+    from gblr.bench.speed import steady_allocator
+
+    took = steady_allocator()
+    assert isinstance(took, bool)
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert took

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gblr.bench.speed import time_side_by_side
+from gblr.bench.speed import steady_allocator, time_side_by_side
 from gblr.deploy import deploy
 
 __all__ = ["load_run", "gpt_end_to_end", "main"]
@@ -53,7 +53,8 @@ def load_run(run_dir: Path) -> tuple[nn.Module, object]:
     return model.eval(), cfg
 
 
-def gpt_end_to_end(run_dir: Path, batch: int, reps: int, baselines: Sequence[Path] = ()) -> dict:
+def gpt_end_to_end(run_dir: Path, batch: int, reps: int, baselines: Sequence[Path] = (),
+                   tune: bool = False) -> dict:
     """Outputs agreement and median forward times: dense, trained GBLR, deployed GBLR.
 
     ``baselines`` are finished runs of the same GPT with another structure (say low rank
@@ -69,7 +70,7 @@ def gpt_end_to_end(run_dir: Path, batch: int, reps: int, baselines: Sequence[Pat
     seq = int(cfg.data.block_size)
     dense = build_model(dense_cfg, {"task": "lm", "vocab_size": vocab, "block_size": seq}).eval()
     deployed = copy.deepcopy(trained)
-    report = deploy(deployed, tokens=batch * seq)
+    report = deploy(deployed, tokens=batch * seq, tune=tune)
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
     others = {}
     for path in baselines:
@@ -83,7 +84,8 @@ def gpt_end_to_end(run_dir: Path, batch: int, reps: int, baselines: Sequence[Pat
         times = time_side_by_side({k: partial(m, ids) for k, m in models.items()},
                                   reps=reps, min_time=0.0)
     return {
-        "run": str(run_dir), "batch": batch, "seq": seq, "layers": len(report.layers),
+        "run": str(run_dir), "tuned": tune, "batch": batch, "seq": seq,
+        "layers": len(report.layers),
         "true_cost": report.true_flops / report.dense_flops,
         "packed_cost": report.packed_flops / report.dense_flops,
         "max_abs_diff": float((out - ref).abs().max()),
@@ -102,7 +104,9 @@ def _markdown(r: dict, command: str, threads: int) -> str:
         "# Deployed Shakespeare GPT (GBLR layers, trained)",
         "",
         f"Command: `{command}`; {threads} thread(s), medians of interleaved repetitions, "
-        f"batch {r['batch']} x {r['seq']} characters, run `{r['run']}`.",
+        f"batch {r['batch']} x {r['seq']} characters, run `{r['run']}`"
+        f"{', packings tuned by timing' if r.get('tuned') else ''}; allocator: "
+        f"{r.get('allocator', 'default')}.",
         "",
         "| model | ms | speedup vs dense |",
         "|---|---|---|",
@@ -129,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", type=Path, nargs="+", default=[], metavar="RUN",
                         help="finished runs of the same GPT with other structures (e.g. "
                         "shakespeare/gpt-lowrank), timed side by side as trained")
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="leave glibc's allocator as it is (by default freed activation "
+                        "memory is kept for reuse, so no model is timed on page faults)")
+    parser.add_argument("--tune", action="store_true",
+                        help="time candidate packings of each layer and keep the fastest")
     parser.add_argument("--quick", action="store_true", help="tiny settings (a smoke test)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--reps", type=int, default=None)
@@ -141,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch <= 0 or args.threads <= 0:
         parser.error("--batch and --threads must be positive")
     torch.set_num_threads(args.threads)
+    steady = False if args.default_allocator else steady_allocator()
     torch.manual_seed(0)
     run_dir = args.run
     if run_dir is None:
@@ -154,8 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         if train_main(overrides) != 0:
             print("deploy_gpt: training the GPT failed (see above)", file=sys.stderr)
             return 1
+    result_allocator = "steady (freed memory kept)" if steady else "default"
     result = gpt_end_to_end(run_dir, 4 if args.quick else args.batch,
-                            args.reps or (3 if args.quick else 30), args.baseline)
+                            args.reps or (3 if args.quick else 30), args.baseline, args.tune)
+    result["allocator"] = result_allocator
     command = " ".join(["python -m gblr.bench.deploy_gpt", *given])
     table = _markdown(result, command, args.threads)
     print(table)

@@ -31,6 +31,36 @@ from gblr.layers.lowrank import LowRankLinear
 __all__ = ["time_side_by_side", "layer_table", "minilm_end_to_end", "main"]
 
 
+#: glibc ``mallopt`` parameters: the size above which blocks are mmapped, and the free
+#: space at the top of the heap above which memory goes back to the system.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def steady_allocator(limit: int = 1 << 31) -> bool:
+    """Keep freed memory for reuse (glibc): returns whether the setting took.
+
+    By default glibc hands every large block (the activations of a whole batch) straight
+    back to the system when freed, so the next forward pass page-faults on fresh memory;
+    how often depends on glibc's moving threshold and so on the sizes earlier models
+    happened to allocate. That made the same model's time swing by 1.5x between runs.
+    With blocks up to ``limit`` bytes kept in the heap, every model is timed on warm
+    memory. Same effect as ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(limit))) and bool(
+        mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(limit)))
+
+
 def time_side_by_side(
     fns: dict[str, Callable[[], object]], reps: int = 7, min_time: float = 0.02,
     device: str = "cpu",
