@@ -65,6 +65,10 @@ def test_deploy_gpt_quick_trains_deploys_and_matches(tmp_path):
     assert deploy_gpt.main(["--quick", "--run", str(run), "--baseline", str(run),
                             "--out", str(out)]) == 0
     assert "baseline: gblr" in (out / "results.md").read_text()
+    # the trade-off figure: one point for the deployed run, one for the baseline
+    assert deploy_gpt.plot_tradeoff([out / "results.json"], out / "t.png") == 2
+    assert deploy_gpt.main(["--plot", str(out)]) == 0 and (out / "tradeoff.png").stat().st_size
+    assert deploy_gpt.main(["--plot", str(tmp_path / "nothing")]) == 1
     with pytest.raises(FileNotFoundError, match="finished gblr train run"):
         deploy_gpt.main(["--quick", "--run", str(run), "--baseline", str(tmp_path),
                          "--out", str(out)])

@@ -28,7 +28,7 @@ from torch import nn
 from gblr.bench.speed import steady_allocator, time_side_by_side
 from gblr.deploy import deploy
 
-__all__ = ["load_run", "gpt_end_to_end", "main"]
+__all__ = ["load_run", "gpt_end_to_end", "plot_tradeoff", "main"]
 
 EXPERIMENT = "shakespeare/gpt-gblr"
 
@@ -93,9 +93,70 @@ def gpt_end_to_end(run_dir: Path, batch: int, reps: int, baselines: Sequence[Pat
         "same_argmax": float((out.argmax(-1) == ref.argmax(-1)).double().mean()),
         "time_ms": {k: v * 1e3 for k, v in times.items()},
         "baselines": list(others),
+        "test_loss": _test_loss(run_dir),
+        "baseline_losses": {name: _test_loss(path) for name, path in zip(others, baselines,
+                                                                           strict=True)},
+        "rank_per_component": OmegaConf.select(cfg, "model.gblr.rank_per_component"),
         "speedup_vs_dense": times["dense"] / times["deployed"],
         "speedup_vs_trained": times["trained"] / times["deployed"],
     }
+
+
+def _test_loss(run_dir: Path) -> float | None:
+    """The test loss a ``gblr train`` run recorded in its ``summary.json`` (None without one)."""
+    path = Path(run_dir) / "summary.json"
+    if not path.is_file():
+        return None
+    loss = json.loads(path.read_text()).get("test_loss")
+    return None if loss is None else float(loss)
+
+
+def plot_tradeoff(results: Sequence[Path], path: Path) -> int:
+    """Test loss against end-to-end speedup over the dense GPT, one point per deployed run
+    in the ``results.json`` files given (and one per baseline run): returns the points drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points: dict[str, tuple[float, float, bool]] = {}
+    for file in results:
+        r = json.loads(Path(file).read_text())
+        t = r["time_ms"]
+        loss = r.get("test_loss", _test_loss(Path(r["run"])))
+        if loss is not None:
+            rank = r.get("rank_per_component")
+            config = Path(r["run"]) / "config.yaml"
+            if rank is None and config.is_file():
+                from omegaconf import OmegaConf
+
+                rank = OmegaConf.select(OmegaConf.load(config), "model.gblr.rank_per_component")
+            label = f"GBLR deployed ({Path(r['run']).name})" if rank is None else (
+                f"GBLR deployed, rank-{rank} components")
+            points[label] = (t["dense"] / t["deployed"], loss, True)
+        for name in r.get("baselines", []):
+            run = name[name.find("(") + 1:-1] if "(" in name else name
+            b_loss = r.get("baseline_losses", {}).get(name, _test_loss(Path(run)))
+            if b_loss is not None:
+                points.setdefault(name.split(" (")[0] + " (as trained)",
+                                  (t["dense"] / t[name], b_loss, False))
+    if not points:
+        return 0
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, (x, y, ours) in sorted(points.items()):
+        ax.scatter([x], [y], marker="o" if ours else "s", s=40)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.axvline(1.0, color="grey", lw=0.8, ls="--")
+    xs = [x for x, _, _ in points.values()]
+    ax.set_xlim(min(0.95, min(xs) - 0.05), max(xs) + 0.35)
+    ax.set_xlabel("end-to-end speed vs the dense GPT (x)")
+    ax.set_ylabel("test loss (lower is better)")
+    ax.set_title("Shakespeare GPT at 40% of the linear layers' cost (CPU)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return len(points)
 
 
 def _markdown(r: dict, command: str, threads: int) -> str:
@@ -138,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
                         "memory is kept for reuse, so no model is timed on page faults)")
     parser.add_argument("--tune", action="store_true",
                         help="time candidate packings of each layer and keep the fastest")
+    parser.add_argument("--plot", type=Path, default=None, metavar="DIR",
+                        help="only draw DIR/tradeoff.png (test loss vs speedup) from the "
+                        "results.json files under DIR, and exit")
     parser.add_argument("--quick", action="store_true", help="tiny settings (a smoke test)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--reps", type=int, default=None)
@@ -147,6 +211,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the GPT is trained when --run is not given "
                         "(runs/deploy_gpt; with --quick, OUT/run)")
     args = parser.parse_args(given)
+    if args.plot is not None:
+        files = sorted(args.plot.rglob("results.json"))
+        drawn = plot_tradeoff(files, args.plot / "tradeoff.png")
+        print(f"drew {drawn} points from {len(files)} results in {args.plot / 'tradeoff.png'}")
+        return 0 if drawn else 1
     if args.batch <= 0 or args.threads <= 0:
         parser.error("--batch and --threads must be positive")
     torch.set_num_threads(args.threads)
