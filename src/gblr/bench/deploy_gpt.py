@@ -233,10 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         if train_main(overrides) != 0:
             print("deploy_gpt: training the GPT failed (see above)", file=sys.stderr)
             return 1
-    result_allocator = "steady (freed memory kept)" if steady else "default"
     result = gpt_end_to_end(run_dir, 4 if args.quick else args.batch,
                             args.reps or (3 if args.quick else 30), args.baseline, args.tune)
-    result["allocator"] = result_allocator
+    result["allocator"] = "steady (freed memory kept)" if steady else "default"
     command = " ".join(["python -m gblr.bench.deploy_gpt", *given])
     table = _markdown(result, command, args.threads)
     print(table)

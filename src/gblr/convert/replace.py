@@ -125,11 +125,6 @@ def _project_layer(
     return _project(name, weight, bias, setting, budget, moment)
 
 
-def _dense_size(module: nn.Module, kind: str) -> int:
-    """Dense MACs per token (per output position for a convolution) of a targeted layer."""
-    return int(module.weight.numel())
-
-
 def _recordable_config(config: CompressionConfig, layers: dict[str, str]) -> dict[str, Any]:
     """``config.to_dict()``; callable patterns are replaced by a regex of the resolved names."""
     try:
@@ -226,7 +221,8 @@ def compress(
             return _project_layer(name, modules[name], layers[name], settings[name], budget,
                                   moments.get(name))
 
-        sizes = {n: _dense_size(modules[n], layers[n]) for n in free}
+        # dense MACs per token (per output position of a convolution)
+        sizes = {n: int(modules[n].weight.numel()) for n in free}
         budgets.update(sensitivity_budgets(model, free, sizes, project_alone,
                                            calibration_data, config.budget, progress=progress))
 
