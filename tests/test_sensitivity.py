@@ -75,6 +75,17 @@ def test_sensitivity_gives_the_budget_to_the_layer_that_matters():
     assert output_error(model, DATA, ref) < output_error(uniform, DATA, ref)
 
 
+def test_sensitivity_with_gblr_structure_search():
+    """GBLR's iterative projection (steps > 0) needs gradients inside the measurement."""
+    model = TwoBranches()
+    config = CompressionConfig(structure="gblr", budget=0.5, steps=3, calibration=True,
+                               allocation="sensitivity", target_modules=["loud", "quiet"])
+    _, report = compress(model, config, calibration_data=DATA, progress=False)
+    assert report.cost <= 0.5 * report.dense_cost
+    budgets = {r.name: r.budget for r in report.layers}
+    assert budgets["quiet"] < budgets["loud"]
+
+
 def test_sensitivity_on_a_transformer_round_trips(tmp_path):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)

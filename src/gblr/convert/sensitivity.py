@@ -52,7 +52,6 @@ def output_error(model: nn.Module, batches: Sequence[Any],
     return num / max(den, 1e-300)
 
 
-@torch.no_grad()
 def sensitivity_curves(
     model: nn.Module,
     names: Sequence[str],
@@ -65,13 +64,15 @@ def sensitivity_curves(
 
     ``project(name, budget)`` returns the structured layer for ``name`` at ``budget``
     (a budget the structure cannot reach raises ``ValueError`` and is skipped). The model
-    runs in evaluation mode, and every layer is put back afterwards.
+    runs in evaluation mode, and every layer is put back afterwards. ``project`` runs with
+    gradients enabled (an iterative projection such as GBLR's structure search needs them).
     """
     if not batches:
         raise ValueError("sensitivity needs at least one calibration batch")
     was_training = model.training
     model.eval()
-    reference = [_masked_output(model, b) for b in batches]
+    with torch.no_grad():
+        reference = [_masked_output(model, b) for b in batches]
     curves: dict[str, tuple[list[float], list[float]]] = {}
     bar = tqdm(names, desc="sensitivity", unit="layer", disable=not progress)
     try:
