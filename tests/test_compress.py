@@ -19,7 +19,7 @@ from gblr.convert.calibrate import (
     shared_input_groups,
     teacher_target,
 )
-from gblr.convert.distill import distill, lr_factor, structured_cost
+from gblr.convert.distill import autocast_dtype, distill, lr_factor, structured_cost
 from gblr.convert.evaluate import compare_embeddings, neighbour_agreement
 from gblr.convert.select import select_layers
 from gblr.convert.text import read_passages, split_passages
@@ -400,6 +400,44 @@ def test_distill_with_structure_lr_zero_keeps_the_structure():
         assert m.widths.requires_grad  # unfrozen again afterwards
 
 
+def test_autocast_dtype(monkeypatch):
+    assert autocast_dtype("float32", "cpu") is None
+    assert autocast_dtype("bfloat16", "cpu") is torch.bfloat16
+    for fast in (False, True):
+        for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+            monkeypatch.setattr(torch.cpu, probe, lambda fast=fast: fast, raising=False)
+        assert autocast_dtype("auto", "cpu") is (torch.bfloat16 if fast else None)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        autocast_dtype("fp8", "cpu")
+    model, teacher = tiny_bert(), tiny_bert()
+    compress(model, CompressionConfig(steps=0, budget=0.5, target_modules=["encoder"]),
+             progress=False)
+    with pytest.raises(ValueError, match="precision"):
+        distill(model, teacher, [], steps=1, precision="half", progress=False)
+
+
+def test_distill_in_bfloat16_trains_and_restores_attention():
+    model = tiny_bert()
+    model.set_attn_implementation("sdpa")
+    teacher = tiny_bert(seed=1)  # another model: there is something to learn
+    compress(model, CompressionConfig(steps=0, budget=0.4, target_modules=["encoder"]),
+             progress=False)
+    seen = []  # (attention implementation, dtype of the first linear layer's output) per call
+    model.encoder.layer[0].attention.self.query.register_forward_hook(
+        lambda mod, args, out: seen.append((model.config._attn_implementation, out.dtype)))
+    batches = ({"input_ids": IDS, "attention_mask": torch.ones_like(IDS)} for _ in range(8))
+    result = distill(model, teacher, batches, steps=8, budget=0.4, lr=3e-3,
+                     precision="bfloat16", progress=False)
+    assert result.steps == 8 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert sum(result.losses[-2:]) < sum(result.losses[:2])
+    assert result.cost <= 0.4 * result.dense_cost
+    assert set(seen) == {("eager", torch.bfloat16)}
+    assert model.config._attn_implementation == "sdpa"  # restored
+    # weights stay float32, and float32 inference works afterwards
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert model(input_ids=IDS).last_hidden_state.dtype == torch.float32
+
+
 def test_lr_schedule():
     assert lr_factor(0.3, "constant", 0.05) == 1.0
     assert lr_factor(0.0, "cosine", 0.1) == pytest.approx(0.1)
@@ -466,13 +504,15 @@ def test_cli_tiny_bert_and_gpt2(tmp_path, capsys):
     tokenizer.save_pretrained(bert_dir)
     rc = _run_cli(["--model", str(bert_dir), "--steps", "2", "--budget", "0.4",
                    "--eval-passages", "24", "--max-length", "32", "--batch-size", "4",
-                   "--out", str(tmp_path / "out")])
+                   "--precision", "bfloat16", "--out", str(tmp_path / "out")])
     text = capsys.readouterr().out
     assert rc == 0, text
+    assert "(bfloat16)" in text
     assert "after distillation" in text and "top-10 agreement" in text
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["cost"]["distilled"] <= 0.4 * summary["cost"]["dense"]
     assert summary["distill"]["steps"] == 2 and (tmp_path / "out" / "masks.png").stat().st_size
+    assert summary["distill"]["precision"] == "bfloat16"
     assert "pooler.dense" not in {r["name"] for r in summary["layers"]}
     # the default allocation gives layers different shares of their dense cost
     assert summary["allocation"] == "sensitivity"

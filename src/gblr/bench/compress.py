@@ -28,7 +28,7 @@ import torch
 
 from gblr.convert.cli import resolve_device
 from gblr.convert.config import ALLOCATIONS, CALIBRATION_MODES, CompressionConfig
-from gblr.convert.distill import distill, structured_cost
+from gblr.convert.distill import LOSSES, PRECISIONS, autocast_dtype, distill, structured_cost
 from gblr.convert.evaluate import compare_embeddings, sentence_embeddings
 from gblr.convert.hf import default_model_path, default_targets, load_hf_model
 from gblr.convert.replace import compress
@@ -115,8 +115,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             timed = bool(args.minutes) and index == 0
             result = distill(student, teacher, batches, steps=None if timed else steps,
                              minutes=args.minutes if timed else None, budget=budget,
-                             lr=args.lr, structure_lr=args.structure_lr,
-                             progress=not args.quiet)
+                             loss=args.loss, lr=args.lr, structure_lr=args.structure_lr,
+                             precision=args.precision, progress=not args.quiet)
             if timed:
                 steps = result.steps
             distilled = compare_embeddings(
@@ -151,7 +151,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "calibration_batches": args.calibration_batches if args.calibrate else 0,
             "calibration_mode": args.calibration_mode, "allocation": args.allocation,
             "search_steps": args.search_steps, "batch_size": args.batch_size,
-            "max_length": args.max_length, "lr": args.lr, "structure_lr": args.structure_lr,
+            "max_length": args.max_length, "loss": args.loss, "lr": args.lr,
+            "structure_lr": args.structure_lr,
+            "precision": str(autocast_dtype(args.precision, device) or torch.float32)
+            .removeprefix("torch."),
             "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
             else platform.processor() or "cpu",
@@ -176,7 +179,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"Device: {s['device']} ({s['device_name']}), torch {s['torch']}.  ",
         f"Targets: {s['targets']} without {s['exclude']}; projection: {projection}, GBLR "
         f"search steps {s.get('search_steps')}; distillation: {length}, "
-        f"batch {s['batch_size']} x {s['max_length']} tokens, lr {s['lr']}, structure lr "
+        f"batch {s['batch_size']} x {s['max_length']} tokens, "
+        f"{s.get('precision', 'float32')} forward passes, loss {s.get('loss', 'both')}, "
+        f"lr {s['lr']}, structure lr "
         f"{s['structure_lr']}, on `{Path(s['train_text']).name}`; held-out: "
         f"{s['eval_passages']} passages of `{Path(s['test_text']).name}`.",
         "",
@@ -223,8 +228,13 @@ def main(argv: list[str] | None = None) -> int:
                    "the same start as low rank; see results/compress/search for the search)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--loss", default="both", choices=LOSSES,
+                   help="distillation target: every hidden state, the sentence embedding, or both")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--structure-lr", type=float, default=1e-3)
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="arithmetic of the distillation's forward passes (default auto: "
+                   "bfloat16 where the device has native bfloat16)")
     p.add_argument("--eval-passages", type=int, default=500)
     p.add_argument("--targets", nargs="+", help="patterns (default: all encoder linear layers)")
     p.add_argument("--train-text", help="default: ../shared/data/shakespeare/train.txt")

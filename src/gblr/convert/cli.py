@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from gblr.convert.distill import PRECISIONS, autocast_dtype
+
 __all__ = ["main", "build_parser", "unique_dir", "resolve_device", "summary_table", "run"]
 
 
@@ -69,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--structure-lr", type=float, default=1e-3,
                    help="learning rate of GBLR widths and locations during distillation "
                    "(0 keeps the structure fixed); the budget is held by gblr.BudgetController")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="arithmetic of the distillation's forward passes (default auto: "
+                   "bfloat16 autocast where the CPU or GPU has native bfloat16, else float32)")
     p.add_argument("--eval-passages", type=int, default=400,
                    help="held-out passages for cosine and neighbour agreement")
     p.add_argument("--seed", type=int, default=0)
@@ -160,7 +165,9 @@ def summary_table(summary: dict[str, Any]) -> str:
     q = summary["quality"]
     lines.append(f"held-out items: {summary['eval_passages']}   "
                  f"distillation: {summary['distill']['steps']} steps in "
-                 f"{summary['distill']['seconds']:.0f} s")
+                 f"{summary['distill']['seconds']:.0f} s"
+                 + (f" ({summary['distill']['precision']})" if "precision" in summary["distill"]
+                    else ""))
     lines.append(f"{'':<22}{'mean cosine':>12}  {'top-10 agreement':>16}")
     for stage in ("projected", "distilled"):
         if stage in q:
@@ -208,7 +215,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     phases = tqdm(total=5, desc="gblr compress", unit="phase", disable=not progress)
     phases.set_postfix_str("load")
     model, tokenizer = load_hf_model(model_dir)
-    model.to(resolve_device(args.device))
+    device = resolve_device(args.device)
+    model.to(device)
     config = _config(args, model)
     # fail fast on patterns and overrides, before any heavy work
     layer_settings(model, config,
@@ -275,7 +283,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if (minutes is None or minutes > 0) and (args.steps is None or args.steps > 0):
         result = distill(model, teacher, train_batches(), steps=args.steps or None, minutes=minutes,
                          budget=config.budget, loss=args.loss, lr=args.lr,
-                         structure_lr=args.structure_lr, progress=progress)
+                         structure_lr=args.structure_lr, precision=args.precision,
+                         progress=progress)
         steps_done, seconds = result.steps, result.seconds
         quality["distilled"] = compare_embeddings(ref, embed(model))
     model.eval()
@@ -301,7 +310,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                  "distilled": sum(distilled_costs.values()),
                  "model_dense": dense_model, "model_after": after_model},
         "layers": rows, "quality": quality,
-        "distill": {"steps": steps_done, "seconds": seconds},
+        "distill": {"steps": steps_done, "seconds": seconds,
+                    "precision": str(autocast_dtype(args.precision, device) or torch.float32)
+                    .removeprefix("torch.")},
         "out": str(out),
     }
     if not args.no_plot:

@@ -5,14 +5,17 @@ locations); after every optimizer step :class:`gblr.BudgetController` holds the
 measured cost of the GBLR layers at the budget (shrinking widths when a step grew
 them, regrowing them when it undershot), and its ``enforce()`` makes the final cost
 exact. The learning rate warms up and then follows a cosine to the end of the run,
-measured in steps or in wall-clock time, whichever limit is closer.
+measured in steps or in wall-clock time, whichever limit is closer. Forward passes may
+run in bfloat16 autocast (``precision``), which on CPUs with native bfloat16 matrix
+instructions makes a step about 1.5x faster; weights, optimizer and loss stay float32.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,12 +39,63 @@ __all__ = [
     "lr_factor",
     "LOSSES",
     "SCHEDULES",
+    "PRECISIONS",
+    "autocast_dtype",
 ]
 
 #: What the student matches: every hidden state, the mean-pooled embedding, or both.
 LOSSES = ("hidden", "embedding", "both")
 #: Learning-rate schedules of :func:`distill`.
 SCHEDULES = ("constant", "cosine")
+#: Arithmetic of the forward passes of :func:`distill` ("auto": bfloat16 where it is fast).
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def _fast_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices natively (faster than float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+    return False
+
+
+def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype of ``precision`` on ``device`` (None: plain float32).
+
+    ``"auto"`` picks bfloat16 on a GPU that supports it and on CPUs with native bfloat16
+    instructions (AVX512-BF16 or AMX), where it is faster; elsewhere bfloat16 would be
+    emulated and slower, so it stays float32.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    device = torch.device(device)
+    if precision == "bfloat16" or (precision == "auto" and _fast_bf16(device)):
+        return torch.bfloat16
+    return None
+
+
+@contextlib.contextmanager
+def _eager_attention(models: Sequence[nn.Module]) -> Iterator[None]:
+    """Hugging Face models use their plain ("eager") attention inside the block.
+
+    PyTorch's fused CPU attention has a slow bfloat16 backward pass (several times the
+    float32 time); the eager path is a pair of matrix products, fast in bfloat16. The
+    models' own setting is restored on exit.
+    """
+    changed = []
+    try:
+        for model in models:
+            config = getattr(model, "config", None)
+            impl = getattr(config, "_attn_implementation", None)
+            if impl == "sdpa" and hasattr(model, "set_attn_implementation"):
+                model.set_attn_implementation("eager")
+                changed.append((model, impl))
+        yield
+    finally:
+        for model, impl in changed:
+            model.set_attn_implementation(impl)
 
 
 def structured_cost(model: nn.Module) -> tuple[int, int]:
@@ -91,10 +145,11 @@ def _progress(step: int, steps: int | None, start: float, minutes: float | None)
     return done
 
 
-def _outputs(model: nn.Module, batch: dict[str, torch.Tensor], hidden: bool) -> Any:
-    if hidden:
-        return model(**batch, output_hidden_states=True)
-    return model(**batch)
+def _outputs(model: nn.Module, batch: dict[str, torch.Tensor], hidden: bool,
+             device: torch.device, dtype: torch.dtype | None) -> Any:
+    extra = {"output_hidden_states": True} if hidden else {}
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        return model(**batch, **extra)
 
 
 def _loss(student: Any, teacher: Any, mask: torch.Tensor, kind: str) -> torch.Tensor:
@@ -102,9 +157,10 @@ def _loss(student: Any, teacher: Any, mask: torch.Tensor, kind: str) -> torch.Te
     if kind in ("hidden", "both"):
         s_states = getattr(student, "hidden_states", None) or (last_hidden(student),)
         t_states = getattr(teacher, "hidden_states", None) or (last_hidden(teacher),)
-        m = mask.unsqueeze(-1).to(s_states[-1].dtype)
+        m = mask.unsqueeze(-1).float()
         per_layer = [
-            (((s - t) ** 2) * m).sum() / (((t ** 2) * m).sum().clamp_min(1e-12))
+            (((s.float() - t.float()) ** 2) * m).sum()
+            / (((t.float() ** 2) * m).sum().clamp_min(1e-12))
             for s, t in zip(s_states[1:] or s_states, t_states[1:] or t_states, strict=True)
         ]
         terms.append(torch.stack(per_layer).mean())
@@ -143,6 +199,7 @@ def distill(
     weight_decay: float = 0.0,
     schedule: str = "cosine",
     warmup: float = 0.05,
+    precision: str = "auto",
     progress: bool = True,
 ) -> DistillResult:
     """Train ``student`` to reproduce ``teacher`` on text batches, holding the budget.
@@ -158,7 +215,8 @@ def distill(
     ``budget`` (default: the student's cost fraction at the start) covers all structured
     layers; the GBLR layers' share of it is held after every step by a
     :class:`gblr.BudgetController` and met exactly at the end (a student above it is first
-    shrunk onto it).
+    shrunk onto it). ``precision`` (see :func:`autocast_dtype`) sets the arithmetic of the
+    forward passes; with bfloat16, Hugging Face models use eager attention while they train.
     """
     if steps is None and minutes is None:
         raise ValueError("give steps or minutes (or both) to bound the distillation")
@@ -172,6 +230,8 @@ def distill(
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if not 0.0 <= float(warmup) < 1.0:
         raise ValueError(f"warmup must be in [0, 1), got {warmup!r}")
+    device = next(student.parameters()).device
+    dtype = autocast_dtype(precision, device)
     if not float(structure_lr) >= 0:
         raise ValueError(f"structure_lr must be >= 0, got {structure_lr!r}")
     structured = [m for m in student.modules() if isinstance(m, StructuredLinear)]
@@ -207,7 +267,6 @@ def distill(
     for m in student.modules():
         if isinstance(m, StructuredLinear | GBLRConv2d):
             m.train()
-    device = next(student.parameters()).device
     deadline = None if minutes is None else time.perf_counter() + 60.0 * float(minutes)
     start = time.perf_counter()
     losses: list[float] = []
@@ -215,6 +274,9 @@ def distill(
     bar = tqdm(total=steps, desc="distil", unit="step", disable=not progress)
     want_hidden = loss in ("hidden", "both")
     step = 0
+    restore = contextlib.ExitStack()
+    if dtype is not None and device.type == "cpu":
+        restore.enter_context(_eager_attention([teacher, student]))
     try:
         while (steps is None or step < steps) and (
             deadline is None or time.perf_counter() < deadline
@@ -225,8 +287,8 @@ def distill(
                 break
             batch = {k: v.to(device) for k, v in batch.items()}
             with torch.no_grad():
-                t_out = _outputs(teacher, batch, want_hidden)
-            s_out = _outputs(student, batch, want_hidden)
+                t_out = _outputs(teacher, batch, want_hidden, device, dtype)
+            s_out = _outputs(student, batch, want_hidden, device, dtype)
             mask = batch.get("attention_mask")
             if mask is None:  # images: every token counts
                 mask = torch.ones(last_hidden(t_out).shape[:2], device=device)
@@ -244,6 +306,7 @@ def distill(
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
     finally:
+        restore.close()
         bar.close()
         student.train(was_training)
         for p in frozen:
