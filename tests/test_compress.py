@@ -19,7 +19,13 @@ from gblr.convert.calibrate import (
     shared_input_groups,
     teacher_target,
 )
-from gblr.convert.distill import autocast_dtype, distill, lr_factor, structured_cost
+from gblr.convert.distill import (
+    autocast_dtype,
+    distill,
+    lr_factor,
+    precision_name,
+    structured_cost,
+)
 from gblr.convert.evaluate import compare_embeddings, neighbour_agreement
 from gblr.convert.select import select_layers
 from gblr.convert.text import read_passages, split_passages
@@ -403,6 +409,8 @@ def test_distill_with_structure_lr_zero_keeps_the_structure():
 def test_autocast_dtype(monkeypatch):
     assert autocast_dtype("float32", "cpu") is None
     assert autocast_dtype("bfloat16", "cpu") is torch.bfloat16
+    assert precision_name("float32", "cpu") == "float32"
+    assert precision_name("bfloat16", "cpu") == "bfloat16"
     for fast in (False, True):
         for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
             monkeypatch.setattr(torch.cpu, probe, lambda fast=fast: fast, raising=False)

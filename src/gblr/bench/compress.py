@@ -28,7 +28,7 @@ import torch
 
 from gblr.convert.cli import resolve_device
 from gblr.convert.config import ALLOCATIONS, CALIBRATION_MODES, CompressionConfig
-from gblr.convert.distill import LOSSES, PRECISIONS, autocast_dtype, distill, structured_cost
+from gblr.convert.distill import LOSSES, PRECISIONS, distill, precision_name, structured_cost
 from gblr.convert.evaluate import compare_embeddings, sentence_embeddings
 from gblr.convert.hf import default_model_path, default_targets, load_hf_model
 from gblr.convert.replace import compress
@@ -153,8 +153,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "search_steps": args.search_steps, "batch_size": args.batch_size,
             "max_length": args.max_length, "loss": args.loss, "lr": args.lr,
             "structure_lr": args.structure_lr,
-            "precision": str(autocast_dtype(args.precision, device) or torch.float32)
-            .removeprefix("torch."),
+            "precision": precision_name(args.precision, device),
             "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
             else platform.processor() or "cpu",

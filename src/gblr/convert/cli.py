@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from gblr.convert.distill import PRECISIONS, autocast_dtype
+from gblr.convert.distill import PRECISIONS, precision_name
 
 __all__ = ["main", "build_parser", "unique_dir", "resolve_device", "summary_table", "run"]
 
@@ -311,8 +311,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                  "model_dense": dense_model, "model_after": after_model},
         "layers": rows, "quality": quality,
         "distill": {"steps": steps_done, "seconds": seconds,
-                    "precision": str(autocast_dtype(args.precision, device) or torch.float32)
-                    .removeprefix("torch.")},
+                    "precision": precision_name(args.precision, device)},
         "out": str(out),
     }
     if not args.no_plot:

@@ -41,6 +41,7 @@ __all__ = [
     "SCHEDULES",
     "PRECISIONS",
     "autocast_dtype",
+    "precision_name",
 ]
 
 #: What the student matches: every hidden state, the mean-pooled embedding, or both.
@@ -74,6 +75,11 @@ def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | 
     if precision == "bfloat16" or (precision == "auto" and _fast_bf16(device)):
         return torch.bfloat16
     return None
+
+
+def precision_name(precision: str, device: torch.device | str) -> str:
+    """``"bfloat16"`` or ``"float32"``: what ``precision`` resolves to on ``device``."""
+    return "float32" if autocast_dtype(precision, device) is None else "bfloat16"
 
 
 @contextlib.contextmanager
