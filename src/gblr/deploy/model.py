@@ -9,8 +9,13 @@ import torch
 from torch import nn
 
 from gblr.deploy.packed import PackedGBLRLinear
+from gblr.deploy.tiled import TiledGBLRLinear
 
-__all__ = ["deploy", "DeployReport", "LayerReport"]
+__all__ = ["deploy", "DeployReport", "LayerReport", "FORMS"]
+
+#: Inference forms of :func:`deploy`: grouped GEMMs (:class:`PackedGBLRLinear`, fastest on
+#: CPU) or block-sparse tiles (:class:`TiledGBLRLinear`, two Triton kernels on CUDA).
+FORMS = ("grouped", "tiled")
 
 
 @dataclass
@@ -76,8 +81,13 @@ def deploy(
     overhead: float | None = None,
     io: float | None = None,
     tune: bool = False,
+    form: str = "grouped",
 ) -> DeployReport:
-    """Replace every :class:`~gblr.GBLRLinear` inside ``model`` by a :class:`PackedGBLRLinear`.
+    """Replace every :class:`~gblr.GBLRLinear` inside ``model`` by its inference form.
+
+    ``form="grouped"`` (default) packs each layer as a :class:`PackedGBLRLinear`;
+    ``form="tiled"`` as a :class:`TiledGBLRLinear` (one Triton kernel per stage on CUDA;
+    ``tokens``, ``memory_tokens``, ``overhead``, ``io`` and ``tune`` do not apply to it).
 
     The evaluation-mode structure is packed whatever the current mode; other modules are
     left alone (other structured layers and GBLR convolutions are listed in the report as
@@ -93,6 +103,8 @@ def deploy(
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     if isinstance(model, GBLRLinear):
         raise TypeError(
             "deploy() swaps layers inside a model in place; pack a lone layer with "
@@ -112,10 +124,13 @@ def deploy(
         if isinstance(m, StructuredLinear) and not isinstance(m, GBLRLinear)
     ] + convs
     for name, layer in targets:
-        packed = PackedGBLRLinear.from_gblr(
-            layer, tokens=tokens, dtype=dtype, memory_tokens=memory_tokens, overhead=overhead,
-            io=io, tune=tune,
-        )
+        if form == "tiled":
+            packed = TiledGBLRLinear.from_gblr(layer, dtype=dtype)
+        else:
+            packed = PackedGBLRLinear.from_gblr(
+                layer, tokens=tokens, dtype=dtype, memory_tokens=memory_tokens,
+                overhead=overhead, io=io, tune=tune,
+            )
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, packed)

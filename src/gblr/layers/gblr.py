@@ -340,6 +340,14 @@ class GBLRLinear(StructuredLinear):
 
         return PackedGBLRLinear.from_gblr(self, tokens=tokens, dtype=dtype, tune=tune)
 
+    def tiled(self, rank_tile: int = 16, in_tile: int = 64, out_tile: int = 64,
+              dtype: torch.dtype | None = None):
+        """Frozen inference form as two block-sparse GEMMs: a ``TiledGBLRLinear`` (one
+        Triton kernel per stage on CUDA; tile sizes are powers of two >= 16)."""
+        from gblr.deploy.tiled import TiledGBLRLinear
+
+        return TiledGBLRLinear.from_gblr(self, rank_tile, in_tile, out_tile, dtype=dtype)
+
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, num_components={self.num_components}, "
