@@ -62,9 +62,9 @@ def _order(bands: list[tuple[int, int]], ranks: list[int]) -> np.ndarray:
 def _block_sparse(mat: torch.Tensor, row_tile: int, col_tile: int):
     """Tiles of ``mat (rows, cols)`` (zero-padded to whole tiles) that hold a nonzero.
 
-    Returns ``(ptr, idx, tiles)``: row tile ``i`` keeps the column tiles
+    Returns ``(ptr, idx, tiles, rows)``: row tile ``i`` keeps the column tiles
     ``idx[ptr[i]:ptr[i+1]]``, whose values are ``tiles[ptr[i]:ptr[i+1]]``
-    (each ``(row_tile, col_tile)``), in CSR order.
+    (each ``(row_tile, col_tile)``), in CSR order; ``rows`` is each kept tile's row tile.
     """
     rows, cols = mat.shape
     nr, nc = -(-rows // row_tile), -(-cols // col_tile)
