@@ -195,3 +195,21 @@ def test_cuda_triton_kernels_match_masked_layer():
             assert torch.allclose(tiled(x), ref, atol=1e-4, rtol=1e-4)
     out = layer.tiled(dtype=torch.bfloat16)(x.bfloat16())
     assert (out.float() - ref).norm() / ref.norm() < 2e-2
+
+
+@needs_triton
+@pytest.mark.parametrize("capability", [80, 90])
+def test_triton_kernels_compile_for_cuda_without_a_gpu(capability):
+    import warnings
+
+    from gblr.deploy.triton_kernels import block_tokens, compile_kernels
+
+    with warnings.catch_warnings():  # Triton's notice about its FP-fusion default
+        warnings.simplefilter("ignore", UserWarning)
+        for dtype in (torch.float32, torch.bfloat16):
+            for tokens in (1, 4096):
+                kernels = compile_kernels(capability, dtype, block_m=block_tokens(tokens),
+                                          bias=tokens == 1)
+                assert all(len(k.asm["cubin"]) > 0 for k in kernels)
+    with pytest.raises(ValueError, match="dtype"):
+        compile_kernels(90, torch.float64)

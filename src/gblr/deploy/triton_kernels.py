@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["tiled_linear", "block_tokens"]
+__all__ = ["tiled_linear", "block_tokens", "compile_kernels"]
 
 
 def _stage1(x_ptr, w_ptr, ptr_ptr, idx_ptr, dst_ptr, h_ptr, tokens, n_in, stride_x, stride_h,
@@ -84,6 +84,42 @@ def _kernels(interpret: bool):
 
         return InterpretedFunction(_stage1), InterpretedFunction(_stage2)
     return triton.jit(_stage1), triton.jit(_stage2)
+
+
+_TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def compile_kernels(
+    capability: int = 90, dtype: torch.dtype = torch.float32, block_m: int = 16,
+    rank_tile: int = 16, in_tile: int = 64, out_tile: int = 64, bias: bool = True,
+) -> tuple:
+    """Compile both stages ahead of time for a CUDA compute ``capability`` (90: H100/H200),
+    down to machine code, without a GPU: a check that they lower for real hardware, which
+    the interpreter does not do. Returns the two compiled kernels."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if dtype not in _TRITON_TYPES:
+        raise ValueError(f"dtype must be one of {list(_TRITON_TYPES)}, got {dtype}")
+    t = _TRITON_TYPES[dtype]
+    precision = "ieee" if dtype == torch.float32 else "tf32"
+    stage1, stage2 = _kernels(False)
+    ints = {"ptr_ptr": "*i32", "idx_ptr": "*i32"}
+    sig1 = {"x_ptr": f"*{t}", "w_ptr": f"*{t}", **ints, "dst_ptr": "*i32", "h_ptr": f"*{t}",
+            "tokens": "i32", "n_in": "i32", "stride_x": "i32", "stride_h": "i32"}
+    const1 = {"BLOCK_M": block_m, "IN_TILE": in_tile, "RANK_TILE": rank_tile,
+              "PRECISION": precision, "UPCAST": False}
+    sig2 = {"h_ptr": f"*{t}", "w_ptr": f"*{t}", **ints, "bias_ptr": f"*{t}", "y_ptr": f"*{t}",
+            "tokens": "i32", "rank": "i32", "n_out": "i32", "stride_h": "i32",
+            "stride_y": "i32"}
+    const2 = {"HAS_BIAS": bias, "BLOCK_M": block_m, "RANK_TILE": rank_tile,
+              "OUT_TILE": out_tile, "PRECISION": precision, "UPCAST": False}
+    target = GPUTarget("cuda", int(capability), 32)
+    return tuple(
+        triton.compile(ASTSource(fn, {**sig, **dict.fromkeys(const, "constexpr")}, const),
+                       target=target)
+        for fn, sig, const in ((stage1, sig1, const1), (stage2, sig2, const2))
+    )
 
 
 def block_tokens(tokens: int) -> int:
