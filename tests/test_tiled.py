@@ -104,6 +104,13 @@ def test_gradients_flow_through_the_torch_path():
     assert torch.allclose(x.grad, tiled.to_dense().sum(0).expand(4, 30), atol=1e-5)
 
 
+def test_torch_compile_whole_graph():
+    layer = random_layer(64, 48, 12, seed=1, dtype=torch.float32)
+    compiled = torch.compile(layer.tiled(), backend="eager", fullgraph=True)
+    x = torch.randn(2, 5, 64)
+    assert torch.allclose(compiled(x), layer(x), atol=1e-5, rtol=1e-5)
+
+
 def test_bad_input():
     layer = random_layer(16, 12, 4)
     with pytest.raises(ValueError, match="power of two"):
