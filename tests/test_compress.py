@@ -512,7 +512,8 @@ def test_cli_tiny_bert_and_gpt2(tmp_path, capsys):
     tokenizer.save_pretrained(bert_dir)
     rc = _run_cli(["--model", str(bert_dir), "--steps", "2", "--budget", "0.4",
                    "--eval-passages", "24", "--max-length", "32", "--batch-size", "4",
-                   "--precision", "bfloat16", "--out", str(tmp_path / "out")])
+                   "--distill-length", "16", "--precision", "bfloat16",
+                   "--out", str(tmp_path / "out")])
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "(bfloat16)" in text
@@ -572,6 +573,8 @@ def test_cli_bad_input(tmp_path, capsys):
         (["--model", str(bert_dir), "--targets", "nothing"], "'nothing' matches no module"),
         (["--model", str(bert_dir), "--text", str(tmp_path / "none.txt")], "does not exist"),
         (["--model", str(bert_dir), "--out", str(tmp_path)], "already exists"),
+        (["--model", str(bert_dir), "--distill-length", "0"], "--distill-length must be >= 1"),
+        (["--model", str(bert_dir), "--batch-size", "0"], "--batch-size must be >= 1"),
     ]
     for args, message in cases:
         assert _run_cli([*args, "--steps", "1"]) == 2

@@ -110,8 +110,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             project_s = time.perf_counter() - start
             projected = compare_embeddings(
                 ref, sentence_embeddings(student, tokenizer, held, max_length=args.max_length))
-            batches = token_batches(tokenizer, train, batch_size=args.batch_size,
-                                    max_length=args.max_length, seed=args.seed)
+            batches = token_batches(tokenizer, train, batch_size=args.distill_batch_size,
+                                    max_length=args.distill_length, seed=args.seed)
             timed = bool(args.minutes) and index == 0
             result = distill(student, teacher, batches, steps=None if timed else steps,
                              minutes=args.minutes if timed else None, budget=budget,
@@ -151,7 +151,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "calibration_batches": args.calibration_batches if args.calibrate else 0,
             "calibration_mode": args.calibration_mode, "allocation": args.allocation,
             "search_steps": args.search_steps, "batch_size": args.batch_size,
-            "max_length": args.max_length, "loss": args.loss, "lr": args.lr,
+            "max_length": args.max_length, "distill_batch_size": args.distill_batch_size,
+            "distill_length": args.distill_length, "loss": args.loss, "lr": args.lr,
             "structure_lr": args.structure_lr,
             "precision": precision_name(args.precision, device),
             "device": str(device),
@@ -167,7 +168,8 @@ def markdown(results: dict[str, Any]) -> str:
     s = results["setup"]
     cal = s.get("calibration_batches")
     projection = (f"data-aware, {s.get('calibration_mode', 'inputs')} ({cal} batches of "
-                  "activations)" if cal else "plain (weights only)")
+                  f"{s['batch_size']} x {s['max_length']} tokens of activations)"
+                  if cal else "plain (weights only)")
     projection += f", {s.get('allocation', 'uniform')} allocation"
     length = (f"{s['minutes']:g} min for the first structure, the same steps for the others"
               if s.get("minutes") else f"{s['steps']} steps")
@@ -178,7 +180,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"Device: {s['device']} ({s['device_name']}), torch {s['torch']}.  ",
         f"Targets: {s['targets']} without {s['exclude']}; projection: {projection}, GBLR "
         f"search steps {s.get('search_steps')}; distillation: {length}, "
-        f"batch {s['batch_size']} x {s['max_length']} tokens, "
+        f"batch {s.get('distill_batch_size', s['batch_size'])} x "
+        f"{s.get('distill_length', s['max_length'])} tokens, "
         f"{s.get('precision', 'float32')} forward passes, loss {s.get('loss', 'both')}, "
         f"lr {s['lr']}, structure lr "
         f"{s['structure_lr']}, on `{Path(s['train_text']).name}`; held-out: "
@@ -225,8 +228,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--search-steps", type=int, default=0,
                    help="steps of GBLR's structure search (default 0: its whitened-SVD start, "
                    "the same start as low rank; see results/compress/search for the search)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="passages per calibration batch")
+    p.add_argument("--max-length", type=int, default=64,
+                   help="tokens per passage for calibration and evaluation")
+    p.add_argument("--distill-batch-size", type=int, default=32,
+                   help="passages per distillation step")
+    p.add_argument("--distill-length", type=int, default=32,
+                   help="tokens per passage while distilling (each passage's first ones: "
+                   "batches pad to their longest passage, so short windows waste less)")
     p.add_argument("--loss", default="both", choices=LOSSES,
                    help="distillation target: every hidden state, the sentence embedding, or both")
     p.add_argument("--lr", type=float, default=3e-4)
@@ -251,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.budgets, args.steps, args.eval_passages = [0.5], 2, 32
         args.max_length, args.batch_size, args.calibration_batches = 32, 4, 2
+        args.distill_batch_size, args.distill_length = 4, 32
         args.minutes = None
         args.targets = args.targets or ["encoder.layer.0"]
     results = run(args)

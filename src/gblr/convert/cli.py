@@ -21,6 +21,11 @@ from gblr.convert.distill import PRECISIONS, precision_name
 
 __all__ = ["main", "build_parser", "unique_dir", "resolve_device", "summary_table", "run"]
 
+#: Data-aware projection and the sensitivity split use the first CALIBRATION_ITEMS training
+#: passages (or images), in batches of CALIBRATION_BATCH.
+CALIBRATION_ITEMS = 128
+CALIBRATION_BATCH = 16
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -63,8 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="folder of image files, for image models (ViT)")
     p.add_argument("--out", help="output directory (default: a new ./gblr-compressed-* directory)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=128, help="tokens per passage")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="passages (or images) per distillation step")
+    p.add_argument("--max-length", type=int, default=128,
+                   help="tokens per passage for calibration and evaluation")
+    p.add_argument("--distill-length", type=int, default=32,
+                   help="tokens per passage while distilling (each passage's first ones: "
+                   "batches pad to their longest passage, so short windows waste less)")
     p.add_argument("--loss", default="both", choices=("hidden", "embedding", "both"))
     p.add_argument("--lr", type=float, default=3e-4,
                    help="peak learning rate of the distillation (warm-up, then cosine decay)")
@@ -199,6 +209,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--minutes must be >= 0, got {args.minutes}")
     if args.steps is not None and args.steps < 0:
         raise ValueError(f"--steps must be >= 0, got {args.steps}")
+    for flag in ("batch_size", "max_length", "distill_length", "eval_passages"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, "
+                             f"got {getattr(args, flag)}")
     minutes = args.minutes if args.minutes is not None else (None if args.steps else 2.0)
     text_path = Path(args.text) if args.text else default_corpus_path()
     if not args.images:
@@ -244,9 +258,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             return image_batches(train_images, batch_size=args.batch_size, seed=args.seed)
 
         def calibration_batches():
-            return [{"pixel_values": train_images[i:i + args.batch_size]}
-                    for i in range(0, min(len(train_images), 8 * args.batch_size),
-                                   args.batch_size)]
+            return [{"pixel_values": train_images[i:i + CALIBRATION_BATCH]}
+                    for i in range(0, min(len(train_images), CALIBRATION_ITEMS),
+                                   CALIBRATION_BATCH)]
         eval_items, data_name = n_held, str(args.images)
     else:
         if args.images:
@@ -257,11 +271,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         def train_batches():
             return token_batches(tokenizer, train, batch_size=args.batch_size,
-                                 max_length=max_length, seed=args.seed)
+                                 max_length=min(args.distill_length, max_length),
+                                 seed=args.seed)
 
         def calibration_batches():
-            return [encode(tokenizer, train[i:i + args.batch_size], max_length)
-                    for i in range(0, min(len(train), 8 * args.batch_size), args.batch_size)]
+            return [encode(tokenizer, train[i:i + CALIBRATION_BATCH], max_length)
+                    for i in range(0, min(len(train), CALIBRATION_ITEMS), CALIBRATION_BATCH)]
         eval_items, data_name = len(held), str(text_path)
     teacher = copy.deepcopy(model)
     dense_model = sum(
