@@ -138,6 +138,8 @@ def test_deploy_tiled_and_save_load(tmp_path):
     assert torch.allclose(model(x), ref, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="form"):
         deploy(model, form="fused")
+    with pytest.raises(ValueError, match="tune"):
+        deploy(nn.Sequential(random_layer(4, 4, 2)), form="tiled", tune=True)
     save_packed(model, tmp_path / "m.safetensors")
     template = nn.Sequential(nn.Linear(24, 40), nn.GELU(), nn.Linear(40, 24))
     load_packed(tmp_path / "m.safetensors", template)

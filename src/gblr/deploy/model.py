@@ -105,6 +105,10 @@ def deploy(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    grouping = {"memory_tokens": memory_tokens, "overhead": overhead, "io": io}
+    unused = [k for k, v in grouping.items() if v is not None] + (["tune"] if tune else [])
+    if form == "tiled" and unused:
+        raise ValueError(f"{unused} set the grouping of form='grouped'; form='tiled' has none")
     if isinstance(model, GBLRLinear):
         raise TypeError(
             "deploy() swaps layers inside a model in place; pack a lone layer with "
