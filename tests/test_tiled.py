@@ -6,6 +6,7 @@ indexing is checked without a GPU; the CUDA test runs them compiled.
 
 import pytest
 import torch
+from test_deploy import random_layer
 from torch import nn
 
 import gblr
@@ -13,19 +14,6 @@ from gblr import GBLRLinear, TiledGBLRLinear, deploy, load_packed, save_packed
 from gblr.deploy.tiled import triton_available
 
 needs_triton = pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
-
-
-def random_layer(n_in, n_out, k, r=1, seed=0, bias=True, dtype=torch.float64):
-    """A GBLR layer with random factors and random grid-aligned widths/locations."""
-    torch.manual_seed(seed)
-    layer = GBLRLinear(n_in, n_out, num_components=k, rank_per_component=r, init="random",
-                       bias=bias).to(dtype)
-    with torch.no_grad():
-        layer.widths.uniform_(0.0, 1.0)
-        layer.locations.uniform_(0.0, 1.0)
-        if bias:
-            layer.bias.normal_()
-    return layer.eval()
 
 
 def tiled_forms(layer, **kw):
