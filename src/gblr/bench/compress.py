@@ -26,7 +26,12 @@ from typing import Any
 
 import torch
 
-from gblr.convert.cli import resolve_device
+from gblr.convert.cli import (
+    DISTILL_BATCH_SIZE,
+    DISTILL_LENGTH,
+    DISTILL_LENGTH_HELP,
+    resolve_device,
+)
 from gblr.convert.config import ALLOCATIONS, CALIBRATION_MODES, CompressionConfig
 from gblr.convert.distill import LOSSES, PRECISIONS, distill, precision_name, structured_cost
 from gblr.convert.evaluate import compare_embeddings, sentence_embeddings
@@ -232,11 +237,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="passages per calibration batch")
     p.add_argument("--max-length", type=int, default=64,
                    help="tokens per passage for calibration and evaluation")
-    p.add_argument("--distill-batch-size", type=int, default=32,
+    p.add_argument("--distill-batch-size", type=int, default=DISTILL_BATCH_SIZE,
                    help="passages per distillation step")
-    p.add_argument("--distill-length", type=int, default=32,
-                   help="tokens per passage while distilling (each passage's first ones: "
-                   "batches pad to their longest passage, so short windows waste less)")
+    p.add_argument("--distill-length", type=int, default=DISTILL_LENGTH,
+                   help=DISTILL_LENGTH_HELP)
     p.add_argument("--loss", default="both", choices=LOSSES,
                    help="distillation target: every hidden state, the sentence embedding, or both")
     p.add_argument("--lr", type=float, default=3e-4)

@@ -25,6 +25,11 @@ __all__ = ["main", "build_parser", "unique_dir", "resolve_device", "summary_tabl
 #: passages (or images), in batches of CALIBRATION_BATCH.
 CALIBRATION_ITEMS = 128
 CALIBRATION_BATCH = 16
+#: Distillation batches: passages per step, and tokens kept of each (its first ones).
+DISTILL_BATCH_SIZE = 32
+DISTILL_LENGTH = 32
+DISTILL_LENGTH_HELP = ("tokens per passage while distilling (each passage's first ones: "
+                       "batches pad to their longest passage, so short windows waste less)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,13 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="folder of image files, for image models (ViT)")
     p.add_argument("--out", help="output directory (default: a new ./gblr-compressed-* directory)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
-    p.add_argument("--batch-size", type=int, default=32,
+    p.add_argument("--batch-size", type=int, default=DISTILL_BATCH_SIZE,
                    help="passages (or images) per distillation step")
     p.add_argument("--max-length", type=int, default=128,
                    help="tokens per passage for calibration and evaluation")
-    p.add_argument("--distill-length", type=int, default=32,
-                   help="tokens per passage while distilling (each passage's first ones: "
-                   "batches pad to their longest passage, so short windows waste less)")
+    p.add_argument("--distill-length", type=int, default=DISTILL_LENGTH,
+                   help=DISTILL_LENGTH_HELP)
     p.add_argument("--loss", default="both", choices=("hidden", "embedding", "both"))
     p.add_argument("--lr", type=float, default=3e-4,
                    help="peak learning rate of the distillation (warm-up, then cosine decay)")
