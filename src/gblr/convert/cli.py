@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "bfloat16 autocast where the CPU or GPU has native bfloat16, else float32)")
     p.add_argument("--eval-passages", type=int, default=400,
                    help="held-out passages for cosine and neighbour agreement")
+    p.add_argument("--eval-every", type=int, default=None, metavar="N",
+                   help="also measure the held-out quality every N distillation steps (not "
+                   "counted in --minutes): printed, kept in summary.json, drawn in curve.png")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto",
                    help="torch device: auto (cuda when present, else cpu), cpu, cuda, cuda:1...")
@@ -188,6 +191,11 @@ def summary_table(summary: dict[str, Any]) -> str:
             label = "after projection" if stage == "projected" else "after distillation"
             lines.append(f"{label:<22}{q[stage]['cosine']:>12.4f}  "
                          f"{q[stage]['neighbours']:>16.4f}")
+    if summary.get("curve"):
+        lines.append("during distillation (training time):")
+    for point in summary.get("curve", []):
+        label = f"step {point['step']:.0f} ({point['seconds']:.0f} s)"
+        lines.append(f"  {label:<20}{point['cosine']:>12.4f}  {point['neighbours']:>16.4f}")
     return "\n".join(lines)
 
 
@@ -197,7 +205,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from gblr.convert.distill import distill
     from gblr.convert.evaluate import compare_embeddings, pooled_embeddings, sentence_embeddings
-    from gblr.convert.hf import default_model_path, load_hf_model
+    from gblr.convert.hf import DEFAULT_MODEL_NAME, default_model_path, load_hf_model
     from gblr.convert.images import image_batches, read_images
     from gblr.convert.io import save_compressed
     from gblr.convert.replace import compress
@@ -213,8 +221,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--minutes must be >= 0, got {args.minutes}")
     if args.steps is not None and args.steps < 0:
         raise ValueError(f"--steps must be >= 0, got {args.steps}")
-    for flag in ("batch_size", "max_length", "distill_length", "eval_passages"):
-        if getattr(args, flag) < 1:
+    for flag in ("batch_size", "max_length", "distill_length", "eval_passages", "eval_every"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, "
                              f"got {getattr(args, flag)}")
     minutes = args.minutes if args.minutes is not None else (None if args.steps else 2.0)
@@ -223,12 +231,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         train, held = split_passages(read_passages(text_path), held_out=0.1, seed=args.seed)
         held = held[: args.eval_passages]
     model_dir = Path(args.model) if args.model else default_model_path()
+    model_name = model_dir.name if args.model else DEFAULT_MODEL_NAME
     if args.out:
         out = Path(args.out)
         if out.exists() and not args.overwrite:
             raise ValueError(f"--out {str(out)!r} already exists; pass --overwrite to replace it")
     else:
-        out = unique_dir(f"gblr-compressed-{model_dir.name}-{args.structure}-{args.budget:g}")
+        out = unique_dir(f"gblr-compressed-{model_name}-{args.structure}-{args.budget:g}")
 
     phases = tqdm(total=5, desc="gblr compress", unit="phase", disable=not progress)
     phases.set_postfix_str("load")
@@ -298,14 +307,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     quality = {"projected": compare_embeddings(ref, embed(model))}
     phases.update(1)
     phases.set_postfix_str("distil")
-    steps_done, seconds = 0, 0.0
+    steps_done, seconds, curve = 0, 0.0, []
     if (minutes is None or minutes > 0) and (args.steps is None or args.steps > 0):
         result = distill(model, teacher, train_batches(), steps=args.steps or None, minutes=minutes,
                          budget=config.budget, loss=args.loss, lr=args.lr,
                          structure_lr=args.structure_lr, precision=args.precision,
-                         progress=progress)
-        steps_done, seconds = result.steps, result.seconds
-        quality["distilled"] = compare_embeddings(ref, embed(model))
+                         evaluate=(lambda m: compare_embeddings(ref, embed(m)))
+                         if args.eval_every else None,
+                         eval_every=args.eval_every, progress=progress)
+        steps_done, seconds, curve = result.steps, result.seconds, result.curve
+        quality["distilled"] = (
+            {k: curve[-1][k] for k in ("cosine", "neighbours")} if curve
+            else compare_embeddings(ref, embed(model)))
     model.eval()
     distilled_costs = _layer_costs(model)
     phases.update(1)
@@ -331,13 +344,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "layers": rows, "quality": quality,
         "distill": {"steps": steps_done, "seconds": seconds,
                     "precision": precision_name(args.precision, device)},
+        "curve": curve,
         "out": str(out),
     }
     if not args.no_plot:
-        from gblr.convert.plot import plot_masks
+        from gblr.convert.plot import plot_curves, plot_masks
 
         plot_masks(model, out / "masks.png",
-                   title=f"{model_dir.name}: {config.structure} at {config.budget:g} of dense cost")
+                   title=f"{model_name}: {config.structure} at {config.budget:g} of dense cost")
+        if curve:
+            plot_curves({config.structure: curve}, out / "curve.png",
+                        title=f"{model_name}: held-out quality while distilling")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     phases.update(1)
     phases.close()
@@ -354,7 +371,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(summary_table(summary))
     print(f"\nsaved to {summary['out']}/ (compression.json, model.safetensors, summary.json"
-          f"{'' if args.no_plot else ', masks.png'}) in {time.perf_counter() - start:.0f} s")
+          f"{'' if args.no_plot else ', masks.png'}"
+          f"{', curve.png' if summary['curve'] and not args.no_plot else ''}) "
+          f"in {time.perf_counter() - start:.0f} s")
     print(f"reload: gblr.load_compressed(AutoModel.from_pretrained({summary['model']!r}), "
           f"{summary['out']!r})")
     return 0

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,7 @@ from gblr.train.groups import gblr_layers, param_groups, structure_parameters
 __all__ = [
     "DistillResult",
     "distill",
+    "Evaluator",
     "structured_cost",
     "lr_factor",
     "LOSSES",
@@ -43,6 +44,10 @@ __all__ = [
     "autocast_dtype",
     "precision_name",
 ]
+
+#: A held-out measure of the student, called during :func:`distill` (``eval_every``):
+#: takes the model, returns named numbers (e.g. ``{"cosine": 0.93}``).
+Evaluator = Callable[[nn.Module], Mapping[str, float]]
 
 #: What the student matches: every hidden state, the mean-pooled embedding, or both.
 LOSSES = ("hidden", "embedding", "both")
@@ -143,12 +148,43 @@ def _controller(
                             floor=0.0)
 
 
-def _progress(step: int, steps: int | None, start: float, minutes: float | None) -> float:
-    """How far the run is, in ``[0, 1]``: by steps or by time, whichever limit is closer."""
+def _progress(step: int, steps: int | None, seconds: float, minutes: float | None) -> float:
+    """How far the run is, in ``[0, 1]``: by steps or by time (``seconds`` of training so
+    far), whichever limit is closer."""
     done = 0.0 if steps is None else step / steps
     if minutes is not None:
-        done = max(done, (time.perf_counter() - start) / (60.0 * float(minutes)))
+        done = max(done, seconds / (60.0 * float(minutes)))
     return done
+
+
+class _Stopwatch:
+    """Training time: wall-clock time since the start, less the time spent evaluating."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.paused = 0.0
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start - self.paused
+
+    @contextlib.contextmanager
+    def pause(self) -> Iterator[None]:
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused += time.perf_counter() - begin
+
+
+def _evaluate(student: nn.Module, evaluate: Evaluator) -> dict[str, float]:
+    """``evaluate(student)`` with every module's train/eval mode put back afterwards."""
+    modes = [(m, m.training) for m in student.modules()]
+    try:
+        return {k: float(v) for k, v in evaluate(student).items()}
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def _outputs(model: nn.Module, batch: dict[str, torch.Tensor], hidden: bool,
@@ -186,6 +222,9 @@ class DistillResult:
     losses: list[float] = field(default_factory=list)
     cost: int = 0
     dense_cost: int = 0
+    #: held-out measures during the run (``eval_every``): dicts with ``step``, ``seconds``
+    #: (training time so far) and the evaluator's numbers; the last one is the final model.
+    curve: list[dict[str, float]] = field(default_factory=list)
 
     @property
     def cost_fraction(self) -> float:
@@ -206,6 +245,8 @@ def distill(
     schedule: str = "cosine",
     warmup: float = 0.05,
     precision: str = "auto",
+    evaluate: Evaluator | None = None,
+    eval_every: int | None = None,
     progress: bool = True,
 ) -> DistillResult:
     """Train ``student`` to reproduce ``teacher`` on text batches, holding the budget.
@@ -223,6 +264,9 @@ def distill(
     :class:`gblr.BudgetController` and met exactly at the end (a student above it is first
     shrunk onto it). ``precision`` (see :func:`autocast_dtype`) sets the arithmetic of the
     forward passes; with bfloat16, Hugging Face models use eager attention while they train.
+    ``evaluate`` measures the student (on held-out data, say) before the first step, every
+    ``eval_every`` steps if given, and at the end, into ``DistillResult.curve``; the time it
+    takes is not counted against ``minutes`` nor in ``DistillResult.seconds``.
     """
     if steps is None and minutes is None:
         raise ValueError("give steps or minutes (or both) to bound the distillation")
@@ -236,6 +280,10 @@ def distill(
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if not 0.0 <= float(warmup) < 1.0:
         raise ValueError(f"warmup must be in [0, 1), got {warmup!r}")
+    if eval_every is not None:
+        check_positive("eval_every", eval_every)
+        if evaluate is None:
+            raise ValueError("eval_every needs an evaluate function")
     device = next(student.parameters()).device
     dtype = autocast_dtype(precision, device)
     if not float(structure_lr) >= 0:
@@ -273,20 +321,33 @@ def distill(
     for m in student.modules():
         if isinstance(m, StructuredLinear | GBLRConv2d):
             m.train()
-    deadline = None if minutes is None else time.perf_counter() + 60.0 * float(minutes)
-    start = time.perf_counter()
+    limit = None if minutes is None else 60.0 * float(minutes)
+    clock = _Stopwatch()
+    curve: list[dict[str, float]] = []
+
+    restore = contextlib.ExitStack()
+
+    def train_attention() -> None:
+        if dtype is not None and device.type == "cpu":
+            restore.enter_context(_eager_attention([teacher, student]))
+
+    def measure(step: int) -> None:
+        if evaluate is not None:
+            with clock.pause():
+                restore.close()  # evaluate with the models' own attention
+                curve.append({"step": step, "seconds": clock.seconds,
+                              **_evaluate(student, evaluate)})
+                train_attention()
+
     losses: list[float] = []
     iterator: Iterator[dict[str, torch.Tensor]] = iter(batches)
     bar = tqdm(total=steps, desc="distil", unit="step", disable=not progress)
     want_hidden = loss in ("hidden", "both")
     step = 0
-    restore = contextlib.ExitStack()
-    if dtype is not None and device.type == "cpu":
-        restore.enter_context(_eager_attention([teacher, student]))
+    train_attention()
     try:
-        while (steps is None or step < steps) and (
-            deadline is None or time.perf_counter() < deadline
-        ):
+        measure(0)
+        while (steps is None or step < steps) and (limit is None or clock.seconds < limit):
             try:
                 batch = next(iterator)
             except StopIteration:
@@ -301,7 +362,7 @@ def distill(
             value = _loss(s_out, t_out, mask, loss)
             optimizer.zero_grad(set_to_none=True)
             value.backward()
-            factor = lr_factor(_progress(step, steps, start, minutes), schedule, warmup)
+            factor = lr_factor(_progress(step, steps, clock.seconds, minutes), schedule, warmup)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
             optimizer.step()
@@ -311,16 +372,23 @@ def distill(
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if eval_every is not None and step % eval_every == 0:
+                measure(step)
     finally:
         restore.close()
         bar.close()
         student.train(was_training)
         for p in frozen:
             p.requires_grad_(True)
+    seconds = clock.seconds
     if controller is not None:
         controller.enforce()
     cost, dense = structured_cost(student)
     if cost > budget * dense * (1 + 1e-9):
         raise RuntimeError(f"budget not held: cost {cost} > {budget} * {dense}")
-    return DistillResult(steps=step, seconds=time.perf_counter() - start, losses=losses,
-                         cost=cost, dense_cost=dense)
+    if evaluate is not None:
+        if curve and curve[-1]["step"] == step:
+            curve.pop()  # measured before the final enforce(); measure the final model
+        curve.append({"step": step, "seconds": seconds, **_evaluate(student, evaluate)})
+    return DistillResult(steps=step, seconds=seconds, losses=losses, cost=cost,
+                         dense_cost=dense, curve=curve)

