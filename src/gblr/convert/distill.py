@@ -8,6 +8,7 @@ exact. The learning rate warms up and then follows a cosine to the end of the ru
 measured in steps or in wall-clock time, whichever limit is closer. Forward passes may
 run in bfloat16 autocast (``precision``), which on CPUs with native bfloat16 matrix
 instructions makes a step about 1.5x faster; weights, optimizer and loss stay float32.
+An ``evaluate`` function records a held-out learning curve, its time kept off the clock.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ __all__ = [
     "precision_name",
 ]
 
-#: A held-out measure of the student, called during :func:`distill` (``eval_every``):
-#: takes the model, returns named numbers (e.g. ``{"cosine": 0.93}``).
+#: A held-out measure of the student, called by :func:`distill` (``evaluate=``): takes the
+#: model, returns named numbers (e.g. ``{"cosine": 0.93}``).
 Evaluator = Callable[[nn.Module], Mapping[str, float]]
 
 #: What the student matches: every hidden state, the mean-pooled embedding, or both.
@@ -222,8 +223,8 @@ class DistillResult:
     losses: list[float] = field(default_factory=list)
     cost: int = 0
     dense_cost: int = 0
-    #: held-out measures during the run (``eval_every``): dicts with ``step``, ``seconds``
-    #: (training time so far) and the evaluator's numbers; the last one is the final model.
+    #: what ``evaluate`` measured during the run: dicts with ``step``, ``seconds`` (training
+    #: time so far) and the evaluator's numbers; the last one is the final model.
     curve: list[dict[str, float]] = field(default_factory=list)
 
     @property
@@ -372,8 +373,8 @@ def distill(
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            if eval_every is not None and step % eval_every == 0:
-                measure(step)
+            if eval_every is not None and step % eval_every == 0 and step != steps:
+                measure(step)  # (the last step is measured below, on the final model)
     finally:
         restore.close()
         bar.close()
@@ -388,7 +389,7 @@ def distill(
         raise RuntimeError(f"budget not held: cost {cost} > {budget} * {dense}")
     if evaluate is not None:
         if curve and curve[-1]["step"] == step:
-            curve.pop()  # measured before the final enforce(); measure the final model
+            curve.pop()  # a time limit ended the run right after a measurement
         curve.append({"step": step, "seconds": seconds, **_evaluate(student, evaluate)})
     return DistillResult(steps=step, seconds=seconds, losses=losses, cost=cost,
                          dense_cost=dense, curve=curve)
