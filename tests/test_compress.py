@@ -687,9 +687,12 @@ def test_bench_quick_runs(tmp_path):
     if not (SHARED / "test.txt").is_file():
         pytest.skip(f"held-out text {SHARED / 'test.txt'} is absent (../shared/data)")
     assert main(["--quick", "--quiet", "--device", "cpu", "--structures", "gblr", "lowrank",
-                 "--allocation", "uniform", "--out", str(tmp_path)]) == 0
+                 "--allocation", "uniform", "--eval-every", "1", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert [r["structure"] for r in rows] == ["gblr", "lowrank"]
+    assert [[p["step"] for p in r["curve"]] for r in rows] == [[0, 1, 2], [0, 1, 2]]
+    assert rows[0]["curve"][-1]["cosine"] == rows[0]["cosine_distilled"]
+    assert (tmp_path / "curve_0.5.png").stat().st_size > 0
     assert all(r["cost_distilled"] <= 0.5 for r in rows)
     # data-aware by default: GBLR's whitened-SVD start is the whitened low-rank layer
     assert rows[0]["cosine_projected"] == pytest.approx(rows[1]["cosine_projected"], abs=1e-3)

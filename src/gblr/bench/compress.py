@@ -127,10 +127,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                              loss=args.loss, lr=args.lr, structure_lr=args.structure_lr,
                              precision=args.precision,
                              evaluate=evaluate if args.eval_every else None,
-                             eval_every=args.eval_every or None, progress=not args.quiet)
+                             eval_every=args.eval_every, progress=not args.quiet)
             if timed:
                 steps = result.steps
-            distilled = (result.curve[-1] if result.curve else evaluate(student))
+            distilled = result.curve[-1] if result.curve else evaluate(student)
             cost, dense = structured_cost(student)
             row = {
                 "budget": budget, "structure": structure, "layers": len(report.layers),
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="arithmetic of the distillation's forward passes (default auto: "
                    "bfloat16 where the device has native bfloat16)")
     p.add_argument("--eval-passages", type=int, default=500)
-    p.add_argument("--eval-every", type=int, default=0,
+    p.add_argument("--eval-every", type=int, default=None, metavar="N",
                    help="also measure the held-out cosine and top-10 agreement every N "
                    "distillation steps (not counted in --minutes); writes curve_<budget>.png")
     p.add_argument("--targets", nargs="+", help="patterns (default: all encoder linear layers)")
@@ -302,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="tiny settings: first encoder block, GBLR from its SVD start, 2 steps, "
                    "32 passages, budget 0.5")
     args = p.parse_args(argv)
+    if args.eval_every is not None and args.eval_every < 1:
+        p.error(f"--eval-every must be >= 1, got {args.eval_every}")
     if args.quick:
         args.budgets, args.steps, args.eval_passages = [0.5], 2, 32
         args.max_length, args.batch_size, args.calibration_batches = 32, 4, 2
