@@ -100,7 +100,8 @@ def shrink_to_budget(
         # follow a linear path from the starting cost to the budget over shrink_steps
         scheduled = max(limit, start_cost + (limit - start_cost) * (step + 1) / shrink_steps)
         lam = lam * 1.1 if cost > scheduled else lam * 0.8
-        bar.set_postfix(loss=f"{loss.item():.4f}", cost=f"{cost / (in_f * out_f):.3f}")
+        bar.set_postfix(loss=f"{loss.item():.4f}", cost=f"{cost / (in_f * out_f):.3f}",
+                        refresh=False)
         if cost <= limit:
             break
     # freeze the structure at the budget and fit the factors to it

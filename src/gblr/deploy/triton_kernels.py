@@ -127,11 +127,16 @@ def block_tokens(tokens: int) -> int:
     return 16 if tokens <= 16 else 32 if tokens <= 256 else 64
 
 
-def tiled_linear(x: torch.Tensor, layer, interpret: bool | None = None) -> torch.Tensor:
+def tiled_linear(
+    x: torch.Tensor, layer, interpret: bool | None = None, block_m: int | None = None,
+) -> torch.Tensor:
     """``layer(x)`` for a 2-D ``x`` with the Triton kernels (two launches).
 
     ``interpret`` (default: when ``x`` is on CPU) runs them through Triton's interpreter.
+    ``block_m``: tokens per program, a power of two >= 16 (default :func:`block_tokens`).
     """
+    if block_m is not None and (block_m < 16 or block_m & (block_m - 1)):
+        raise ValueError(f"block_m must be a power of two >= 16, got {block_m}")
     if x.dim() != 2 or x.shape[1] != layer.in_features:
         raise ValueError(f"x must be (tokens, {layer.in_features}), got {tuple(x.shape)}")
     interpret = (not x.is_cuda) if interpret is None else interpret
@@ -144,7 +149,7 @@ def tiled_linear(x: torch.Tensor, layer, interpret: bool | None = None) -> torch
         return y
     precision = "ieee" if dtype == torch.float32 else "tf32"
     upcast = bool(interpret) and dtype != torch.float32
-    bm = block_tokens(tokens)
+    bm = block_m or block_tokens(tokens)
     grid_m = triton.cdiv(tokens, bm)
     h = x if layer.direct else x.new_empty((tokens, max(1, layer.rank)))
     n1 = layer.ptr1.numel() - 1
