@@ -12,6 +12,7 @@ from torch import nn
 import gblr
 from gblr import GBLRLinear, PackedGBLRLinear, deploy, load_packed, save_packed
 from gblr.deploy import cyclic_band, group_bands
+from gblr.deploy.packed import TIME_MODELS
 
 TOKENS = (1, 64, 4096)
 
@@ -277,7 +278,7 @@ def test_segmented_bands_exact_and_cheaper(wrap):
 
 def _plan(layer, tokens, split, merge):
     """One packing of ``layer`` with the given segmenting and merging (see _stage_groups)."""
-    from gblr.deploy.packed import TIME_MODELS, _build_plan, banded_factors
+    from gblr.deploy.packed import _build_plan, banded_factors
 
     return _build_plan(*banded_factors(layer), tokens, torch.float64, *TIME_MODELS["cpu"],
                        split, merge)
@@ -431,13 +432,46 @@ def test_cuda_packed_matches_masked_layer():
     layer = random_layer(96, 160, 40, seed=14, dtype=torch.float32).cuda()
     x = torch.randn(2, 33, 96, device="cuda")
     ref = layer(x)
+    mem, ovh, io = TIME_MODELS["cpu"]
     for t in TOKENS:
-        packed = layer.packed(tokens=t)
-        assert packed.plans[0].w0.is_cuda
-        assert torch.allclose(packed(x), ref, atol=1e-4, rtol=1e-4)
+        # the CUDA time model keeps this small layer one dense GEMM; the CPU one groups it
+        for kw in ({}, {"memory_tokens": mem, "overhead": ovh, "io": io}):
+            packed = PackedGBLRLinear.from_gblr(layer, tokens=t, **kw)
+            assert packed.plans[0].w0.is_cuda
+            assert torch.allclose(packed(x), ref, atol=1e-4, rtol=1e-4)
     with torch.inference_mode():
         out = layer.packed(dtype=torch.bfloat16)(x.bfloat16())
     assert (out.float() - ref).norm() / ref.norm() < 2e-2
+
+
+def projected_with_sparse_blocks() -> GBLRLinear:
+    """A projected layer whose many-token packing gathers tiny blocks into a sparse matrix."""
+    torch.manual_seed(0)
+    return GBLRLinear.from_dense(torch.randn(192, 64), 0.3)
+
+
+def test_projected_layer_packs_tiny_blocks_as_sparse():
+    layer = projected_with_sparse_blocks()
+    packed = PackedGBLRLinear.from_gblr(layer, tokens=(1, 4096), allow_dense=False)
+    assert packed.plans[-1].sp_val is not None
+    x = torch.randn(300, 64)
+    assert torch.allclose(packed(x), layer(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_packed_projected_layer_with_sparse_blocks():
+    layer = projected_with_sparse_blocks().cuda()
+    x = torch.randn(300, 64, device="cuda")
+    ref = layer(x)
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+        packed = PackedGBLRLinear.from_gblr(layer, tokens=(1, 4096), dtype=dtype,
+                                            allow_dense=False)
+        assert packed.plans[-1].sp_val is not None and packed.plans[-1].sp_val.is_cuda
+        out = packed(x.to(dtype)).float()
+        assert (out - ref).norm() / ref.norm() < tol
+    tuned = layer.packed(tokens=(1, 64, 4096), tune=True)
+    assert torch.allclose(tuned(x), ref, atol=1e-4, rtol=1e-4)
 
 
 def test_speed_bench_quick(tmp_path):
@@ -448,3 +482,59 @@ def test_speed_bench_quick(tmp_path):
     assert "packed vs dense" in text and (tmp_path / "speed_vs_cost.png").exists()
     rows = json.loads((tmp_path / "results.json").read_text())["layers"]
     assert rows and all(r["packed_max_rel_error"] < 1e-4 for r in rows)
+
+
+def test_speed_bench_tile_sweep_and_bfloat16(tmp_path):
+    from gblr.bench import speed
+
+    args = ["--quick", "--no-minilm", "--dtype", "bfloat16", "--tile-sweep", "16x32x32",
+            "32x64x64/32", "--out", str(tmp_path)]
+    assert speed.main(args) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["meta"]["dtype"] == "bfloat16"
+    assert all(r["packed_max_rel_error"] < 3e-2 for r in result["layers"])
+    sweep = result["tile_sweep"]
+    assert {r["config"] for r in sweep} == {"16x32x32", "32x64x64/32"}
+    assert {r["tokens"] for r in sweep} == {1, 16}
+    assert all(r["backend"] == "torch" and r["max_rel_error"] < 3e-2 for r in sweep)
+    text = (tmp_path / "results.md").read_text()
+    assert "## Tile sizes (torch)" in text and "| 16x32x32 | 32x64x64/32 |" in text
+    assert "bfloat16, medians" in text
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--tile-sweep", "16x64"], "tile configuration"),
+    (["--tile-sweep", "ax64x64"], "tile configuration"),
+    (["--graphs"], "--graphs needs --device cuda"),
+    (["--dtype", "float16"], "invalid choice"),
+])
+def test_speed_bench_refuses_bad_options(args, message, capsys):
+    from gblr.bench import speed
+
+    with pytest.raises(SystemExit):
+        speed.main(["--quick", *args])
+    assert message in capsys.readouterr().err
+
+
+def test_time_side_by_side_graphs_need_cuda():
+    from gblr.bench.speed import parse_tile_config, time_side_by_side
+
+    with pytest.raises(ValueError, match="CUDA"):
+        time_side_by_side({"f": lambda: None}, graphs=True)
+    assert parse_tile_config("16x64x128") == (16, 64, 128, None)
+    assert parse_tile_config("32x64x64/128") == (32, 64, 64, 128)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_time_side_by_side_graphs():
+    from gblr.bench.speed import time_side_by_side
+
+    layer = random_layer(96, 160, 40, seed=14, dtype=torch.float32).cuda()
+    x = torch.randn(64, 96, device="cuda")
+    packed = layer.packed(tokens=64)
+    dense = nn.Linear(96, 160, device="cuda")
+    with torch.inference_mode():
+        times = time_side_by_side({"packed": lambda: packed(x), "dense": lambda: dense(x)},
+                                  reps=3, device="cuda", graphs=True)
+    assert set(times) == {"packed", "dense"} and all(t > 0 for t in times.values())
