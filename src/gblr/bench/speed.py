@@ -19,7 +19,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -180,21 +180,24 @@ def _projected_minilm(
     return weight, layer
 
 
-def _bench_layer(
-    spec: tuple[int, int] | str, budget: float, shrink_steps: int, cache: Path | None,
-    progress: bool,
-) -> tuple[str, torch.Tensor, GBLRLinear] | None:
-    """``(source, weight, layer)`` of a :func:`layer_table` entry; ``None`` (with a notice)
-    for a MiniLM weight when the model package is not installed."""
-    if isinstance(spec, str):
-        try:
-            weight, layer = _projected_minilm(spec, budget, cache, progress)
-        except ImportError as exc:
-            print(f"MiniLM row {spec} skipped: {exc}")
-            return None
-        return f"MiniLM {spec.removesuffix('.weight')}, projected", weight, layer
-    weight, layer = _trained_layer(*spec, budget, shrink_steps, cache, progress)
-    return "synthetic, width shrink", weight, layer
+def _bench_layers(
+    shapes: list[tuple[int, int] | str], budget: float, shrink_steps: int, cache: Path | None,
+    progress: bool, device: str,
+) -> Iterator[tuple[str, torch.Tensor, GBLRLinear]]:
+    """``(source, weight, layer)`` on ``device`` for each :func:`layer_table` entry; a MiniLM
+    weight is skipped (with a notice) when the model package is not installed."""
+    for spec in shapes:
+        if isinstance(spec, str):
+            try:
+                weight, layer = _projected_minilm(spec, budget, cache, progress)
+            except ImportError as exc:
+                print(f"MiniLM row {spec} skipped: {exc}")
+                continue
+            source = f"MiniLM {spec.removesuffix('.weight')}, projected"
+        else:
+            weight, layer = _trained_layer(*spec, budget, shrink_steps, cache, progress)
+            source = "synthetic, width shrink"
+        yield source, weight.to(device), layer.to(device)
 
 
 def _max_rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -225,14 +228,9 @@ def layer_table(
     ``graphs`` (CUDA) times CUDA-graph replays (see :func:`time_side_by_side`).
     """
     rows = []
-    for spec in shapes:
-        loaded = _bench_layer(spec, budget, shrink_steps, cache, progress)
-        if loaded is None:
-            continue
-        source, weight, layer = loaded
+    for source, weight, layer in _bench_layers(shapes, budget, shrink_steps, cache, progress,
+                                               device):
         out_f, in_f = weight.shape
-        layer = layer.to(device)
-        weight = weight.to(device)
         dense = nn.Linear(in_f, out_f, device=device)
         dense.weight.copy_(weight)
         # all three layers add the same bias (the fitted GBLR layers have none)
@@ -345,12 +343,8 @@ def tile_sweep(
     given); elsewhere the PyTorch tile products run and ``block_m`` has no effect.
     """
     rows = []
-    for spec in shapes:
-        loaded = _bench_layer(spec, budget, shrink_steps, cache, progress)
-        if loaded is None:
-            continue
-        source, weight, layer = loaded
-        layer = layer.to(device)
+    for source, weight, layer in _bench_layers(shapes, budget, shrink_steps, cache, progress,
+                                               device):
         out_f, in_f = weight.shape
         packed = layer.packed(tokens=tuple(tokens), tune=True, dtype=dtype)
         forms = {_config_name(c): (layer.tiled(*c[:3], dtype=dtype), c[3]) for c in configs}
