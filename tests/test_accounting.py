@@ -51,7 +51,7 @@ def test_report_rows_and_totals_per_token():
     assert [r.structure for r in report] == ["dense", "gblr", "lowrank", "monarch", "dense"]
     assert [r.structured for r in report] == [False, True, True, True, False]
     for row, (_, module) in zip(report, [(n, model[int(n)]) for n in "02456"], strict=True):
-        expected = module.flops() if row.structured else module.in_features * module.out_features
+        expected = module.macs() if row.structured else module.in_features * module.out_features
         assert row.macs == expected
         assert row.params == sum(p.numel() for p in module.parameters())
         assert row.positions is None
@@ -96,7 +96,7 @@ def test_flop_counter_agrees_for_every_structure(n_in, n_out, name, budget):
     layer = gblr.get_structure(name).from_dense(torch.randn(n_out, n_in), budget).eval()
     x = torch.randn(5, n_in)
     report = flops_report(layer, x)
-    assert counted(layer, x) == 2 * 5 * layer.flops() == 2 * report.total_macs
+    assert counted(layer, x) == 2 * 5 * layer.macs() == 2 * report.total_macs
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -129,7 +129,7 @@ def test_count_flops_restores_modes_and_counts_evaluation_cost():
     model = nn.Sequential(gblr_with_partial_boxes(24, 32), nn.Dropout(0.1)).train()
     x = torch.randn(4, 24)
     flops = count_flops(model, x)
-    assert flops == 2 * 4 * model[0].flops()
+    assert flops == 2 * 4 * model[0].macs()
     assert model.training and model[0].training and model[1].training
     # in training the dense path is what runs, and FlopCounterMode counts it
     assert counted(model, x) > flops

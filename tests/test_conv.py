@@ -66,10 +66,10 @@ def test_flops_per_position_hand_computed_and_macs():
     with torch.no_grad():
         lin.widths.fill_(1.0)
     # four full-width components: one dense 4 x 8 block
-    assert layer.flops() == layer.dense_flops() == 32
+    assert layer.macs() == layer.dense_macs() == 32
     with torch.no_grad():
         lin.widths[:, 1:] = 0.0
-    assert layer.flops() == 1 * (8 + 4)
+    assert layer.macs() == 1 * (8 + 4)
     assert layer.output_size((5, 6)) == (4, 5)
     assert layer.macs((5, 6)) == 12 * 4 * 5
 
@@ -77,11 +77,11 @@ def test_flops_per_position_hand_computed_and_macs():
 def test_per_tap_cost_is_the_sum_over_taps():
     layer = GBLRConv2d(4, 6, 3, per_tap=True, dtype=torch.float64)
     assert len(layer.linears) == 9
-    assert layer.dense_flops() == 6 * 4 * 9
+    assert layer.dense_macs() == 6 * 4 * 9
     with torch.no_grad():
         layer.linears[0].widths[:, 1:] = 0.0
     # tap 0: one full-width rank-1 component; the others a dense 6 x 4 block
-    assert layer.flops() == (4 + 6) + 8 * 24
+    assert layer.macs() == (4 + 6) + 8 * 24
 
 
 @pytest.mark.parametrize("per_tap", [False, True])
@@ -94,7 +94,7 @@ def test_flop_counter_counts_output_positions(per_tap):
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         y = layer(x)
     positions = 2 * y.shape[-2] * y.shape[-1]
-    assert counter.get_total_flops() == 2 * positions * layer.flops()
+    assert counter.get_total_flops() == 2 * positions * layer.macs()
 
 
 @pytest.mark.parametrize("per_tap", [False, True])
@@ -102,7 +102,7 @@ def test_flop_counter_counts_output_positions(per_tap):
 def test_from_conv_with_budget_meets_it(per_tap, budget):
     ref = conv(dict(kernel_size=3, padding=1), c_in=8, c_out=16)
     layer = GBLRConv2d.from_conv(ref, budget=budget, per_tap=per_tap)
-    assert 0 < layer.flops() <= budget * layer.dense_flops()
+    assert 0 < layer.macs() <= budget * layer.dense_macs()
     x = torch.randn(1, 8, 6, 6, dtype=torch.float64)
     err = (layer.eval()(x) - ref(x)).norm() / ref(x).norm()
     assert err < 1.0

@@ -61,7 +61,7 @@ def test_wraparound_alloff_and_fullwidth_components():
     assert not m_in[3].any() and not m_in[4].any()
     check_exact(layer)
     for t in TOKENS:
-        assert layer.packed(tokens=t).flops() >= layer.flops()
+        assert layer.packed(tokens=t).macs() >= layer.macs()
 
 
 def test_all_off_layer_gives_bias():
@@ -70,7 +70,7 @@ def test_all_off_layer_gives_bias():
         layer.widths.zero_()
     packed = layer.packed()
     x = torch.randn(4, 20, dtype=torch.float64)
-    assert packed.flops() == 0 and packed.num_gemms() == 0
+    assert packed.macs() == 0 and packed.num_gemms() == 0
     assert torch.equal(packed(x), layer.bias.expand(4, 30))
     no_bias = random_layer(20, 30, 6, bias=False)
     with torch.no_grad():
@@ -106,7 +106,7 @@ def test_block_sparse_becomes_dense_blocks_at_true_cost():
     packed = PackedGBLRLinear.from_gblr(layer, tokens=4096, allow_dense=False)
     x = torch.randn(9, 32, dtype=torch.float64)
     assert torch.allclose(packed(x), layer(x), atol=1e-10, rtol=0)
-    assert packed.flops() == layer.flops() == 5 * 64
+    assert packed.macs() == layer.macs() == 5 * 64
     assert len(packed.plans[0].spec["dense"]) == 5
 
 
@@ -118,7 +118,7 @@ def test_tiny_blocks_go_to_one_sparse_matrix(tmp_path):
     layer = GBLRLinear.from_block_sparse(w, grid, (2, 2)).eval()
     packed = check_exact(layer, tokens=(1, 4096))
     assert packed.plans[0].sp_val is not None and packed.plans[0].spec["dense"] == []
-    assert packed.flops() == layer.flops() == int(grid.sum()) * 4
+    assert packed.macs() == layer.macs() == int(grid.sum()) * 4
     assert packed.num_gemms() == 1
     save_packed(packed, tmp_path / "sparse.safetensors")
     x = torch.randn(3, 40, dtype=torch.float64)
@@ -134,9 +134,9 @@ def test_low_rank_is_one_gemm_pair():
     layer = GBLRLinear.from_low_rank(u, v, bias=torch.randn(50, dtype=torch.float64)).eval()
     for t in TOKENS:
         packed = PackedGBLRLinear.from_gblr(layer, tokens=t, allow_dense=False)
-        assert packed.num_gemms() == 2 and packed.flops() == layer.flops() == 6 * 120
+        assert packed.num_gemms() == 2 and packed.macs() == layer.macs() == 6 * 120
     # a decode step of so small a layer is modelled faster as its dense matrix: one GEMM
-    assert layer.packed(tokens=1).num_gemms() == 1 and layer.packed(tokens=1).flops() == 3500
+    assert layer.packed(tokens=1).num_gemms() == 1 and layer.packed(tokens=1).macs() == 3500
     check_exact(layer)
 
 
@@ -145,7 +145,7 @@ def test_from_dense_svd_layer_packs_to_its_rank():
     w = torch.randn(40, 60)
     layer = GBLRLinear.from_dense(w, 0.4).eval()
     packed = PackedGBLRLinear.from_gblr(layer, tokens=4096, allow_dense=False)
-    assert packed.flops() == layer.flops()
+    assert packed.macs() == layer.macs()
     x = torch.randn(3, 60)
     assert torch.allclose(packed(x), layer(x), atol=1e-5, rtol=1e-5)
 
@@ -174,7 +174,7 @@ def test_multiple_packings_chosen_by_token_count():
     # decode packing uses fewer, larger GEMMs than the long-prompt packing
     assert packed.num_gemms(1) <= packed.num_gemms(4096)
     # (the long-prompt packing may compute more: its stage-1 ranks are padded to 16s)
-    assert packed.flops(1) >= layer.flops() and packed.flops(4096) >= layer.flops()
+    assert packed.macs(1) >= layer.macs() and packed.macs(4096) >= layer.macs()
     for t in (1, 3, 100, 5000):
         x = torch.randn(t, 96, dtype=torch.float64)
         assert torch.allclose(packed(x), layer(x), atol=1e-10, rtol=0)
@@ -267,7 +267,7 @@ def test_segmented_bands_exact_and_cheaper(wrap):
             plan = _plan(layer, t, split, merge)
             packed.plans[0] = plan
             assert torch.allclose(packed(x), ref, atol=1e-10, rtol=0), (split, merge, t)
-            assert plan.macs >= layer.flops()
+            assert plan.macs >= layer.macs()
             macs[split, merge, t] = plan.macs
     # one group over all nested bands: segmenting it saves most of the union's waste
     assert macs[True, None, 4096] < 0.75 * macs[False, None, 4096]
@@ -310,7 +310,7 @@ def test_dense_fallback_is_one_linear_exact_and_saved(tmp_path):
     layer = random_layer(20, 14, 12, seed=24)  # tiny, scattered bands: dense is faster
     packed = layer.packed(tokens=(1, 4096))
     assert all(p.spec["full"] for p in packed.plans) and packed.num_gemms(1) == 1
-    assert packed.flops() == 20 * 14 and packed.true_flops == layer.flops()
+    assert packed.macs() == 20 * 14 and packed.true_macs == layer.macs()
     assert torch.allclose(packed.to_dense(), layer.to_dense(), atol=1e-12, rtol=0)
     for shape in [(20,), (1, 20), (3, 700, 20)]:
         x = torch.randn(*shape, dtype=torch.float64)
@@ -370,7 +370,7 @@ def test_deploy_model_in_place_and_report():
     assert isinstance(model.a, PackedGBLRLinear) and isinstance(model.block[0], PackedGBLRLinear)
     assert isinstance(model.block[1], nn.Linear)  # not structured: left alone
     assert [r.name for r in report.layers] == ["a", "block.0"]
-    assert report.true_flops <= report.packed_flops
+    assert report.true_macs <= report.packed_macs
     assert "total" in str(report)
     assert torch.allclose(model(x), ref, atol=1e-5, rtol=1e-5)
     assert deploy(model).layers == []  # nothing left to pack
@@ -396,7 +396,7 @@ def test_save_load_layer_and_model(tmp_path):
     loaded = load_packed(tmp_path / "layer.safetensors")
     x = torch.randn(3, 30)
     assert torch.equal(loaded(x), packed(x))
-    assert loaded.true_flops == layer.flops() and len(loaded.plans) == 2
+    assert loaded.true_macs == layer.macs() and len(loaded.plans) == 2
 
     model = Tiny()
     x = torch.randn(4, 16)

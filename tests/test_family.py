@@ -105,7 +105,7 @@ def test_flops_match_flop_counter(cls, n_in, n_out, kwargs):
     x = torch.randn(3, 7, n_in)
     with FlopCounterMode(display=False) as counter:
         layer(x)
-    assert counter.get_total_flops() == 2 * 21 * layer.flops()
+    assert counter.get_total_flops() == 2 * 21 * layer.macs()
 
 
 @pytest.mark.parametrize("cls,n_in,n_out,kwargs", LAYERS, ids=LAYER_IDS)
@@ -147,9 +147,9 @@ def test_extra_repr_and_reset(cls, n_in, n_out, kwargs):
 )
 def test_hand_computed_cost(layer, macs, params):
     layer = layer()
-    assert layer.flops() == macs
+    assert layer.macs() == macs
     assert layer.num_parameters() == params
-    assert layer.dense_flops() == layer.in_features * layer.out_features
+    assert layer.dense_macs() == layer.in_features * layer.out_features
 
 
 def test_cost_rules_in_cost_module():
@@ -172,7 +172,7 @@ def test_from_dense_meets_budget(name, shape, budget):
     layer = gblr.get_structure(name).from_dense(weight, budget, bias=bias)
     assert isinstance(layer, NAMES[name])
     assert (layer.out_features, layer.in_features) == shape
-    assert 0 < layer.flops() <= budget * in_features * out_features
+    assert 0 < layer.macs() <= budget * in_features * out_features
     torch.testing.assert_close(layer.bias, bias)
     # the projection is no worse than the zero matrix
     assert (layer.to_dense() - weight).norm() < weight.norm()
@@ -185,14 +185,14 @@ def test_budget_is_spent_as_far_as_the_structure_allows(shape, budget):
     limit = budget * in_features * out_features
     weight = _dense(out_features, in_features)
     lr = LowRankLinear.from_dense(weight, budget)
-    assert lr.flops() + in_features + out_features > limit or lr.rank == min(shape)
+    assert lr.macs() + in_features + out_features > limit or lr.rank == min(shape)
     bsp = BlockSparseLinear.from_dense(weight, budget)
     p, q = bsp.block_shape
-    assert bsp.flops() + p * q > limit or bsp.num_blocks == out_features * in_features // (p * q)
+    assert bsp.macs() + p * q > limit or bsp.num_blocks == out_features * in_features // (p * q)
     blr = BlockLowRankLinear.from_dense(weight, budget)
     p, q = blr.block_shape
     n_blocks = (out_features // p) * (in_features // q)
-    assert blr.flops() + n_blocks * (p + q) > limit or blr.rank == min(p, q)
+    assert blr.macs() + n_blocks * (p + q) > limit or blr.rank == min(p, q)
     for nb in (2, 4):
         step = gblr.cost.monarch_cost(in_features, out_features, nb, 1)
         if step > limit:
@@ -201,7 +201,7 @@ def test_budget_is_spent_as_far_as_the_structure_allows(shape, budget):
             continue
         mon = MonarchLinear.from_dense(weight, budget, nblocks=nb)
         assert mon.nblocks == nb
-        assert mon.flops() + step > limit or mon.rank == min(mon.block_in, mon.block_out)
+        assert mon.macs() + step > limit or mon.rank == min(mon.block_in, mon.block_out)
 
 
 def test_constructor_budget_chooses_hyperparameters():
@@ -210,7 +210,7 @@ def test_constructor_budget_chooses_hyperparameters():
     assert BlockSparseLinear(64, 64, (8, 8), budget=0.25).num_blocks == 16
     assert BlockLowRankLinear(64, 64, (16, 16), budget=0.25).rank == 2
     mon = MonarchLinear(64, 64, nblocks=8, budget=0.5)
-    assert mon.rank == 2 and mon.flops() == 2 * 64 * 16
+    assert mon.rank == 2 and mon.macs() == 2 * 64 * 16
 
 
 # -- projection optimality ---------------------------------------------------------------------
@@ -275,11 +275,11 @@ def test_blockdiag_keeps_diagonal_blocks():
 def test_monarch_recovers_an_exact_monarch_matrix(n_in, n_out, nblocks, rank):
     source = MonarchLinear(n_in, n_out, nblocks, rank, dtype=torch.float64)
     weight = source.to_dense()
-    budget = source.flops() / (n_in * n_out)
+    budget = source.macs() / (n_in * n_out)
     assert budget <= 1.0
     layer = MonarchLinear.from_dense(weight, budget, nblocks=nblocks, rank=rank)
     torch.testing.assert_close(layer.to_dense(), weight, atol=1e-10, rtol=0)
-    assert layer.flops() == source.flops()
+    assert layer.macs() == source.macs()
 
 
 def test_monarch_error_is_blockwise_svd_tail_of_padded_weight():
@@ -325,7 +325,7 @@ def test_gblr_from_low_rank_equals_lowrank(shape, budget):
     lr = LowRankLinear.from_dense(_dense(*shape), budget, bias=torch.randn(shape[0]).double())
     g = GBLRLinear.from_low_rank(lr.U, lr.V, bias=lr.bias).eval()
     torch.testing.assert_close(g.to_dense(), lr.to_dense())
-    assert g.flops() == lr.flops()
+    assert g.macs() == lr.macs()
     x = torch.randn(3, shape[1], dtype=torch.float64)
     torch.testing.assert_close(g(x), lr(x))
 
@@ -336,7 +336,7 @@ def test_gblr_from_block_sparse_equals_blocksparse(block_shape, budget):
     bsp = BlockSparseLinear.from_dense(weight, budget, block_shape=block_shape)
     g = GBLRLinear.from_block_sparse(weight, bsp.block_mask(), bsp.block_shape).eval()
     torch.testing.assert_close(g.to_dense(), bsp.to_dense())
-    assert g.flops() == bsp.flops()
+    assert g.macs() == bsp.macs()
 
 
 @pytest.mark.parametrize("block_shape,budget", [((8, 8), 0.3), ((4, 12), 0.5), ((16, 24), 0.2)])
@@ -345,7 +345,7 @@ def test_gblr_from_block_low_rank_equals_blr(block_shape, budget):
     blr = BlockLowRankLinear.from_dense(weight, budget, block_shape=block_shape)
     g = GBLRLinear.from_block_low_rank(weight, blr.block_shape, blr.rank).eval()
     torch.testing.assert_close(g.to_dense(), blr.to_dense())
-    assert g.flops() == blr.flops()
+    assert g.macs() == blr.macs()
 
 
 # -- dtypes ------------------------------------------------------------------------------------
@@ -476,7 +476,7 @@ def test_default_monarch_rank_follows_dao_et_al():
     assert MonarchLinear(64, 64, nblocks=8).rank == 1
     layer = MonarchLinear(768, 768, nblocks=4, bias=False, device="meta")
     assert layer.rank == 48
-    assert layer.flops() == (768 + 768) * 768 // 4
+    assert layer.macs() == (768 + 768) * 768 // 4
     assert math.isclose(layer.num_parameters(), 2 * 4 * 192 * 192)
 
 
@@ -491,7 +491,7 @@ def test_cuda_forward_and_projection(cls, n_in, n_out, kwargs):
     weight = torch.randn(n_out, n_in, device="cuda")
     approx = cls.from_dense(weight, 0.5)
     assert approx.to_dense().device.type == "cuda"
-    assert approx.flops() <= 0.5 * n_in * n_out
+    assert approx.macs() <= 0.5 * n_in * n_out
     cpu = cls.from_dense(weight.cpu(), 0.5)
     if cls is not BlockSparseLinear:  # equal norms may order differently across devices
         torch.testing.assert_close(approx.to_dense().cpu(), cpu.to_dense(), atol=1e-4, rtol=1e-4)
@@ -500,7 +500,7 @@ def test_cuda_forward_and_projection(cls, n_in, n_out, kwargs):
 def test_meta_device_construction():
     for cls, n_in, n_out, kwargs in LAYERS:
         layer = cls(n_in, n_out, device="meta", **kwargs)
-        assert layer.flops() > 0 and layer.num_parameters() > 0
+        assert layer.macs() > 0 and layer.num_parameters() > 0
 
 
 # -- data-aware projection of the baselines ----------------------------------------------------
@@ -515,7 +515,7 @@ def test_data_aware_from_dense_lowers_the_output_error(name, n_in, n_out):
     cls = gblr.get_structure(name)
     plain = cls.from_dense(weight, 0.3)
     aware = cls.from_dense(weight, 0.3, second_moment=moment)
-    assert aware.flops() == plain.flops()
+    assert aware.macs() == plain.macs()
 
     def err(layer):
         return float((x @ (layer.to_dense() - weight).t()).norm())

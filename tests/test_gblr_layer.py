@@ -74,19 +74,19 @@ def test_flops_hand_computed():
     layer = make(8, 6, num_components=2)
     set_boxes(layer, [[0.5, 1.0], [0.5, 1.0]], [[0.25, 0.0], [0.5, 0.0]])
     # min(1*(4+3), 4*3) + min(1*(8+6), 8*6)
-    assert layer.flops() == 7 + 14
+    assert layer.macs() == 7 + 14
     set_boxes(layer, [[0.25, 1.0], [2 / 6, 1.0]], [[0.0, 0.0], [0.0, 0.0]])
     # component 0: 2 columns x 2 rows -> min(1*4, 4) = 4
-    assert layer.flops() == 4 + 14
+    assert layer.macs() == 4 + 14
 
 
 def test_flops_off_components_cost_nothing():
     layer = make(8, 6, num_components=3)
     set_boxes(layer, [[1.0, 0.0, 1 / 8], [1.0, 1.0, 1.0]], torch.zeros(2, 3))
     assert layer.active_components().tolist() == [True, False, False]
-    assert layer.flops() == 8 + 6
+    assert layer.macs() == 8 + 6
     set_boxes(layer, torch.zeros(2, 3), torch.zeros(2, 3))
-    assert layer.flops() == 0
+    assert layer.macs() == 0
     layer.eval()
     assert torch.count_nonzero(layer(torch.randn(2, 8, dtype=torch.float64)) - layer.bias) == 0
 
@@ -96,26 +96,26 @@ def test_identical_boxes_are_costed_as_one_block():
     same = [[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]
     set_boxes(layer, same, torch.zeros(2, 3))
     # one 3x4 block of rank 3: min(3*(4+3), 12) = 12, not 3 * 7
-    assert layer.flops() == 12
+    assert layer.macs() == 12
     set_boxes(layer, same, [[0.0, 0.5, 0.0], [0.0, 0.0, 0.0]])
     # two distinct boxes: components 0 and 2 share one (rank 2), component 1 alone
-    assert layer.flops() == min(2 * 7, 12) + 7
+    assert layer.macs() == min(2 * 7, 12) + 7
 
 
 def test_flops_follow_in_place_width_updates():
     layer = make(8, 6, num_components=2)
     set_boxes(layer, torch.ones(2, 2), torch.zeros(2, 2))
-    assert layer.flops() == min(2 * 14, 48)
+    assert layer.macs() == min(2 * 14, 48)
     with torch.no_grad():
         layer.widths[:, 1] = 0.0
-    assert layer.flops() == 14
+    assert layer.macs() == 14
     # a low-pass widens the evaluation-mode support: the cached cost must follow sigma
     with torch.no_grad():
         layer.widths[:, 1] = 0.5
-    assert layer.flops() == 14 + 7
+    assert layer.macs() == 14 + 7
     layer.sigma = 0.5
-    assert layer.flops() == grouped_component_cost(*layer.component_supports(), [1, 1])
-    assert layer.flops() > 14 + 7
+    assert layer.macs() == grouped_component_cost(*layer.component_supports(), [1, 1])
+    assert layer.macs() > 14 + 7
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -173,21 +173,21 @@ def test_exact_constructors():
     u, v = torch.randn(8, 3, dtype=torch.float64), torch.randn(3, 12, dtype=torch.float64)
     lr = GBLRLinear.from_low_rank(u, v)
     torch.testing.assert_close(lr.to_dense(), u @ v)
-    assert lr.flops() == 3 * (8 + 12)
+    assert lr.macs() == 3 * (8 + 12)
     keep = torch.tensor([[True, False, True], [False, True, False]])
     bsp = GBLRLinear.from_block_sparse(w, keep, (4, 4))
     kept = keep.repeat_interleave(4, 0).repeat_interleave(4, 1)
     torch.testing.assert_close(bsp.to_dense(), w * kept)
-    assert bsp.flops() == 3 * 16
+    assert bsp.macs() == 3 * 16
     blr = GBLRLinear.from_block_low_rank(w, (4, 4), rank=1)
-    assert blr.flops() == 6 * (4 + 4)
+    assert blr.macs() == 6 * (4 + 4)
 
 
 def test_matches_nn_linear_interface():
     layer = make(bias=True)
     ref = nn.Linear(12, 10, dtype=torch.float64)
     assert layer.bias.shape == ref.bias.shape
-    assert layer.dense_flops() == 120
+    assert layer.dense_macs() == 120
     assert layer.num_parameters() == sum(p.numel() for p in layer.parameters())
 
 
@@ -230,7 +230,7 @@ def test_lowrank_init_off_components_can_regrow():
     assert 0 < int(on.sum()) < layer.num_components
     assert torch.all(layer.widths[:, on] == 1.0)
     # evaluation cost is that of the full-width components only
-    assert layer.flops() == int(on.sum()) * (16 + 24)
+    assert layer.macs() == int(on.sum()) * (16 + 24)
     layer.train()
     layer(torch.randn(32, 16)).square().sum().backward()
     # an off component has a gradient on its closed (output) width, so training can reopen it

@@ -36,8 +36,8 @@ def test_budget_exact_and_never_worse_than_svd(shape, budget):
         return
     layer, rec = gblr.project(w, budget, steps=5, progress=False)
     layer.eval()
-    assert layer.flops() == rec.cost <= budget * i * o
-    assert layer_cost(layer) == layer.flops()
+    assert layer.macs() == rec.cost <= budget * i * o
+    assert layer_cost(layer) == layer.macs()
     assert rec.svd_error == pytest.approx(_svd_err(w, budget), abs=1e-5)
     assert rec.error <= rec.svd_error + 1e-6
     assert rec.error == pytest.approx(relative_error(layer.to_dense(), w), abs=1e-6)
@@ -54,7 +54,7 @@ def test_box_cost_matches_flops():
             layer.widths[:, 2:4] = torch.tensor([[0.5], [0.5]])
             layer.locations[:, 2:4] = 0.25
         layer.eval()
-        assert layer_cost(layer) == layer.flops()
+        assert layer_cost(layer) == layer.macs()
     assert box_component_cost(torch.tensor([1]), torch.tensor([0]), torch.tensor([5]),
                               torch.tensor([0]), 4, 5) == 0
 
@@ -68,7 +68,7 @@ def test_lowrank_plus_block_diagonal_is_recovered():
     true_cost = rank * 2 * n + n * n // nb
     budget = true_cost / (n * n)
     layer, rec = gblr.project(w, budget, progress=False)
-    assert layer.flops() <= true_cost
+    assert layer.macs() <= true_cost
     assert rec.error < 0.05
     assert rec.svd_error > 0.3  # low rank at the same cost is far worse
 
@@ -102,7 +102,7 @@ def test_from_dense_steps_zero_is_svd_start_and_keeps_bias():
     rank = gblr.cost.max_rank_for_budget(30, 20, 0.5)
     assert layer.num_components == 20
     assert int(layer.active_components().sum()) == rank
-    assert layer.flops() == rank * 50
+    assert layer.macs() == rank * 50
     assert relative_error(layer.to_dense(), w) == pytest.approx(_svd_err(w, 0.5), abs=1e-5)
     x = torch.randn(3, 5, 30)
     torch.testing.assert_close(layer(x), x @ layer.to_dense().t() + b)
@@ -124,7 +124,7 @@ def test_project_many_and_allocate_respect_totals():
         layers, records = gblr.project_many(weights, split, structure=structure, steps=2,
                                             progress=False)
         assert [r.name for r in records] == list(weights)
-        spent = sum(layers[n].flops() for n in weights)
+        spent = sum(layers[n].macs() for n in weights)
         assert spent <= 0.3 * sum(sizes.values())
         uniform = gblr.project_many(weights, 0.3, structure=structure, steps=2,
                                     progress=False)[1]
@@ -179,7 +179,7 @@ def test_projection_on_cuda():
     x = torch.randn(200, 80)
     layer, rec = gblr.project(w, 0.3, steps=5, device="cuda", calibration=x, progress=False)
     assert layer.U.device.type == "cuda"
-    assert layer.eval().flops() == rec.cost <= 0.3 * w.numel()
+    assert layer.eval().macs() == rec.cost <= 0.3 * w.numel()
     assert rec.error <= rec.svd_error + 1e-6
     layer_cpu, rec_cpu = gblr.project(w, 0.3, steps=0, calibration=x, progress=False)
     assert rec.svd_error == pytest.approx(rec_cpu.svd_error, abs=1e-4)

@@ -54,8 +54,8 @@ class LayerCost:
 
 
 def _is_structured(module: nn.Module) -> bool:
-    return callable(getattr(module, "flops", None)) and callable(
-        getattr(module, "dense_flops", None)
+    return callable(getattr(module, "macs", None)) and callable(
+        getattr(module, "dense_macs", None)
     )
 
 
@@ -86,7 +86,7 @@ def layer_cost(name: str, module: nn.Module) -> LayerCost | None:
     """The :class:`LayerCost` of ``module``, or None if it is not a layer the report covers."""
     params = sum(p.numel() for p in module.parameters())
     if _is_structured(module):
-        macs, dense = int(module.flops()), int(module.dense_flops())
+        macs, dense = int(module.macs()), int(module.dense_macs())
         structure = getattr(module, "structure_name", type(module).__name__)
         if hasattr(module, "out_channels"):
             k = "x".join(str(s) for s in module.kernel_size)

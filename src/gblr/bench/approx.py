@@ -78,7 +78,7 @@ def run(budgets: list[float], quick: bool, out: Path, steps: int | None) -> dict
                     continue
                 row = rec.as_dict()
                 row["time"] = time.perf_counter() - t0
-                row["flops"] = int(layer.eval().flops())
+                row["flops"] = int(layer.eval().macs())
                 rows.append(row)
                 print(f"{structure:12s} b={budget:<5} {name:48s} err={rec.error:.4f} "
                       f"svd={rec.svd_error:.4f} cost={rec.cost}/{rec.dense_cost} "

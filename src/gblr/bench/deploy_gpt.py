@@ -44,7 +44,7 @@ def load_run(run_dir: Path) -> tuple[nn.Module, object]:
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: is {run_dir} a finished gblr train run?")
     cfg = OmegaConf.load(config)
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     vocab = next(v.shape[0] for k, v in state.items() if k.endswith("wte.weight"))
     info = {"task": "lm", "vocab_size": vocab, "block_size": int(cfg.data.block_size)}
@@ -86,8 +86,8 @@ def gpt_end_to_end(run_dir: Path, batch: int, reps: int, baselines: Sequence[Pat
     return {
         "run": str(run_dir), "tuned": tune, "batch": batch, "seq": seq,
         "layers": len(report.layers),
-        "true_cost": report.true_flops / report.dense_flops,
-        "packed_cost": report.packed_flops / report.dense_flops,
+        "true_cost": report.true_macs / report.dense_macs,
+        "packed_cost": report.packed_macs / report.dense_macs,
         "max_abs_diff": float((out - ref).abs().max()),
         "cosine": float(nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)),
         "same_argmax": float((out.argmax(-1) == ref.argmax(-1)).double().mean()),

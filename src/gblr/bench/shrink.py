@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from gblr.cost import budget_to_macs, check_budget
+from gblr.core.budget import budget_to_macs, check_budget
 from gblr.layers.blocks import truncated_svd_factors
 from gblr.layers.gblr import GBLRLinear
 
@@ -75,7 +75,7 @@ def shrink_to_budget(
         return (layer(x) - ref).pow(2).sum() / ref.pow(2).sum()
 
     lam = 0.1
-    start_cost = layer.flops()
+    start_cost = layer.macs()
     bar = tqdm(range(2 * shrink_steps), desc="shrink", disable=not progress, mininterval=5)
     for step in bar:
         loss = probe_loss()
@@ -96,7 +96,7 @@ def shrink_to_budget(
             layer.widths.copy_(torch.where(layer.widths.abs() > step_size, shrunk, 0.0))
             layer.widths.clamp_(0.0, 1.0)
             layer.locations.remainder_(1.0)
-        cost = layer.flops()
+        cost = layer.macs()
         # follow a linear path from the starting cost to the budget over shrink_steps
         scheduled = max(limit, start_cost + (limit - start_cost) * (step + 1) / shrink_steps)
         lam = lam * 1.1 if cost > scheduled else lam * 0.8
@@ -105,7 +105,7 @@ def shrink_to_budget(
         if cost <= limit:
             break
     # freeze the structure at the budget and fit the factors to it
-    while layer.flops() > limit:
+    while layer.macs() > limit:
         with torch.no_grad():
             layer.widths.sub_(1.0 / max(in_f, out_f)).clamp_(0.0, 1.0)
     for p in structure:

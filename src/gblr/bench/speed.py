@@ -259,8 +259,8 @@ def layer_table(
                 )
             row = {
                 "source": source, "in": in_f, "out": out_f, "tokens": t, "budget": budget,
-                "true_cost": layer.flops() / dense_cost,
-                "packed_cost": packed.flops(t) / dense_cost,
+                "true_cost": layer.macs() / dense_cost,
+                "packed_cost": packed.macs(t) / dense_cost,
                 "lowrank_rank": rank,
                 "lowrank_cost": rank * (in_f + out_f) / dense_cost,
                 "gemms": packed.num_gemms(t),
@@ -276,7 +276,7 @@ def layer_table(
             if tiled_layer is not None:
                 row.update({
                     "tiled_backend": "triton" if tiled_layer.uses_triton(x) else "torch",
-                    "tiled_cost": tiled_layer.flops() / dense_cost,
+                    "tiled_cost": tiled_layer.macs() / dense_cost,
                     "tiled_direct": tiled_layer.direct,
                     "time_tiled_ms": times["tiled"] * 1e3,
                     "tiled_speedup_vs_dense": times["dense"] / times["tiled"],
@@ -362,7 +362,7 @@ def tile_sweep(
                 rows.append({
                     "source": source, "in": in_f, "out": out_f, "tokens": t, "config": name,
                     "backend": "triton" if tiled.uses_triton(x) else "torch",
-                    "direct": tiled.direct, "tiled_cost": tiled.flops() / (in_f * out_f),
+                    "direct": tiled.direct, "tiled_cost": tiled.macs() / (in_f * out_f),
                     "max_rel_error": errors[name],
                     "time_tiled_ms": times[name] * 1e3,
                     "time_packed_ms": times["packed"] * 1e3,

@@ -57,7 +57,7 @@ def plot_masks(model: nn.Module, path: str | Path, max_layers: int = 48, title: 
         image = coverage(layer).cpu().numpy()
         ax.imshow(image, cmap="inferno", aspect="auto", interpolation="nearest",
                   vmin=0, vmax=max(1.0, float(image.max())))
-        frac = layer.flops() / layer.dense_flops()
+        frac = layer.macs() / layer.dense_macs()
         short = name[len(prefix):] or name
         ax.set_title(f"{short}\n{frac:.2f} of dense", fontsize=7)
     if title:

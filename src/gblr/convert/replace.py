@@ -264,7 +264,7 @@ def compress(
             LayerRecord(
                 name=name, kind=kind, in_features=in_f, out_features=out_f,
                 structure=setting["structure"], budget=budgets[name],
-                dense_cost=in_f * out_f, cost=int(new.flops()),
+                dense_cost=in_f * out_f, cost=int(new.macs()),
                 params=sum(p.numel() for p in new.parameters()),
                 dense_params=sum(p.numel() for p in old.parameters()),
                 rel_error=rel, seconds=seconds,

@@ -89,7 +89,7 @@ def sensitivity_curves(
                     except ValueError:
                         continue  # too small a budget for this structure and shape
                     setattr(parent, child, new.to(device=param.device, dtype=param.dtype).eval())
-                    budgets.append(float(new.flops()) / float(new.dense_flops()))
+                    budgets.append(float(new.macs()) / float(new.dense_macs()))
                     errors.append(output_error(model, batches, reference))
             finally:
                 setattr(parent, child, original)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import TensorDataset
 
-from gblr.cost import check_positive
+from gblr.core.validate import check_positive
 
 __all__ = ["mnist1d_splits"]
 

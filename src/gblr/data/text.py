@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from gblr.cost import check_positive
+from gblr.core.validate import check_positive
 
 __all__ = ["TokenWindows", "CharTokenizer", "text_splits", "shakespeare_dir", "bpe_encode"]
 

@@ -46,7 +46,7 @@ def save_packed(module: nn.Module, path: str | Path) -> None:
     meta: dict[str, dict] = {}
     for name, layer in found:
         common = {"in_features": layer.in_features, "out_features": layer.out_features,
-                  "true_flops": layer.true_flops, "bias": layer.bias is not None}
+                  "true_macs": layer.true_macs, "bias": layer.bias is not None}
         if layer.bias is not None:
             tensors[f"{name}/bias"] = layer.bias.detach().cpu().contiguous()
         if isinstance(layer, TiledGBLRLinear):
@@ -67,6 +67,8 @@ def save_packed(module: nn.Module, path: str | Path) -> None:
 
 def _build(entry: dict, tensors: dict[str, torch.Tensor], name: str) -> nn.Module:
     form = entry.get("form", "grouped")
+    # files written before the MACs rename name the layer's cost "true_flops"
+    true_macs = entry["true_macs"] if "true_macs" in entry else entry["true_flops"]
     bias = tensors[f"{name}/bias"] if entry["bias"] else None
     if form == "tiled":
         tiles = {key: tensors[f"{name}/{key}"] for key in TiledGBLRLinear.TILE_BUFFERS}
@@ -74,7 +76,7 @@ def _build(entry: dict, tensors: dict[str, torch.Tensor], name: str) -> nn.Modul
         return TiledGBLRLinear(
             entry["in_features"], entry["out_features"], tiles, attrs["rank"],
             attrs["rank_tile"], attrs["in_tile"], attrs["out_tile"], bias,
-            entry["true_flops"], attrs["backend"], attrs["direct"],
+            true_macs, attrs["backend"], attrs["direct"],
         )
     if form != "grouped":
         raise ValueError(f"layer {name!r} has an unknown form {form!r}")
@@ -88,7 +90,7 @@ def _build(entry: dict, tensors: dict[str, torch.Tensor], name: str) -> nn.Modul
         }
         plans.append(_Plan(spec, weights, sparse))
     return PackedGBLRLinear(
-        entry["in_features"], entry["out_features"], plans, bias, entry["true_flops"]
+        entry["in_features"], entry["out_features"], plans, bias, true_macs
     )
 
 

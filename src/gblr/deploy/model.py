@@ -25,12 +25,12 @@ class LayerReport:
     name: str
     in_features: int
     out_features: int
-    true_flops: int
-    packed_flops: int
+    true_macs: int
+    packed_macs: int
     gemms: int
 
     @property
-    def dense_flops(self) -> int:
+    def dense_macs(self) -> int:
         return self.in_features * self.out_features
 
 
@@ -42,16 +42,16 @@ class DeployReport:
     skipped: list[str] = field(default_factory=list)
 
     @property
-    def true_flops(self) -> int:
-        return sum(r.true_flops for r in self.layers)
+    def true_macs(self) -> int:
+        return sum(r.true_macs for r in self.layers)
 
     @property
-    def packed_flops(self) -> int:
-        return sum(r.packed_flops for r in self.layers)
+    def packed_macs(self) -> int:
+        return sum(r.packed_macs for r in self.layers)
 
     @property
-    def dense_flops(self) -> int:
-        return sum(r.dense_flops for r in self.layers)
+    def dense_macs(self) -> int:
+        return sum(r.dense_macs for r in self.layers)
 
     def __str__(self) -> str:
         head = f"{'layer':<40} {'shape':>11} {'true/dense':>10} {'packed/dense':>12} {'gemms':>5}"
@@ -59,13 +59,13 @@ class DeployReport:
         for r in self.layers:
             lines.append(
                 f"{r.name:<40} {f'{r.in_features}->{r.out_features}':>11} "
-                f"{r.true_flops / r.dense_flops:>10.3f} {r.packed_flops / r.dense_flops:>12.3f} "
+                f"{r.true_macs / r.dense_macs:>10.3f} {r.packed_macs / r.dense_macs:>12.3f} "
                 f"{r.gemms:>5}"
             )
         if self.layers:
             lines.append(
-                f"{'total':<40} {'':>11} {self.true_flops / self.dense_flops:>10.3f} "
-                f"{self.packed_flops / self.dense_flops:>12.3f}"
+                f"{'total':<40} {'':>11} {self.true_macs / self.dense_macs:>10.3f} "
+                f"{self.packed_macs / self.dense_macs:>12.3f}"
             )
         if self.skipped:
             lines.append(f"left as they are (not GBLR): {', '.join(self.skipped)}")
@@ -139,7 +139,7 @@ def deploy(
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, packed)
         report.layers.append(
-            LayerReport(name, layer.in_features, layer.out_features, int(packed.true_flops),
-                        packed.flops(), packed.num_gemms())
+            LayerReport(name, layer.in_features, layer.out_features, int(packed.true_macs),
+                        packed.macs(), packed.num_gemms())
         )
     return report

@@ -46,7 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gblr.cost import block_cost
+from gblr.core.cost import block_cost
+from gblr.core.deprecation import FlopsAliases
 
 __all__ = [
     "PackedGBLRLinear",
@@ -972,15 +973,15 @@ def _fastest(
     return plans[int(np.argmin(best))]
 
 
-class PackedGBLRLinear(nn.Module):
+class PackedGBLRLinear(FlopsAliases, nn.Module):
     """Frozen inference form of a :class:`~gblr.GBLRLinear` that computes only its bands.
 
     Build it with :meth:`from_gblr` (or ``GBLRLinear.packed()``). ``tokens`` is the number
     of tokens per call the grouping is tuned for; a sequence gives one packing per entry,
     chosen at run time by the input's token count (each packing stores its own weights).
     Inputs of any leading shape ``(..., in_features)``; outputs equal the masked layer's to
-    float rounding. :meth:`flops` is the MACs per token it actually computes (band unions
-    included), :attr:`true_flops` the evaluation-mode cost of the layer it came from.
+    float rounding. :meth:`macs` is the MACs per token it actually computes (band unions
+    included), :attr:`true_macs` the evaluation-mode cost of the layer it came from.
     """
 
     def __init__(
@@ -989,7 +990,7 @@ class PackedGBLRLinear(nn.Module):
         out_features: int,
         plans: Sequence[_Plan],
         bias: torch.Tensor | None = None,
-        true_flops: int | None = None,
+        true_macs: int | None = None,
     ) -> None:
         super().__init__()
         if not plans:
@@ -1005,7 +1006,7 @@ class PackedGBLRLinear(nn.Module):
         # switch between consecutive packings at the geometric mean of their token counts
         pairs = zip(tok[:-1], tok[1:], strict=True)
         self._switch = [float(np.sqrt(max(a, 1) * max(b, 1))) for a, b in pairs]
-        self.true_flops = int(true_flops) if true_flops is not None else None
+        self.true_macs = int(true_macs) if true_macs is not None else None
 
     @classmethod
     @torch.no_grad()
@@ -1062,7 +1063,7 @@ class PackedGBLRLinear(nn.Module):
             ]
             plans.append(_fastest(candidates, t, layer.in_features, dtype, layer.U.device))
         bias = None if layer.bias is None else layer.bias.detach().to(dtype)
-        packed = cls(layer.in_features, layer.out_features, plans, bias, layer.flops())
+        packed = cls(layer.in_features, layer.out_features, plans, bias, layer.macs())
         return packed.to(layer.U.device)
 
     def plan_for(self, tokens: int) -> _Plan:
@@ -1089,7 +1090,7 @@ class PackedGBLRLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         return self.plan_for(x2.shape[0]).forward(x2, bias).reshape(*shape[:-1], self.out_features)
 
-    def flops(self, tokens: int | None = None) -> int:
+    def macs(self, tokens: int | None = None) -> int:
         """MACs per token this module computes (for the packing used at ``tokens``)."""
         plan = self.plans[0] if tokens is None else self.plan_for(tokens)
         return plan.macs
@@ -1114,6 +1115,6 @@ class PackedGBLRLinear(nn.Module):
         tok = [p.spec["tokens"] for p in self.plans]
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, macs={self.flops()}, true_flops={self.true_flops}, "
+            f"bias={self.bias is not None}, macs={self.macs()}, true_macs={self.true_macs}, "
             f"gemms={self.num_gemms()}, tokens={tok}"
         )

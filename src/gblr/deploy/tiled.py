@@ -20,8 +20,8 @@ kept **direct**: stage 1 is skipped and stage 2 reads ``x`` in place of ``h``.
 On CUDA with Triton installed each stage is one kernel (:mod:`gblr.deploy.triton_kernels`);
 everywhere else (CPU, inputs that need gradients) the same tiles run as one batched matrix
 product per stage in PyTorch, so results agree across devices. Both are exact: the masks
-are folded into the factors and a dropped tile holds only zeros. :meth:`flops` counts the
-MACs of the kept tiles (tile padding included); :attr:`true_flops` is the layer's cost.
+are folded into the factors and a dropped tile holds only zeros. :meth:`macs` counts the
+MACs of the kept tiles (tile padding included); :attr:`true_macs` is the layer's cost.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gblr.core.deprecation import FlopsAliases
 from gblr.deploy.packed import banded_factors
 
 __all__ = ["TiledGBLRLinear", "triton_available", "BACKENDS"]
@@ -81,7 +82,7 @@ def _block_sparse(mat: torch.Tensor, row_tile: int, col_tile: int):
     return ptr, idx.to(torch.int32), blocks[row_of, idx].contiguous(), row_of.to(torch.int32)
 
 
-class TiledGBLRLinear(nn.Module):
+class TiledGBLRLinear(FlopsAliases, nn.Module):
     """Frozen inference form of a :class:`~gblr.GBLRLinear` as two block-sparse GEMMs.
 
     Build it with :meth:`from_gblr` (or ``gblr.deploy(model, backend="triton")``).
@@ -100,7 +101,7 @@ class TiledGBLRLinear(nn.Module):
         in_tile: int,
         out_tile: int,
         bias: torch.Tensor | None = None,
-        true_flops: int | None = None,
+        true_macs: int | None = None,
         backend: str = "auto",
         direct: bool = False,
     ) -> None:
@@ -116,7 +117,7 @@ class TiledGBLRLinear(nn.Module):
         self.out_features = int(out_features)
         self.rank = int(rank)
         self.rank_tile, self.in_tile, self.out_tile = int(rank_tile), int(in_tile), int(out_tile)
-        self.true_flops = int(true_flops) if true_flops is not None else None
+        self.true_macs = int(true_macs) if true_macs is not None else None
         self.backend = backend
         self.direct = bool(direct)
         if self.direct and self.rank != self.in_features:
@@ -235,7 +236,7 @@ class TiledGBLRLinear(nn.Module):
         }
         bias = None if layer.bias is None else layer.bias.detach().to(dtype)
         tiled = cls(layer.in_features, layer.out_features, tiles, total, rank_tile, in_tile,
-                    out_tile, bias, layer.flops(), backend, direct)
+                    out_tile, bias, layer.macs(), backend, direct)
         return tiled.to(layer.U.device)
 
     def uses_triton(self, x: torch.Tensor) -> bool:
@@ -300,7 +301,7 @@ class TiledGBLRLinear(nn.Module):
         dst = torch.where(self.dst1 >= 0, self.dst1, r2 * self.rank_tile).long()
         return h.index_copy(1, dst, h1)[:, :-1].reshape(t, r2, self.rank_tile)
 
-    def flops(self, tokens: int | None = None) -> int:
+    def macs(self, tokens: int | None = None) -> int:
         """MACs per token of the kept tiles (padding within tiles included)."""
         return int(self.tiles1.numel() + self.tiles2.numel())
 
@@ -324,6 +325,6 @@ class TiledGBLRLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, rank={self.rank}, tiles=({n1}, {n2}) of "
             f"{self.rank_tile}x{self.in_tile}/{self.rank_tile}x{self.out_tile}, "
-            f"macs={self.flops()}, true_flops={self.true_flops}, direct={self.direct}, "
+            f"macs={self.macs()}, true_macs={self.true_macs}, direct={self.direct}, "
             f"backend={self.backend!r}"
         )

@@ -9,7 +9,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from gblr.cost import check_positive, dense_cost
+from gblr.core.deprecation import FlopsAliases
+from gblr.core.cost import dense_cost
+from gblr.core.validate import check_positive
 
 __all__ = [
     "StructuredLinear",
@@ -110,11 +112,11 @@ def init_uniform_(tensor: torch.Tensor, fan_in: float) -> torch.Tensor:
     return nn.init.uniform_(tensor, -bound, bound)
 
 
-class StructuredLinear(nn.Module, ABC):
+class StructuredLinear(FlopsAliases, nn.Module, ABC):
     """Base class of the structured ``nn.Linear`` replacements.
 
     Subclasses implement :meth:`_forward_2d` (on a ``(tokens, in)`` input),
-    :meth:`to_dense`, :meth:`flops` and :meth:`from_dense`. The base class
+    :meth:`to_dense`, :meth:`macs` and :meth:`from_dense`. The base class
     validates shapes, flattens leading dimensions and handles the bias.
     """
 
@@ -146,7 +148,7 @@ class StructuredLinear(nn.Module, ABC):
         """The ``(out, in)`` matrix this layer applies (bias excluded)."""
 
     @abstractmethod
-    def flops(self) -> int:
+    def macs(self) -> int:
         """MACs per token of the forward pass (bias excluded)."""
 
     @classmethod
@@ -175,7 +177,7 @@ class StructuredLinear(nn.Module, ABC):
         """Number of stored parameters, bias included."""
         return sum(p.numel() for p in self.parameters())
 
-    def dense_flops(self) -> int:
+    def dense_macs(self) -> int:
         """MACs per token of the dense layer this one replaces."""
         return dense_cost(self.in_features, self.out_features)
 

@@ -6,14 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gblr.cost import (
-    blockdiag_cost,
-    budget_to_macs,
-    check_budget,
-    check_within_budget,
-    padded_block_size,
-    within_budget,
-)
+from gblr.core.budget import budget_to_macs, check_budget, check_within_budget, within_budget
+from gblr.core.cost import blockdiag_cost, padded_block_size
 from gblr.layers.base import (
     StructuredLinear,
     check_dense_args,
@@ -133,7 +127,7 @@ class BlockDiagLinear(StructuredLinear):
     def to_dense(self) -> torch.Tensor:
         return torch.block_diag(*self.weight.unbind(0))[: self.out_features, : self.in_features]
 
-    def flops(self) -> int:
+    def macs(self) -> int:
         return blockdiag_cost(self.in_features, self.out_features, self.nblocks)
 
     def extra_repr(self) -> str:

@@ -5,15 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gblr.cost import (
-    block_low_rank_cost,
+from gblr.core.budget import (
     budget_to_macs,
     check_budget,
-    check_positive,
     check_within_budget,
     units_within_budget,
     within_budget,
 )
+from gblr.core.cost import block_low_rank_cost
+from gblr.core.validate import check_positive
 from gblr.layers.base import (
     StructuredLinear,
     check_dense_args,
@@ -154,7 +154,7 @@ class BlockLowRankLinear(StructuredLinear):
     def to_dense(self) -> torch.Tensor:
         return from_blocks(self.U @ self.V)
 
-    def flops(self) -> int:
+    def macs(self) -> int:
         p, q = self.block_shape
         return block_low_rank_cost(self.in_features, self.out_features, p, q, self.rank)
 

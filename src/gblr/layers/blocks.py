@@ -16,7 +16,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from gblr.cost import check_positive, padded_block_size
+from gblr.core.cost import padded_block_size
+from gblr.core.validate import check_positive
 
 __all__ = [
     "check_block_shape",

@@ -5,15 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gblr.cost import (
-    block_sparse_cost,
+from gblr.core.budget import (
     budget_to_macs,
     check_budget,
-    check_positive,
     check_within_budget,
     units_within_budget,
     within_budget,
 )
+from gblr.core.cost import block_sparse_cost
+from gblr.core.validate import check_positive
 from gblr.layers.base import (
     StructuredLinear,
     check_dense_args,
@@ -192,7 +192,7 @@ class BlockSparseLinear(StructuredLinear):
         grid = grid.index_put((self.block_rows, self.block_cols), self.blocks)
         return from_blocks(grid)
 
-    def flops(self) -> int:
+    def macs(self) -> int:
         p, q = self.block_shape
         return block_sparse_cost(self.num_blocks, p, q)
 

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gblr.cost import check_positive
+from gblr.core.deprecation import FlopsAliases
+from gblr.core.validate import check_positive
 from gblr.layers.base import init_uniform_
 from gblr.layers.blocks import truncated_svd_factors
 from gblr.layers.gblr import GBLRLinear, _check_path
@@ -35,7 +36,7 @@ def _pair(name: str, value: int | tuple[int, int], minimum: int = 1) -> tuple[in
     return pair  # type: ignore[return-value]
 
 
-class GBLRConv2d(nn.Module):
+class GBLRConv2d(FlopsAliases, nn.Module):
     """Drop-in replacement for ``nn.Conv2d`` (``groups=1``, zero padding) with a GBLR kernel.
 
     Args:
@@ -51,7 +52,7 @@ class GBLRConv2d(nn.Module):
         num_components, rank_per_component, sigma, init, budget, location_init:
             passed to each :class:`GBLRLinear`.
 
-    Cost: :meth:`flops` is the evaluation-mode MACs per *output position* (one output
+    Cost: :meth:`macs` is the evaluation-mode MACs per *output position* (one output
     pixel of one image, all output channels), the sum of the GBLR costs; :meth:`macs`
     multiplies it by the number of output positions of an input size.
     """
@@ -191,11 +192,16 @@ class GBLRConv2d(nn.Module):
         return self._kernel_from([linear.to_dense() for linear in self.linears])
 
     # -- cost ----------------------------------------------------------------------------------
-    def flops(self) -> int:
-        """Evaluation-mode MACs per output position (one output pixel, all channels)."""
-        return sum(linear.flops() for linear in self.linears)
+    def macs(self, input_hw: tuple[int, int] | None = None) -> int:
+        """Evaluation-mode MACs per output position (one output pixel, all channels), or,
+        given ``input_hw``, for one image of that spatial size."""
+        per_position = sum(linear.macs() for linear in self.linears)
+        if input_hw is None:
+            return per_position
+        ho, wo = self.output_size(input_hw)
+        return per_position * ho * wo
 
-    def dense_flops(self) -> int:
+    def dense_macs(self) -> int:
         """MACs per output position of the dense ``nn.Conv2d`` this layer replaces."""
         return self.out_channels * self.in_channels * self.num_taps
 
@@ -212,11 +218,6 @@ class GBLRConv2d(nn.Module):
             sizes.append(size)
         return sizes[0], sizes[1]
 
-    def macs(self, input_hw: tuple[int, int]) -> int:
-        """Evaluation-mode MACs for one image of spatial size ``input_hw``."""
-        ho, wo = self.output_size(input_hw)
-        return self.flops() * ho * wo
-
     def num_parameters(self) -> int:
         """Number of stored parameters, bias included."""
         return sum(p.numel() for p in self.parameters())
@@ -228,7 +229,7 @@ class GBLRConv2d(nn.Module):
         n_in, n_out = self.linears[0].in_features, self.out_channels
         kr = sum(lin.num_components * lin.rank_per_component for lin in self.linears)
         lowrank = positions * kr * (n_in + n_out)
-        dense = kr * n_in * n_out + positions * self.dense_flops()
+        dense = kr * n_in * n_out + positions * self.dense_macs()
         return "lowrank" if lowrank <= dense else "dense"
 
     def _lowrank_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -265,7 +266,7 @@ class GBLRConv2d(nn.Module):
             v = torch.stack([f[1] for f in factors])
             y = costed_conv2d(
                 x, u, v, self.kernel_size, self.per_tap, self.stride, self.padding,
-                self.dilation, self.flops(),
+                self.dilation, self.macs(),
             )
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)[:, None, None]

@@ -13,13 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gblr.cost import (
-    INPUT_AXIS,
-    OUTPUT_AXIS,
-    check_budget,
-    check_positive,
-    grouped_component_cost,
-)
+from gblr.core.boxes import INPUT_AXIS, OUTPUT_AXIS
+from gblr.core.budget import check_budget
+from gblr.core.cost import grouped_component_cost
+from gblr.core.validate import check_positive
 from gblr.layers.base import StructuredLinear, check_matrix, register_structure
 from gblr.layers.blocks import truncated_svd_factors
 from gblr.ops.costed import costed_linear
@@ -61,7 +58,7 @@ class GBLRLinear(StructuredLinear):
     ``widths`` and ``locations`` are ``(2, K)`` fractions, row 0 the input axis and row 1
     the output axis. In the forward pass both are rounded to the index grid with a
     straight-through gradient. In evaluation mode a component at most one index wide on
-    either axis is off and mask entries below ``1e-3`` are zero; :meth:`flops` always
+    either axis is off and mask entries below ``1e-3`` are zero; :meth:`macs` always
     reports this evaluation-mode cost.
     """
 
@@ -282,8 +279,8 @@ class GBLRLinear(StructuredLinear):
         u, v = self.masked_factors(live_only=True)
         dense = self._choose_path(x.shape[0], u.shape[1]) == "dense"
         if not self.training:
-            # evaluation: an op that FlopCounterMode counts at the layer's cost (flops())
-            y = costed_linear(x, u, v, self.flops(), dense)
+            # evaluation: an op that FlopCounterMode counts at the layer's cost (macs())
+            y = costed_linear(x, u, v, self.macs(), dense)
             return y if bias is None else y + bias.to(y.dtype)
         if dense:
             return F.linear(x, u @ v, bias)
@@ -312,7 +309,7 @@ class GBLRLinear(StructuredLinear):
             w._version, l._version, w.data_ptr(), l.data_ptr(), w.device, w.dtype, self.sigma
         )
 
-    def flops(self) -> int:
+    def macs(self) -> int:
         """Evaluation-mode MACs per token: components with identical boxes cost one block.
 
         Cached until ``widths``, ``locations`` or ``sigma`` change.
@@ -514,7 +511,7 @@ class GBLRLinear(StructuredLinear):
     ) -> GBLRLinear:
         """Project a dense ``(out, in)`` matrix onto GBLR with ``gblr.project``.
 
-        The result's evaluation-mode ``flops()`` is at most ``budget * in * out`` and its
+        The result's evaluation-mode ``macs()`` is at most ``budget * in * out`` and its
         error is never above the truncated SVD's at that budget. ``steps=0`` returns the
         truncated-SVD start itself: ``min(in, out) // rank_per_component`` components, those
         that fit the budget at full width and the others off (width 0; they can regrow

@@ -6,13 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gblr.cost import (
-    check_budget,
-    check_positive,
-    check_within_budget,
-    lowrank_cost,
-    max_rank_for_budget,
-)
+from gblr.core.budget import check_budget, check_within_budget, max_rank_for_budget
+from gblr.core.cost import lowrank_cost
+from gblr.core.validate import check_positive
 from gblr.layers.base import (
     StructuredLinear,
     check_dense_args,
@@ -101,7 +97,7 @@ class LowRankLinear(StructuredLinear):
     def to_dense(self) -> torch.Tensor:
         return self.U @ self.V
 
-    def flops(self) -> int:
+    def macs(self) -> int:
         return lowrank_cost(self.in_features, self.out_features, self.rank)
 
     def extra_repr(self) -> str:

@@ -19,14 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gblr.cost import (
-    budget_to_macs,
-    check_budget,
-    check_positive,
-    monarch_cost,
-    padded_block_size,
-    units_within_budget,
-)
+from gblr.core.budget import budget_to_macs, check_budget, units_within_budget
+from gblr.core.cost import monarch_cost, padded_block_size
+from gblr.core.validate import check_positive
 from gblr.layers.base import (
     StructuredLinear,
     check_dense_args,
@@ -177,7 +172,7 @@ class MonarchLinear(StructuredLinear):
         U, V = factors_to_blocks(self.blkdiag1, self.blkdiag2)
         return from_blocks(U @ V)[: self.out_features, : self.in_features]
 
-    def flops(self) -> int:
+    def macs(self) -> int:
         return monarch_cost(self.in_features, self.out_features, self.nblocks, self.rank)
 
     def extra_repr(self) -> str:

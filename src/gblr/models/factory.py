@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from gblr.cost import check_budget
+from gblr.core.budget import check_budget
 from gblr.layers.base import get_structure
 from gblr.layers.gblr import GBLRLinear
 

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gblr.cost import check_positive
+from gblr.core.validate import check_positive
 from gblr.models.factory import make_linear
 from gblr.models.patch import PatchEmbed
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gblr.cost import check_positive
+from gblr.core.validate import check_positive
 
 __all__ = ["PatchEmbed"]
 

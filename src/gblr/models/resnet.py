@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from gblr.cost import check_budget, check_positive
+from gblr.core.budget import check_budget
+from gblr.core.validate import check_positive
 
 __all__ = ["ResNet18", "RESNET_LINEARS"]
 

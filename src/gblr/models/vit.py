@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gblr.cost import check_positive
+from gblr.core.validate import check_positive
 from gblr.models.factory import make_linear
 from gblr.models.mixer import Mlp
 from gblr.models.patch import PatchEmbed

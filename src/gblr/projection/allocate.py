@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from gblr.cost import check_budget, max_rank_for_budget
+from gblr.core.budget import check_budget, max_rank_for_budget
 from gblr.layers.base import check_matrix
 from gblr.projection.calibration import Calibration, as_calibration
 from gblr.projection.project import project

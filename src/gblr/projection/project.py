@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from gblr.cost import check_budget, check_positive, max_rank_for_budget
+from gblr.core.budget import check_budget, max_rank_for_budget
+from gblr.core.validate import check_positive
 from gblr.layers.base import StructuredLinear, check_bias, check_matrix, get_structure
 from gblr.projection.calibration import Calibration, as_calibration, relative_error
 from gblr.projection.search import SearchOptions, search_gblr
@@ -94,7 +95,7 @@ def project(
     Args:
         weight: the dense matrix (finite, floating point).
         budget: fraction of the dense cost in ``(0, 1]``; the result's evaluation-mode
-            ``flops()`` is at most ``budget * in * out``.
+            ``macs()`` is at most ``budget * in * out``.
         structure: ``"gblr"`` (structure search, see :mod:`gblr.projection.search`) or any
             registered structure (``"lowrank"``, ``"monarch"``, ``"blocksparse"``, ...),
             which uses that class's own ``from_dense``.
@@ -167,7 +168,7 @@ def project(
     layer.eval()
     with torch.no_grad():
         error = relative_error(layer.to_dense(), w, cal)
-    cost = int(layer.flops())
+    cost = int(layer.macs())
     if cost > budget * in_features * out_features * (1 + 1e-9):
         raise RuntimeError(
             f"{structure} projection costs {cost} MACs, over the budget "

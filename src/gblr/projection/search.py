@@ -24,7 +24,9 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from gblr.cost import INPUT_AXIS, OUTPUT_AXIS, box_component_cost, max_rank_for_budget
+from gblr.core.boxes import INPUT_AXIS, OUTPUT_AXIS
+from gblr.core.budget import max_rank_for_budget
+from gblr.core.cost import box_component_cost
 from gblr.layers.gblr import GBLRLinear
 from gblr.projection.calibration import Calibration, relative_error
 from gblr.projection.svd import lowrank_factors
@@ -99,7 +101,7 @@ def component_boxes(
 
 
 def layer_cost(layer: GBLRLinear, widths: torch.Tensor | None = None) -> int:
-    """Evaluation-mode cost of a layer with sharp masks (equals ``layer.flops()`` then)."""
+    """Evaluation-mode cost of a layer with sharp masks (equals ``layer.macs()`` then)."""
     i_len, i_start, o_len, o_start = component_boxes(layer, widths)
     return box_component_cost(
         i_len.cpu(), i_start.cpu(), o_len.cpu(), o_start.cpu(),

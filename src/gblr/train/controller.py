@@ -8,13 +8,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gblr.cost import (
-    INPUT_AXIS,
-    OUTPUT_AXIS,
-    box_component_cost,
-    check_budget,
-    check_positive,
-)
+from gblr.core.boxes import INPUT_AXIS, OUTPUT_AXIS
+from gblr.core.budget import check_budget
+from gblr.core.cost import box_component_cost
+from gblr.core.validate import check_positive
 from gblr.layers.gblr import GBLRLinear
 from gblr.train.groups import gblr_layers
 
@@ -85,7 +82,7 @@ def measure_costs_of(layers: list[tuple[str, GBLRLinear]]) -> list[LayerCost]:
             LayerCost(
                 name=name,
                 cost=sharp_flops(layer),
-                dense=layer.dense_flops(),
+                dense=layer.dense_macs(),
                 mean_width_in=float(w[0].mean()),
                 mean_width_out=float(w[1].mean()),
                 active=int(layer.active_components().sum()),
@@ -174,7 +171,7 @@ class BudgetController:
         self.lr = float(lr)
         self.optimizer = optimizer
         self.measure_every = check_positive("measure_every", measure_every)
-        self.dense = [layer.dense_flops() for _, layer in self.layers]
+        self.dense = [layer.dense_macs() for _, layer in self.layers]
         self.dense_total = sum(self.dense)
         self.steps = 0
         self._costs = self._measure()

@@ -1,0 +1,120 @@
+"""GBLR structure as integer boxes: the one place for widths/locations -> boxes.
+
+``widths`` and ``locations`` are ``(2, K)`` fractions; row :data:`INPUT_AXIS` describes
+the input (column) axis, row :data:`OUTPUT_AXIS` the output (row) axis. The forward pass
+rounds both to the index grid, so component ``c`` covers ``round(w * n)`` indices from
+``round(l * n)`` on each axis, wrapping around the end; with sharp masks (``sigma=None``)
+that is exactly its mask. A component at most one index long on either axis is off.
+
+Also here: the sharp evaluation-mode cost read from the boxes in O(K) (no masks built),
+the proximal width shrink, and the bisection that finds how far to shrink until a cost
+fits — used by the GBLR layer, the budget controller, the projection search and the packer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from gblr.core.cost import box_component_cost
+
+__all__ = [
+    "INPUT_AXIS",
+    "OUTPUT_AXIS",
+    "integer_boxes",
+    "active",
+    "sharp_cost",
+    "shrink_widths",
+    "bisect",
+    "fit_widths",
+]
+
+#: Row of ``widths``/``locations`` that describes the input (column) axis.
+INPUT_AXIS = 0
+#: Row of ``widths``/``locations`` that describes the output (row) axis.
+OUTPUT_AXIS = 1
+
+
+@torch.no_grad()
+def integer_boxes(
+    widths: torch.Tensor, locations: torch.Tensor, in_features: int, out_features: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(in_len, in_start, out_len, out_start)``, ``(K,)`` long tensors, as the forward
+    pass rounds the boxes (widths clamped to ``[0, 1]``, locations wrapped into ``[0, 1)``)."""
+    w = widths.detach().float().clamp(0.0, 1.0)
+    loc = torch.remainder(locations.detach().float(), 1.0)
+    n_in, n_out = int(in_features), int(out_features)
+    return (
+        torch.round(w[INPUT_AXIS] * n_in).long(),
+        torch.round(loc[INPUT_AXIS] * n_in).long() % n_in,
+        torch.round(w[OUTPUT_AXIS] * n_out).long(),
+        torch.round(loc[OUTPUT_AXIS] * n_out).long() % n_out,
+    )
+
+
+@torch.no_grad()
+def active(widths: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
+    """Boolean ``(K,)``: components more than one index long on both axes."""
+    w = widths.detach().clamp(0.0, 1.0)
+    cols = torch.round(w[INPUT_AXIS] * int(in_features))
+    rows = torch.round(w[OUTPUT_AXIS] * int(out_features))
+    return (cols > 1) & (rows > 1)
+
+
+@torch.no_grad()
+def sharp_cost(
+    widths: torch.Tensor,
+    locations: torch.Tensor,
+    in_features: int,
+    out_features: int,
+    rank_per_component: int = 1,
+) -> int:
+    """Evaluation-mode MACs per token of the boxes with sharp masks (``sigma=None``).
+
+    Equal to the layer's ``macs()`` with ``sigma=None``: the rounded masks are then exact
+    0/1 boxes, so the boxes are costed directly (:func:`gblr.core.cost.box_component_cost`,
+    O(K), no FFT).
+    """
+    i_len, i_start, o_len, o_start = integer_boxes(widths, locations, in_features, out_features)
+    return box_component_cost(
+        i_len.cpu(), i_start.cpu(), o_len.cpu(), o_start.cpu(),
+        int(in_features), int(out_features), rank_per_component,
+    )
+
+
+def shrink_widths(widths: torch.Tensor, amount: float | torch.Tensor) -> torch.Tensor:
+    """The proximal L1 step on widths: ``clamp(clamp(w, 0, 1) - amount, 0, 1)``."""
+    return (widths.clamp(0.0, 1.0) - amount).clamp(0.0, 1.0)
+
+
+def bisect(
+    ok: Callable[[float], bool], lo: float, hi: float, iters: int
+) -> tuple[float, float]:
+    """Bisection on a monotone predicate: ``ok(lo)`` holds and ``ok(hi)`` does not.
+
+    Returns the final ``(lo, hi)`` after ``iters`` halvings (``ok`` is true at ``lo``
+    and false at ``hi`` throughout).
+    """
+    for _ in range(int(iters)):
+        mid = 0.5 * (lo + hi)
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo, hi
+
+
+def fit_widths(
+    widths: torch.Tensor,
+    cost_of: Callable[[torch.Tensor], float],
+    limit: float,
+    iters: int = 30,
+) -> torch.Tensor:
+    """Widths shrunk by the smallest shared amount that brings ``cost_of(widths)`` to at most
+    ``limit`` (bisection on the exact cost; ``widths`` itself when it already fits)."""
+    w = widths.detach().clamp(0.0, 1.0)
+    if cost_of(w) <= limit:
+        return w
+    _, amount = bisect(lambda t: cost_of(shrink_widths(w, t)) > limit, 0.0, float(w.max()), iters)
+    return shrink_widths(w, amount)
