@@ -1,6 +1,7 @@
 """A trained-like GBLR layer for benchmarks: SVD start, then widths shrunk to a budget.
 
-Stands in for the projection search (SPEC section 5) until it is available: all
+It imitates what training leaves behind (the projection search, ``gblr.project``, is a
+different thing: it finds the best approximation, often low rank plus small blocks): all
 ``min(in, out)`` components start full width from the SVD of a target matrix, then
 Adam on the factors and SGD on widths and locations fit the target while a reweighted
 proximal L1 step pulls the widths down (its strength steered from the measured
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from gblr.core.boxes import fit_widths
 from gblr.core.budget import budget_to_macs, check_budget
 from gblr.layers.blocks import truncated_svd_factors
 from gblr.layers.gblr import GBLRLinear
@@ -105,9 +107,8 @@ def shrink_to_budget(
         if cost <= limit:
             break
     # freeze the structure at the budget and fit the factors to it
-    while layer.macs() > limit:
-        with torch.no_grad():
-            layer.widths.sub_(1.0 / max(in_f, out_f)).clamp_(0.0, 1.0)
+    with torch.no_grad():
+        layer.widths.copy_(fit_widths(layer.widths, layer.sharp_macs, limit))
     for p in structure:
         p.requires_grad_(False)
     opt = torch.optim.Adam(factors, lr=5 * factor_lr)

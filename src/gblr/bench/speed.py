@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from gblr.bench.shrink import shrink_to_budget, structured_target
+from gblr.core.surgery import replace_modules
 from gblr.deploy import deploy, triton_available
 from gblr.layers.gblr import GBLRLinear
 from gblr.layers.lowrank import LowRankLinear
@@ -389,17 +390,11 @@ def _compress_minilm(model: nn.Module, budget: float) -> int:
 
     ``steps=0``: the truncated-SVD start (the structure search is not run on 36 layers here).
     """
-    count = 0
-    for name, module in list(model.named_modules()):
-        if type(module) is nn.Linear and name.startswith("encoder."):
-            layer = GBLRLinear.from_dense(
-                module.weight.detach(), budget, steps=0,
-                bias=None if module.bias is None else module.bias.detach(),
-            ).eval()
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, layer)
-            count += 1
-    return count
+    targets = [(name, module) for name, module in model.named_modules()
+               if type(module) is nn.Linear and name.startswith("encoder.")]
+    replace_modules(model, targets,
+                    lambda _, linear: GBLRLinear.from_linear(linear, budget, steps=0).eval())
+    return len(targets)
 
 
 @torch.no_grad()

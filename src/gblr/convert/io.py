@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from gblr.convert.fingerprint import architecture_fingerprint
-from gblr.convert.replace import COMPRESSION_ATTR, dense_weight, set_submodule
+from gblr.convert.replace import COMPRESSION_ATTR, dense_weight
 from gblr.convert.select import layer_kind
+from gblr.core.surgery import set_submodule
 from gblr.layers.base import StructuredLinear, get_structure
 
 __all__ = ["save_compressed", "load_compressed", "CONFIG_FILE", "WEIGHTS_FILE", "FORMAT"]

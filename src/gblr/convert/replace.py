@@ -26,9 +26,10 @@ from gblr.convert.fingerprint import architecture_fingerprint
 from gblr.convert.report import CompressionReport, LayerRecord
 from gblr.convert.select import layer_settings, select_layers
 from gblr.convert.sensitivity import sensitivity_budgets
+from gblr.core.surgery import set_submodule
 from gblr.layers.base import StructuredLinear, get_structure
 
-__all__ = ["compress", "CompressionResult", "dense_weight", "set_submodule", "COMPRESSION_ATTR"]
+__all__ = ["compress", "CompressionResult", "dense_weight", "COMPRESSION_ATTR"]
 
 #: Attribute of a compressed model holding what ``save_compressed`` needs to record.
 COMPRESSION_ATTR = "gblr_compression"
@@ -48,13 +49,6 @@ def dense_weight(module: nn.Module, kind: str) -> torch.Tensor:
     if kind == "conv1d":
         return module.weight.t()
     raise ValueError(f"no dense (out, in) weight for a layer of kind {kind!r}")
-
-
-def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule called ``name`` by ``new``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def _global_budgets(

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from gblr.convert.calibrate import run_model
 from gblr.convert.evaluate import last_hidden
+from gblr.core.surgery import set_submodule
 from gblr.projection.allocate import split_budget
 
 __all__ = ["SENSITIVITY_GRID", "SENSITIVITY_BATCHES", "output_error", "sensitivity_curves",
@@ -77,9 +78,7 @@ def sensitivity_curves(
     bar = tqdm(names, desc="sensitivity", unit="layer", disable=not progress)
     try:
         for name in bar:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            original = getattr(parent, child)
+            original = model.get_submodule(name)
             param = next(original.parameters())
             budgets, errors = [], []
             try:
@@ -88,11 +87,12 @@ def sensitivity_curves(
                         new = project(name, float(b))
                     except ValueError:
                         continue  # too small a budget for this structure and shape
-                    setattr(parent, child, new.to(device=param.device, dtype=param.dtype).eval())
+                    new = new.to(device=param.device, dtype=param.dtype).eval()
+                    set_submodule(model, name, new)
                     budgets.append(float(new.macs()) / float(new.dense_macs()))
                     errors.append(output_error(model, batches, reference))
             finally:
-                setattr(parent, child, original)
+                set_submodule(model, name, original)
             if not budgets:
                 raise ValueError(f"layer {name!r} cannot be projected at any of the budgets {grid}")
             curves[name] = (budgets, errors)

@@ -4,6 +4,11 @@ from gblr.deploy.io import load_packed, save_packed
 from gblr.deploy.model import FORMS, DeployReport, deploy
 from gblr.deploy.packed import PackedGBLRLinear, cyclic_band, group_bands
 from gblr.deploy.tiled import TiledGBLRLinear, triton_available
+from gblr.layers.base import provide
+
+# GBLRLinear.packed() / .tiled() reach these through the layers' provider table
+provide("packed", PackedGBLRLinear.from_gblr)
+provide("tiled", TiledGBLRLinear.from_gblr)
 
 __all__ = [
     "deploy",

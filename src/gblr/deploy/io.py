@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gblr.core.surgery import replace_modules
 from gblr.deploy.packed import SPARSE_BUFFERS, PackedGBLRLinear, _Plan
 from gblr.deploy.tiled import TiledGBLRLinear
 
@@ -119,6 +120,7 @@ def load_packed(
                 f"{path} holds layers {sorted(meta)}; pass the model they belong to"
             )
         return _build(meta[""], tensors, "")
+    targets = []
     for name, entry in meta.items():
         if name == "":
             raise ValueError(f"{path} holds a lone layer; load it without a model")
@@ -133,7 +135,6 @@ def load_packed(
                 f"{entry['out_features']}, but the model's module is "
                 f"{shape[0]}->{shape[1]} ({type(target).__name__})"
             )
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, _build(entry, tensors, name))
+        targets.append((name, target))
+    replace_modules(model, targets, lambda name, _: _build(meta[name], tensors, name))
     return model

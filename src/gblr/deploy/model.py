@@ -8,8 +8,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from gblr.core.surgery import replace_modules
 from gblr.deploy.packed import PackedGBLRLinear
 from gblr.deploy.tiled import TiledGBLRLinear
+from gblr.layers.base import StructuredLinear
+from gblr.layers.conv import GBLRConv2d
+from gblr.layers.gblr import GBLRLinear
 
 __all__ = ["deploy", "DeployReport", "LayerReport", "FORMS"]
 
@@ -98,8 +102,6 @@ def deploy(
     on its device and keeps the fastest (see ``PackedGBLRLinear.from_gblr``).
     Returns a :class:`DeployReport`. To pack a lone layer use ``GBLRLinear.packed()``.
     """
-    from gblr.layers.base import StructuredLinear
-    from gblr.layers.gblr import GBLRLinear
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -114,7 +116,6 @@ def deploy(
             "deploy() swaps layers inside a model in place; pack a lone layer with "
             "layer.packed()"
         )
-    from gblr.layers.conv import GBLRConv2d
 
     report = DeployReport()
     # a GBLR convolution computes from its GBLRLinear children's factors: it stays whole
@@ -127,17 +128,17 @@ def deploy(
         n for n, m in model.named_modules()
         if isinstance(m, StructuredLinear) and not isinstance(m, GBLRLinear)
     ] + convs
-    for name, layer in targets:
+
+    def pack(name: str, layer: GBLRLinear) -> nn.Module:
         if form == "tiled":
-            packed = TiledGBLRLinear.from_gblr(layer, dtype=dtype)
-        else:
-            packed = PackedGBLRLinear.from_gblr(
-                layer, tokens=tokens, dtype=dtype, memory_tokens=memory_tokens,
-                overhead=overhead, io=io, tune=tune,
-            )
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, packed)
+            return TiledGBLRLinear.from_gblr(layer, dtype=dtype)
+        return PackedGBLRLinear.from_gblr(
+            layer, tokens=tokens, dtype=dtype, memory_tokens=memory_tokens,
+            overhead=overhead, io=io, tune=tune,
+        )
+
+    created = replace_modules(model, targets, pack)
+    for (name, layer), packed in zip(targets, created.values(), strict=True):
         report.layers.append(
             LayerReport(name, layer.in_features, layer.out_features, int(packed.true_macs),
                         packed.macs(), packed.num_gemms())

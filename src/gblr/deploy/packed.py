@@ -48,6 +48,7 @@ from torch import nn
 
 from gblr.core.cost import block_cost
 from gblr.core.deprecation import FlopsAliases
+from gblr.layers.gblr import GBLRLinear
 
 __all__ = [
     "PackedGBLRLinear",
@@ -1033,7 +1034,6 @@ class PackedGBLRLinear(FlopsAliases, nn.Module):
         matrix as one GEMM, where that is modelled (or, tuned, measured) faster: small
         layers with many scattered bands.
         """
-        from gblr.layers.gblr import GBLRLinear
 
         if not isinstance(layer, GBLRLinear):
             raise TypeError(f"layer must be a GBLRLinear, got {type(layer).__name__}")

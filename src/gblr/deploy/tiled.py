@@ -35,6 +35,7 @@ from torch import nn
 
 from gblr.core.deprecation import FlopsAliases
 from gblr.deploy.packed import banded_factors
+from gblr.layers.gblr import GBLRLinear
 
 __all__ = ["TiledGBLRLinear", "triton_available", "BACKENDS"]
 
@@ -200,7 +201,6 @@ class TiledGBLRLinear(FlopsAliases, nn.Module):
         ``direct``: tile the layer's matrix itself (True), its two factors (False), or
         whichever keeps fewer tile entries (None).
         """
-        from gblr.layers.gblr import GBLRLinear
 
         if not isinstance(layer, GBLRLinear):
             raise TypeError(f"layer must be a GBLRLinear, got {type(layer).__name__}")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from gblr.core.deprecation import FlopsAliases
 from gblr.core.cost import dense_cost
+from gblr.core.deprecation import FlopsAliases
 from gblr.core.validate import check_positive
 
 __all__ = [
@@ -22,6 +23,8 @@ __all__ = [
     "check_bias",
     "check_dense_args",
     "init_uniform_",
+    "provide",
+    "provider",
 ]
 
 #: Structure name -> layer class (``"gblr"``, ``"lowrank"``, ``"monarch"``, ...).
@@ -39,6 +42,35 @@ def register_structure(name: str):
         return cls
 
     return wrap
+
+
+#: What packages above ``layers`` provide to the layers' conveniences, so that ``layers``
+#: imports nothing above it: name -> (providing package, function). ``gblr.projection``
+#: provides ``"project_gblr"`` (``GBLRLinear.from_dense``), ``gblr.deploy`` provides
+#: ``"packed"`` and ``"tiled"`` (``GBLRLinear.packed()`` / ``.tiled()``). ``import gblr``
+#: imports both.
+_PROVIDERS: dict[str, tuple[str, Callable[..., Any]]] = {}
+_PROVIDED_BY = {"project_gblr": "gblr.projection", "packed": "gblr.deploy",
+                "tiled": "gblr.deploy"}
+
+
+def provide(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Record ``fn`` as the implementation of the convenience ``name`` (see ``_PROVIDERS``)."""
+    if name not in _PROVIDED_BY:
+        raise ValueError(f"unknown provided name {name!r}; known: {sorted(_PROVIDED_BY)}")
+    _PROVIDERS[name] = (fn.__module__, fn)
+    return fn
+
+
+def provider(name: str) -> Callable[..., Any]:
+    """The function recorded by :func:`provide` for ``name``."""
+    try:
+        return _PROVIDERS[name][1]
+    except KeyError:
+        raise RuntimeError(
+            f"{name!r} is provided by {_PROVIDED_BY.get(name, 'a package above gblr.layers')}, "
+            "which is not imported; import gblr first"
+        ) from None
 
 
 def get_structure(name: str) -> type[StructuredLinear]:
@@ -157,6 +189,13 @@ class StructuredLinear(FlopsAliases, nn.Module, ABC):
         cls, weight: torch.Tensor, budget: float, bias: torch.Tensor | None = None, **kwargs: Any
     ) -> StructuredLinear:
         """Project a dense ``(out, in)`` matrix onto this structure within ``budget``."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, budget: float, **kwargs: Any) -> StructuredLinear:
+        """:meth:`from_dense` of an ``nn.Linear``'s weight and bias, on the linear's device."""
+        bias = None if linear.bias is None else linear.bias.detach()
+        new = cls.from_dense(linear.weight.detach(), budget, bias=bias, **kwargs)
+        return new.to(linear.weight.device)
 
     # -- shared -------------------------------------------------------------------------------
     def reset_bias(self) -> None:

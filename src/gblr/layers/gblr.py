@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gblr.core import boxes
 from gblr.core.boxes import INPUT_AXIS, OUTPUT_AXIS
 from gblr.core.budget import check_budget
 from gblr.core.cost import grouped_component_cost
 from gblr.core.validate import check_positive
-from gblr.layers.base import StructuredLinear, check_matrix, register_structure
+from gblr.layers.base import StructuredLinear, check_matrix, provider, register_structure
 from gblr.layers.blocks import truncated_svd_factors
 from gblr.ops.costed import costed_linear
 from gblr.ops.gaudi import EVAL_MASK_THRESHOLD, gaudi_mask, round_to_grid
@@ -197,11 +198,16 @@ class GBLRLinear(StructuredLinear):
 
     def active_components(self) -> torch.Tensor:
         """Boolean ``(K,)``: components more than one index wide on both axes (evaluation rule)."""
-        with torch.no_grad():
-            w = self.widths.detach().clamp(0.0, 1.0)
-            cols = torch.round(w[INPUT_AXIS] * self.in_features)
-            rows = torch.round(w[OUTPUT_AXIS] * self.out_features)
-            return (cols > 1) & (rows > 1)
+        return boxes.active(self.widths, self.in_features, self.out_features)
+
+    def sharp_macs(self, widths: torch.Tensor | None = None) -> int:
+        """Evaluation-mode MACs per token with sharp masks (``sigma=None``), read from the
+        integer boxes in O(K) (:func:`gblr.core.boxes.sharp_cost`); equals :meth:`macs`
+        when ``sigma`` is None. ``widths`` replaces the layer's own (a candidate shrink)."""
+        return boxes.sharp_cost(
+            self.widths if widths is None else widths, self.locations, self.in_features,
+            self.out_features, self.rank_per_component,
+        )
 
     def masks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(m_in (K, in), m_out (K, out))`` as the forward pass uses them in the current mode."""
@@ -333,17 +339,13 @@ class GBLRLinear(StructuredLinear):
         ``tokens``: the tokens per call the grouping is tuned for (see ``gblr.deploy``);
         ``tune``: time candidate packings on this device and keep the fastest.
         """
-        from gblr.deploy.packed import PackedGBLRLinear
-
-        return PackedGBLRLinear.from_gblr(self, tokens=tokens, dtype=dtype, tune=tune)
+        return provider("packed")(self, tokens=tokens, dtype=dtype, tune=tune)
 
     def tiled(self, rank_tile: int = 16, in_tile: int = 64, out_tile: int = 64,
               dtype: torch.dtype | None = None):
         """Frozen inference form as two block-sparse GEMMs: a ``TiledGBLRLinear`` (one
         Triton kernel per stage on CUDA; tile sizes are powers of two >= 16)."""
-        from gblr.deploy.tiled import TiledGBLRLinear
-
-        return TiledGBLRLinear.from_gblr(self, rank_tile, in_tile, out_tile, dtype=dtype)
+        return provider("tiled")(self, rank_tile, in_tile, out_tile, dtype=dtype)
 
     def extra_repr(self) -> str:
         return (
@@ -521,16 +523,10 @@ class GBLRLinear(StructuredLinear):
         ``C = X^T X / N`` goes in ``second_moment=``. ``sigma`` and ``path`` are set on the
         returned layer; ``**opts`` are search settings (``gblr.projection.SearchOptions``).
         """
-        from gblr.projection import Calibration, project
-
-        if second_moment is not None:
-            if calibration is not None:
-                raise ValueError("pass either calibration= or second_moment=, not both")
-            calibration = Calibration.from_second_moment(second_moment)
-        layer, _ = project(
-            weight, budget, structure="gblr", rank_per_component=rank_per_component,
-            steps=steps, calibration=calibration, device=device, progress=progress,
-            bias=bias, **opts,
+        layer = provider("project_gblr")(
+            weight, budget, bias=bias, rank_per_component=rank_per_component, steps=steps,
+            calibration=calibration, second_moment=second_moment, device=device,
+            progress=progress, **opts,
         )
         layer.sigma = sigma
         layer.path = path

@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 
 from gblr.core.budget import check_budget
+from gblr.core.surgery import replace_modules
 from gblr.layers.base import get_structure
 from gblr.layers.gblr import GBLRLinear
 
@@ -63,14 +64,9 @@ def project_linears(
     if kind == "gblr":
         kwargs = {k: v for k, v in dict(gblr or {}).items()
                   if k in ("rank_per_component", "path", "sigma")}
-    targets = [(parent, child_name, child)
-               for parent in model.modules()
-               for child_name, child in parent.named_children()
-               if child_name in names and isinstance(child, nn.Linear)]
+    targets = [(name, module) for name, module in model.named_modules()
+               if name.rpartition(".")[2] in names and isinstance(module, nn.Linear)]
     if not targets:
         raise ValueError(f"model has no nn.Linear named any of {names} to project")
-    for parent, child_name, child in targets:
-        bias = None if child.bias is None else child.bias.detach()
-        new = cls.from_dense(child.weight.detach(), budget, bias=bias, **kwargs)
-        setattr(parent, child_name, new.to(child.weight.device))
+    replace_modules(model, targets, lambda _, linear: cls.from_linear(linear, budget, **kwargs))
     return model

@@ -7,11 +7,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from gblr.core.surgery import replace_modules
+from gblr.layers.base import get_structure
 from gblr.models.factory import make_linear
 
 __all__ = ["GPT", "GPT2_TARGETS", "structure_gpt2"]
 
-#: Sub-module paths inside each ``transformer.h[i]`` block that the paper replaces (SPEC §6).
+#: Sub-module paths inside each ``transformer.h[i]`` block that the paper replaces.
 GPT2_TARGETS = ("attn.c_attn", "mlp.c_fc", "mlp.c_proj")
 
 
@@ -38,24 +40,23 @@ def structure_gpt2(
     if linear == "dense":
         return model
     blocks = model.transformer.h if hasattr(model, "transformer") else model.h
-    for block in blocks:
-        for path in GPT2_TARGETS:
-            parent_name, child_name = path.split(".")
-            parent = getattr(block, parent_name)
-            conv = getattr(parent, child_name)
-            n_in, n_out = conv.weight.shape  # Conv1D: (in, out)
-            if project:
-                from gblr.layers.base import get_structure
+    kwargs = dict(gblr or {}) if linear == "gblr" else {}
+    for key in ("budget", "init_fraction", "init"):  # settings of a fresh layer only
+        kwargs.pop(key, None)
 
-                weight, bias = _dense_from_conv1d(conv)
-                kwargs = dict(gblr or {}) if linear == "gblr" else {}
-                kwargs.pop("budget", None)
-                kwargs.pop("init", None)
-                new = get_structure(linear).from_dense(weight, budget, bias=bias, **kwargs)
-            else:
-                new = make_linear(linear, n_in, n_out, budget, bias=conv.bias is not None,
-                                  gblr=gblr)
-            setattr(parent, child_name, new.to(conv.weight.device, conv.weight.dtype))
+    def create(_: str, conv: nn.Module) -> nn.Module:
+        if project:
+            weight, bias = _dense_from_conv1d(conv)
+            new = get_structure(linear).from_dense(weight, budget, bias=bias, **kwargs)
+        else:
+            n_in, n_out = conv.weight.shape  # Conv1D: (in, out)
+            new = make_linear(linear, n_in, n_out, budget, bias=conv.bias is not None,
+                              gblr=gblr)
+        return new.to(conv.weight.device, conv.weight.dtype)
+
+    targets = [(f"{i}.{path}", block.get_submodule(path))
+               for i, block in enumerate(blocks) for path in GPT2_TARGETS]
+    replace_modules(blocks, targets, create)
     return model
 
 

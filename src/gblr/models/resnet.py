@@ -9,6 +9,7 @@ from torch import nn
 
 from gblr.core.budget import check_budget
 from gblr.core.validate import check_positive
+from gblr.layers.conv import GBLRConv2d
 
 __all__ = ["ResNet18", "RESNET_LINEARS"]
 
@@ -20,7 +21,6 @@ def _conv3x3(cin: int, cout: int, stride: int, linear: str, budget: float,
              gblr: dict[str, Any] | None) -> nn.Module:
     if linear == "dense":
         return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
-    from gblr.layers.conv import GBLRConv2d
 
     opts = dict(gblr or {})
     opts.setdefault("budget", budget)
@@ -47,7 +47,7 @@ class BasicBlock(nn.Module):
 
 class ResNet18(nn.Module):
     """ResNet-18 (He et al. 2016); ``linear="gblr"`` makes every 3x3 conv of the four residual
-    stages a :class:`~gblr.layers.conv.GBLRConv2d` (one GBLR over ``out x 9*in``), SPEC §6.
+    stages a :class:`~gblr.layers.conv.GBLRConv2d` (one GBLR over ``out x 9*in``).
 
     The stem (7x7 conv, or 3x3 when ``small_input`` for 32x32 images), the 1x1 shortcuts and
     the head stay dense. ``width`` scales the channel counts (64 for the standard model).

@@ -68,7 +68,7 @@ class VisionTransformer(nn.Module):
     ``size`` picks a timm size (``tiny``, ``small``, ``base``, ``large``) and overrides
     ``dim``/``depth``/``heads``; any other size is given by those three. The ``linear``
     structure is used for q, k, v and both MLP layers; patch embedding, attention output
-    projection and head stay dense (SPEC §6). ``img_size``/``patch_size`` as in
+    projection and head stay dense. ``img_size``/``patch_size`` as in
     :class:`~gblr.models.mixer.MlpMixer` (an int means a 1-D signal).
     """
 

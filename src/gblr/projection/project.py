@@ -10,7 +10,7 @@ import torch
 
 from gblr.core.budget import check_budget, max_rank_for_budget
 from gblr.core.validate import check_positive
-from gblr.layers.base import StructuredLinear, check_bias, check_matrix, get_structure
+from gblr.layers.base import StructuredLinear, check_bias, check_matrix, get_structure, provide
 from gblr.projection.calibration import Calibration, as_calibration, relative_error
 from gblr.projection.search import SearchOptions, search_gblr
 from gblr.projection.svd import lowrank_factors
@@ -180,3 +180,26 @@ def project(
         time=time.perf_counter() - t0, start=start, data_aware=cal is not None,
     )
     return layer, record
+
+
+def project_gblr(
+    weight: torch.Tensor,
+    budget: float,
+    *,
+    bias: torch.Tensor | None = None,
+    calibration: Calibration | torch.Tensor | None = None,
+    second_moment: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> StructuredLinear:
+    """``GBLRLinear.from_dense``: :func:`project` onto GBLR, calibration given as inputs, a
+    :class:`Calibration` or an input second moment ``C = X^T X / N``; returns the layer."""
+    if second_moment is not None:
+        if calibration is not None:
+            raise ValueError("pass either calibration= or second_moment=, not both")
+        calibration = Calibration.from_second_moment(second_moment)
+    layer, _ = project(weight, budget, structure="gblr", calibration=calibration, bias=bias,
+                       **kwargs)
+    return layer
+
+
+provide("project_gblr", project_gblr)

@@ -24,9 +24,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from gblr.core.boxes import INPUT_AXIS, OUTPUT_AXIS
+from gblr.core.boxes import fit_widths, integer_boxes
 from gblr.core.budget import max_rank_for_budget
-from gblr.core.cost import box_component_cost
 from gblr.layers.gblr import GBLRLinear
 from gblr.projection.calibration import Calibration, relative_error
 from gblr.projection.svd import lowrank_factors
@@ -89,24 +88,15 @@ def component_boxes(
     layer: GBLRLinear, widths: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Integer boxes ``(in_len, in_start, out_len, out_start)`` as the forward pass rounds them."""
-    w = (layer.widths if widths is None else widths).detach().clamp(0.0, 1.0)
-    loc = torch.remainder(layer.locations.detach(), 1.0)
-    n_in, n_out = layer.in_features, layer.out_features
-    return (
-        torch.round(w[INPUT_AXIS] * n_in).long(),
-        torch.round(loc[INPUT_AXIS] * n_in).long() % n_in,
-        torch.round(w[OUTPUT_AXIS] * n_out).long(),
-        torch.round(loc[OUTPUT_AXIS] * n_out).long() % n_out,
+    return integer_boxes(
+        layer.widths if widths is None else widths, layer.locations, layer.in_features,
+        layer.out_features,
     )
 
 
 def layer_cost(layer: GBLRLinear, widths: torch.Tensor | None = None) -> int:
-    """Evaluation-mode cost of a layer with sharp masks (equals ``layer.macs()`` then)."""
-    i_len, i_start, o_len, o_start = component_boxes(layer, widths)
-    return box_component_cost(
-        i_len.cpu(), i_start.cpu(), o_len.cpu(), o_start.cpu(),
-        layer.in_features, layer.out_features, layer.rank_per_component,
-    )
+    """Evaluation-mode cost of a layer with sharp masks (``layer.sharp_macs``)."""
+    return layer.sharp_macs(widths)
 
 
 @torch.no_grad()
@@ -114,21 +104,13 @@ def fit_to_budget(layer: GBLRLinear, limit: float, iters: int = 30) -> int:
     """Reduce all widths by the smallest shared threshold that brings the cost under ``limit``.
 
     ``w <- clamp(w - t, 0, 1)`` on both axes (a proximal L1 step with the step found by
-    bisection on the exact evaluation-mode cost). Returns the resulting cost.
+    bisection on the exact evaluation-mode cost, :func:`gblr.core.boxes.fit_widths`).
+    Returns the resulting cost.
     """
-    cost = layer_cost(layer)
-    if cost <= limit:
-        return cost
-    w = layer.widths.detach().clamp(0.0, 1.0)
-    lo, hi = 0.0, float(w.max())
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        if layer_cost(layer, (w - mid).clamp(0.0, 1.0)) <= limit:
-            hi = mid
-        else:
-            lo = mid
-    layer.widths.copy_((w - hi).clamp(0.0, 1.0))
-    return layer_cost(layer)
+    if layer.sharp_macs() <= limit:
+        return layer.sharp_macs()
+    layer.widths.copy_(fit_widths(layer.widths, layer.sharp_macs, limit, iters))
+    return layer.sharp_macs()
 
 
 def _build(

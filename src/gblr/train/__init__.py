@@ -4,13 +4,13 @@ The Lightning pieces (:class:`StructureCallback`, the LightningModule and the ru
 submodules that import ``lightning`` only when used.
 """
 
-from gblr.train.controller import BudgetController, LayerCost, measure_costs, sharp_flops
+from gblr.train.controller import BudgetController, StructureCost, measure_costs, sharp_flops
 from gblr.train.groups import STRUCTURE_GROUP, gblr_layers, param_groups, structure_parameters
 from gblr.train.sigma import SigmaSchedule
 
 __all__ = [
     "BudgetController",
-    "LayerCost",
+    "StructureCost",
     "measure_costs",
     "sharp_flops",
     "STRUCTURE_GROUP",

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gblr.core.boxes import INPUT_AXIS, OUTPUT_AXIS
+from gblr.core.boxes import bisect, shrink_widths
 from gblr.core.budget import check_budget
-from gblr.core.cost import box_component_cost
+from gblr.core.deprecation import warn_renamed
 from gblr.core.validate import check_positive
 from gblr.layers.gblr import GBLRLinear
 from gblr.train.groups import gblr_layers
@@ -21,7 +21,7 @@ WEIGHTINGS = ("uniform", "magnitude")
 __all__ = [
     "BudgetController",
     "WEIGHTINGS",
-    "LayerCost",
+    "StructureCost",
     "measure_costs",
     "measure_costs_of",
     "sharp_flops",
@@ -29,8 +29,9 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class LayerCost:
-    """Evaluation-mode cost of one GBLR layer."""
+class StructureCost:
+    """Sharp evaluation-mode cost and width statistics of one GBLR layer (the budget
+    controller's view; :class:`gblr.accounting.LayerCost` is the report row of any layer)."""
 
     name: str
     cost: int
@@ -45,43 +46,28 @@ class LayerCost:
         return self.cost / self.dense
 
 
-@torch.no_grad()
 def sharp_flops(layer: GBLRLinear) -> int:
-    """Evaluation-mode cost of the boxes the layer ends with (``sigma=None``), in MACs/token.
-
-    Equal to :meth:`GBLRLinear.flops` with ``sigma=None``: with no low-pass the rounded Gaudi
-    masks are exact 0/1 boxes (SPEC §2), so the boxes are read directly from the rounded
-    widths and locations instead of through the FFT, and costed by the same rule
-    (:func:`gblr.cost.box_component_cost`, in O(K)). While ``sigma`` is annealed a blurred mask has
-    more entries above the evaluation threshold, so the cost at the current ``sigma`` would
-    overstate what training converges to; the controller steers this sharp, deployed cost.
-    """
-    w = layer.widths.detach().clamp(0.0, 1.0)
-    loc = torch.remainder(layer.locations.detach(), 1.0)
-    n_in, n_out = layer.in_features, layer.out_features
-    return box_component_cost(
-        torch.round(w[INPUT_AXIS] * n_in).long(), torch.round(loc[INPUT_AXIS] * n_in).long(),
-        torch.round(w[OUTPUT_AXIS] * n_out).long(), torch.round(loc[OUTPUT_AXIS] * n_out).long(),
-        n_in, n_out, layer.rank_per_component,
-    )
+    """Deprecated: :meth:`GBLRLinear.sharp_macs`."""
+    warn_renamed("gblr.train.controller.sharp_flops(layer)", "layer.sharp_macs()")
+    return layer.sharp_macs()
 
 
 @torch.no_grad()
-def measure_costs(model: nn.Module) -> list[LayerCost]:
+def measure_costs(model: nn.Module) -> list[StructureCost]:
     """Per-layer evaluation-mode (sharp) cost of every GBLR layer of ``model``."""
     return measure_costs_of(list(gblr_layers(model)))
 
 
 @torch.no_grad()
-def measure_costs_of(layers: list[tuple[str, GBLRLinear]]) -> list[LayerCost]:
+def measure_costs_of(layers: list[tuple[str, GBLRLinear]]) -> list[StructureCost]:
     """:func:`measure_costs` for an explicit list of ``(name, layer)`` pairs."""
     out = []
     for name, layer in layers:
         w = layer.widths.detach().clamp(0, 1)
         out.append(
-            LayerCost(
+            StructureCost(
                 name=name,
-                cost=sharp_flops(layer),
+                cost=layer.sharp_macs(),
                 dense=layer.dense_macs(),
                 mean_width_in=float(w[0].mean()),
                 mean_width_out=float(w[1].mean()),
@@ -180,7 +166,7 @@ class BudgetController:
 
     # -- measurement ---------------------------------------------------------------------------
     def _measure(self) -> list[int]:
-        return [sharp_flops(layer) for _, layer in self.layers]
+        return [layer.sharp_macs() for _, layer in self.layers]
 
     @property
     def cost_fraction(self) -> float:
@@ -192,7 +178,7 @@ class BudgetController:
         self._costs = self._measure()
         return self.cost_fraction
 
-    def layer_costs(self) -> list[LayerCost]:
+    def layer_costs(self) -> list[StructureCost]:
         """Per-layer cost report (measured now)."""
         return measure_costs_of(self.layers)
 
@@ -228,7 +214,7 @@ class BudgetController:
         self, before: list[torch.Tensor], amounts: list[float] | list[torch.Tensor]
     ) -> None:
         for (_, layer), w, amount in zip(self.layers, before, amounts, strict=True):
-            layer.widths.copy_((w.clamp(0, 1) - amount).clamp(0, 1))
+            layer.widths.copy_(shrink_widths(w, amount))
 
     @torch.no_grad()
     def _weights(self) -> list[float | torch.Tensor]:
@@ -282,13 +268,8 @@ class BudgetController:
 
         cost = apply(1.0)
         if cost < lowest:
-            lo, hi = 0.0, 1.0  # apply(lo) stays >= target, apply(hi) undershoots
-            for _ in range(12):
-                mid = 0.5 * (lo + hi)
-                if apply(mid) >= self.target:
-                    lo = mid
-                else:
-                    hi = mid
+            # apply(lo) stays >= target, apply(hi) undershoots
+            lo, _ = bisect(lambda t: apply(t) >= self.target, 0.0, 1.0, 12)
             cost = apply(lo)
         # a layer pushed under its floor keeps its previous widths
         restored = False
@@ -316,13 +297,8 @@ class BudgetController:
 
         if apply(1.0) < self.target:
             return self.cost_fraction  # even full width is below the target: nothing to steer
-        lo, hi = 0.0, 1.0  # cost(lo) < target <= cost(hi)
-        for _ in range(20):
-            mid = 0.5 * (lo + hi)
-            if apply(mid) >= self.target:
-                hi = mid
-            else:
-                lo = mid
+        # cost(lo) < target <= cost(hi)
+        _, hi = bisect(lambda t: apply(t) < self.target, 0.0, 1.0, 20)
         return apply(hi)
 
     @torch.no_grad()
@@ -353,13 +329,8 @@ class BudgetController:
                 f"cannot meet target={self.target}: with every layer at its floor "
                 f"({self.floor} of dense) the cost is still above it"
             )
-        lo, hi = 0.0, 1.0  # cost(lo) > target >= cost(hi)
-        for _ in range(30):
-            mid = 0.5 * (lo + hi)
-            if apply(mid) <= self.target:
-                hi = mid
-            else:
-                lo = mid
+        # cost(lo) > target >= cost(hi)
+        _, hi = bisect(lambda t: apply(t) > self.target, 0.0, 1.0, 30)
         return apply(hi)
 
     def _layer_cap(self, index: int, layer: GBLRLinear, widths: torch.Tensor) -> float:
@@ -367,24 +338,14 @@ class BudgetController:
         limit = self.floor * self.dense[index]
 
         def cost(amount: float) -> int:
-            layer.widths.copy_((widths - amount).clamp(0, 1))
-            return sharp_flops(layer)
+            return layer.sharp_macs((widths - amount).clamp(0, 1))
 
-        try:
-            if self.floor == 0.0 or cost(1.0) >= limit:
-                return 1.0
-            if cost(0.0) < limit:
-                return 0.0
-            lo, hi = 0.0, 1.0  # cost(lo) >= limit > cost(hi)
-            for _ in range(30):
-                mid = 0.5 * (lo + hi)
-                if cost(mid) >= limit:
-                    lo = mid
-                else:
-                    hi = mid
-            return lo
-        finally:
-            layer.widths.copy_(widths)
+        if self.floor == 0.0 or cost(1.0) >= limit:
+            return 1.0
+        if cost(0.0) < limit:
+            return 0.0
+        lo, _ = bisect(lambda t: cost(t) >= limit, 0.0, 1.0, 30)  # cost(lo) >= limit > cost(hi)
+        return lo
 
     # -- checkpointing ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
