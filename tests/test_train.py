@@ -234,8 +234,8 @@ def test_two_process_gloo_ddp_keeps_structure_identical(tmp_path):
     import torch.multiprocessing as mp
 
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    r0 = torch.load(tmp_path / "0.pt")
-    r1 = torch.load(tmp_path / "1.pt")
+    r0 = torch.load(tmp_path / "0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "1.pt", weights_only=True)
     assert torch.equal(r0["widths"], r1["widths"])
     assert r0["cost"] == r1["cost"] <= 0.4
     assert (r0["widths"] < 1).any()  # the controller did act
@@ -296,8 +296,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     resumed = runner.run(_mixer_cfg(tmp_path, tmp_path / "resumed", 6,
                                     ["structure.enforce=false", f"resume={ckpt}"]))
     assert resumed["steps"] == full["steps"] == 6
-    a = torch.load(tmp_path / "full" / "final.ckpt", weights_only=False)["state_dict"]
-    b = torch.load(tmp_path / "resumed" / "final.ckpt", weights_only=False)["state_dict"]
+    a = torch.load(tmp_path / "full" / "final.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "resumed" / "final.ckpt", weights_only=True)["state_dict"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
 

@@ -13,10 +13,24 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def version() -> str:
+    """The installed package's version (its metadata), else the source tree's."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as metadata_version
+
+    try:
+        return metadata_version("gblr")
+    except PackageNotFoundError:
+        return str(getattr(importlib.import_module("gblr"), "__version__", "unknown"))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-V", "--version"):
+        print(f"gblr {version()}")
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: gblr <command> [options]\n\ncommands:")
+        print("usage: gblr [--version] <command> [options]\n\ncommands:")
         for name, (_, text) in sorted(COMMANDS.items()):
             print(f"  {name:<10} {text}")
         return 0
