@@ -11,8 +11,8 @@ from torch import nn
 
 import gblr
 from gblr import GBLRLinear, PackedGBLRLinear, deploy, load_packed, save_packed
+from gblr.core.timemodel import TIME_MODELS, TimeModel
 from gblr.deploy import cyclic_band, group_bands
-from gblr.deploy.packed import TIME_MODELS
 
 TOKENS = (1, 64, 4096)
 
@@ -278,10 +278,11 @@ def test_segmented_bands_exact_and_cheaper(wrap):
 
 def _plan(layer, tokens, split, merge):
     """One packing of ``layer`` with the given segmenting and merging (see _stage_groups)."""
-    from gblr.deploy.packed import _build_plan, banded_factors
+    from gblr.deploy.bands import banded_factors
+    from gblr.deploy.planner import _build_plan
 
-    return _build_plan(*banded_factors(layer), tokens, torch.float64, *TIME_MODELS["cpu"],
-                       split, merge)
+    model = TimeModel(*TIME_MODELS["cpu"])
+    return _build_plan(*banded_factors(layer), tokens, torch.float64, model, split, merge)
 
 
 def test_one_token_runs_as_matrix_vector_products_exactly():
@@ -324,7 +325,7 @@ def test_dense_fallback_is_one_linear_exact_and_saved(tmp_path):
 
 
 def test_long_inputs_run_in_chunks_exactly():
-    from gblr.deploy.packed import CHUNK_TOKENS
+    from gblr.deploy.executor import CHUNK_TOKENS
 
     layer = random_layer(45, 38, 16, seed=21)
     packed = layer.packed(tokens=4096)

@@ -11,13 +11,8 @@ import pytest
 import torch
 
 from gblr import GBLRLinear, PackedGBLRLinear, load_packed, save_packed
-from gblr.deploy.packed import (
-    CHUNK_TOKENS,
-    OP_OVERHEAD_MACS,
-    TIME_MODELS,
-    VECTOR_TIME_MODELS,
-    VIEW_TOKENS,
-)
+from gblr.core.timemodel import OP_OVERHEAD_MACS, TIME_MODELS, VECTOR_TIME_MODELS, TimeModel
+from gblr.deploy.executor import CHUNK_TOKENS, VIEW_TOKENS
 
 
 def random_layer(n_in, n_out, k, seed=0, bias=True, dtype=torch.float64, wrap=False):
@@ -232,10 +227,12 @@ def test_compile_takes_the_plain_path():
 
 def _plans(layer, overhead, merge):
     """Packings for 1 and 64 tokens from one grouping setting (see ``_stage_groups``)."""
-    from gblr.deploy.packed import _build_plan, banded_factors
+    from gblr.deploy.bands import banded_factors
+    from gblr.deploy.planner import _build_plan
 
     args = banded_factors(layer)
-    return [_build_plan(*args, t, torch.float64, 4, overhead, 1.0, True, merge, False)
+    return [_build_plan(*args, t, torch.float64, TimeModel(4, overhead, 1.0), True, merge,
+                        False)
             for t in (1, 64)]
 
 

@@ -1,8 +1,10 @@
 """Deployment: pack trained GBLR layers into fast, exact inference modules."""
 
+from gblr.deploy.bands import cyclic_band
 from gblr.deploy.io import load_packed, save_packed
 from gblr.deploy.model import FORMS, DeployReport, deploy
-from gblr.deploy.packed import PackedGBLRLinear, cyclic_band, group_bands
+from gblr.deploy.packed import PackedGBLRLinear
+from gblr.deploy.planner import group_bands
 from gblr.deploy.tiled import TiledGBLRLinear, triton_available
 from gblr.layers.base import provide
 

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from gblr.core.surgery import replace_modules
-from gblr.deploy.packed import SPARSE_BUFFERS, PackedGBLRLinear, _Plan
+from gblr.deploy.executor import SPARSE_BUFFERS, _Plan
+from gblr.deploy.packed import PackedGBLRLinear
 from gblr.deploy.tiled import TiledGBLRLinear
 
 __all__ = ["save_packed", "load_packed"]

@@ -98,7 +98,7 @@ def deploy(
     skipped). ``tokens`` is
     the tokens-per-call the grouping is tuned for (a sequence: one packing per entry);
     ``memory_tokens``, ``overhead`` and ``io`` override the device's time model
-    (``gblr.deploy.packed.TIME_MODELS``); ``tune`` times candidate packings of each layer
+    (``gblr.core.timemodel.time_model``); ``tune`` times candidate packings of each layer
     on its device and keeps the fastest (see ``PackedGBLRLinear.from_gblr``).
     Returns a :class:`DeployReport`. To pack a lone layer use ``GBLRLinear.packed()``.
     """

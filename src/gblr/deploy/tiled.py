@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gblr.core.deprecation import FlopsAliases
-from gblr.deploy.packed import banded_factors
+from gblr.deploy.bands import banded_factors
 from gblr.layers.gblr import GBLRLinear
 
 __all__ = ["TiledGBLRLinear", "triton_available", "BACKENDS"]
