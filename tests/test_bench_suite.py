@@ -100,7 +100,7 @@ def test_whole_quick_suite_runs_end_to_end(tmp_path, monkeypatch):
 def test_steady_allocator_reports_whether_it_took():
     import platform
 
-    from gblr.bench.speed import steady_allocator
+    from gblr.bench.timing import steady_allocator
 
     took = steady_allocator()
     assert isinstance(took, bool)

@@ -518,7 +518,8 @@ def test_speed_bench_refuses_bad_options(args, message, capsys):
 
 
 def test_time_side_by_side_graphs_need_cuda():
-    from gblr.bench.speed import parse_tile_config, time_side_by_side
+    from gblr.bench.speed import parse_tile_config
+    from gblr.bench.timing import time_side_by_side
 
     with pytest.raises(ValueError, match="CUDA"):
         time_side_by_side({"f": lambda: None}, graphs=True)
@@ -529,7 +530,7 @@ def test_time_side_by_side_graphs_need_cuda():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_time_side_by_side_graphs():
-    from gblr.bench.speed import time_side_by_side
+    from gblr.bench.timing import time_side_by_side
 
     layer = random_layer(96, 160, 40, seed=14, dtype=torch.float32).cuda()
     x = torch.randn(64, 96, device="cuda")

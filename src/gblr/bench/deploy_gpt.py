@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gblr.bench.speed import steady_allocator, time_side_by_side
+from gblr.bench.timing import steady_allocator, time_side_by_side
 from gblr.deploy import deploy
 
 __all__ = ["load_run", "gpt_end_to_end", "plot_tradeoff", "main"]

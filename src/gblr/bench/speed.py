@@ -14,11 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
-import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -26,113 +22,17 @@ import torch
 from torch import nn
 
 from gblr.bench.shrink import shrink_to_budget, structured_target
+from gblr.bench.speed_report import plot_speed, speed_markdown
+from gblr.bench.timing import cpu_name, time_side_by_side
 from gblr.core.surgery import replace_modules
 from gblr.deploy import deploy, triton_available
 from gblr.layers.gblr import GBLRLinear
 from gblr.layers.lowrank import LowRankLinear
 
-__all__ = ["time_side_by_side", "layer_table", "tile_sweep", "minilm_end_to_end", "main"]
+__all__ = ["layer_table", "tile_sweep", "minilm_end_to_end", "main"]
 
 #: ``--dtype`` choices.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-#: glibc ``mallopt`` parameters: the size above which blocks are mmapped, and the free
-#: space at the top of the heap above which memory goes back to the system.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
-
-def steady_allocator(limit: int = 1 << 31) -> bool:
-    """Keep freed memory for reuse (glibc): returns whether the setting took.
-
-    By default glibc hands every large block (the activations of a whole batch) straight
-    back to the system when freed, so the next forward pass page-faults on fresh memory;
-    how often depends on glibc's moving threshold and so on the sizes earlier models
-    happened to allocate. That made the same model's time swing by 1.5x between runs.
-    With blocks up to ``limit`` bytes kept in the heap, every model is timed on warm
-    memory. Same effect as ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(limit))) and bool(
-        mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(limit)))
-
-
-def time_side_by_side(
-    fns: dict[str, Callable[[], object]], reps: int = 7, min_time: float = 0.02,
-    device: str = "cpu", graphs: bool = False,
-) -> dict[str, float]:
-    """Median seconds per call of each function, repetitions interleaved in rotating order.
-
-    On a CUDA ``device`` the calls of one repetition are queued back to back and the
-    device is synchronised once at its end, as a model's layers run: the time is the
-    larger of the GPU's work and the host's launch overhead. ``graphs`` (CUDA only)
-    captures each function once in a CUDA graph and times its replays instead, which
-    leaves the GPU's work alone; a function that cannot be captured gets ``nan``.
-    """
-    cuda = torch.device(device).type == "cuda"
-    if graphs and not cuda:
-        raise ValueError("graphs=True needs a CUDA device")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    if graphs:
-        fns = {n: _cuda_graph(f) for n, f in fns.items()}
-        failed = [n for n, f in fns.items() if f is None]
-        fns = {n: f for n, f in fns.items() if f is not None}
-    names = list(fns)
-    inner = {}
-    for name, fn in fns.items():  # warm up, and pick calls per repetition
-        fn()
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        dt = max(time.perf_counter() - t0, 1e-7)
-        inner[name] = max(1, int(min_time / dt))
-    samples: dict[str, list[float]] = {n: [] for n in names}
-    for rep in range(reps):
-        order = names[rep % len(names):] + names[: rep % len(names)]
-        for name in order:
-            fn, n = fns[name], inner[name]
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(n):
-                fn()
-            sync()
-            samples[name].append((time.perf_counter() - t0) / n)
-    times = {n: statistics.median(s) for n, s in samples.items()}
-    if graphs:
-        times.update(dict.fromkeys(failed, float("nan")))
-    return times
-
-
-def _cuda_graph(fn: Callable[[], object]) -> Callable[[], object] | None:
-    """``fn`` captured in a CUDA graph (after warm-up calls on a side stream), as a
-    function that replays it; ``None`` when ``fn`` cannot be captured (a host sync)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            fn()
-    except RuntimeError as exc:
-        print(f"not capturable in a CUDA graph: {str(exc).splitlines()[0]}")
-        torch.cuda.synchronize()
-        return None
-    return graph.replay
 
 
 def _trained_layer(
@@ -468,174 +368,6 @@ def minilm_end_to_end(
         "speedup_vs_compressed": times["compressed"] / times["deployed"],
     }
 
-
-def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for t in sorted({r["tokens"] for r in rows}):
-        sel = [r for r in rows if r["tokens"] == t]
-        ax.scatter([r["packed_cost"] for r in sel], [r["speedup_vs_dense"] for r in sel],
-                   label=f"packed GBLR, {t} tok")
-        ax.scatter([r["lowrank_cost"] for r in sel], [r["lowrank_speedup_vs_dense"] for r in sel],
-                   marker="x", label=f"low-rank, {t} tok")
-    xs = [0.1, 1.0]
-    ax.plot(xs, [1 / x for x in xs], "k--", lw=0.8, label="ideal 1/cost")
-    ax.axhline(1.0, color="gray", lw=0.5)
-    ax.set_xlabel("MACs computed / dense MACs")
-    ax.set_ylabel("speedup vs nn.Linear")
-    ax.set_xlim(0, 1.05)
-    ax.set_ylim(0, 4)
-    ax.legend(fontsize=7)
-    ax.set_title("CPU float32, layers at 30% true cost")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _markdown(meta: dict, rows: list[dict], e2e: dict | None,
-              sweep: list[dict] | None = None) -> str:
-    lines = [
-        "# Deployment speed (packed GBLR)",
-        "",
-        f"Command: `{meta['command']}`  ",
-        f"Device: {meta['gpu'] or meta['cpu']}, torch {meta['torch']}, threads {meta['threads']}, "
-        f"{meta.get('dtype', 'float32')}, medians of {meta['reps']} interleaved repetitions"
-        + ("; CUDA-graph replays (GPU work alone)" if meta.get("graphs") else
-           "; on CUDA the calls of a repetition are queued, one synchronisation at its end"
-           if meta["gpu"] else "") + ".",
-        "",
-        "GBLR layers: 'synthetic, width shrink' ones are fitted to a dense target (decaying "
-        f"spectrum) while widths shrink to {meta['budget']:.0%} of dense cost "
-        f"({meta['shrink_steps']} shrink steps); 'projected' ones are real MiniLM-L6 weights "
-        "projected by `GBLRLinear.from_dense` (the projection search) at the same budget. "
-        "Low-rank: "
-        "`LowRankLinear` (truncated SVD) at the largest rank within the same budget. "
-        "All three layers add the same bias (`nn.Linear`'s; `LowRankLinear` fuses it into "
-        "its second GEMM, the packed layer into a stage-2 GEMM over every output row where "
-        "it has one). "
-        "Packed: `layer.packed(tokens=(1, 64, 4096), tune=True)` (candidate packings timed "
-        "once at packing time on this machine, the fastest kept; packed MACs include band "
-        "unions and rank padding).",
-        "",
-        "| layer | shape | tokens | true cost | packed MACs | GEMMs | dense ms | low-rank ms "
-        "| packed ms | packed vs dense | packed / low-rank time |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['source']} | {r['in']}->{r['out']} | {r['tokens']} | {r['true_cost']:.3f} | "
-            f"{r['packed_cost']:.3f} | {r['gemms']} | {r['time_dense_ms']:.3f} | "
-            f"{r['time_lowrank_ms']:.3f} | {r['time_packed_ms']:.3f} | "
-            f"{r['speedup_vs_dense']:.2f}x | {r['packed_over_lowrank']:.2f} |"
-        )
-    if rows:
-        lines += [
-            "",
-            "Fit of the layers (relative Frobenius error): "
-            + ", ".join(
-                f"{r['source']} {r['in']}->{r['out']}: GBLR {r['fit_error_gblr']:.3f} vs "
-                f"truncated SVD "
-                f"{r['fit_error_svd']:.3f}"
-                for r in rows if r["tokens"] == rows[0]["tokens"]
-            )
-            + f". Packed vs masked layer: max relative error "
-            f"{max(r['packed_max_rel_error'] for r in rows):.1e}.",
-        ]
-    tiled = [r for r in rows if "time_tiled_ms" in r]
-    if tiled:
-        lines += [
-            "",
-            f"## Tiled form ({tiled[0]['tiled_backend']})",
-            "",
-            "`layer.tiled()`: the folded factors cut into 16x64 tiles, the nonzero ones kept, "
-            "one block-sparse GEMM per stage (one Triton kernel launch each on CUDA; the "
-            "layer's matrix itself where that has fewer nonzero tiles: 'direct'). Timed in "
-            "the same interleaved repetitions as the table above.",
-            "",
-            "| layer | shape | tokens | tiled MACs | direct | tiled ms | tiled vs dense "
-            "| tiled / packed time | tiled / low-rank time |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in tiled:
-            lines.append(
-                f"| {r['source']} | {r['in']}->{r['out']} | {r['tokens']} | "
-                f"{r['tiled_cost']:.3f} | {'yes' if r['tiled_direct'] else 'no'} | "
-                f"{r['time_tiled_ms']:.3f} | {r['tiled_speedup_vs_dense']:.2f}x | "
-                f"{r['tiled_over_packed']:.2f} | {r['tiled_over_lowrank']:.2f} |"
-            )
-    if sweep:
-        lines += [
-            "",
-            f"## Tile sizes ({sweep[0]['backend']})",
-            "",
-            "`layer.tiled(rank_tile, in_tile, out_tile)` as RxIxO, /M forcing M tokens per "
-            "kernel program (else 16 up to 16 tokens, 32 up to 256, 64 above). Time relative "
-            "to the packed (grouped) layer, timed side by side; below 1 the tiling is faster.",
-            "",
-            *_sweep_table(sweep),
-        ]
-    if e2e is not None:
-        lines += [
-            "",
-            f"## MiniLM-L6 end to end (batch {e2e['batch']} x {e2e['seq']} tokens, "
-            f"encoder linears at budget {e2e['budget']})",
-            "",
-            "| model | ms | speedup vs dense |",
-            "|---|---|---|",
-            f"| dense | {e2e['time_dense_ms']:.1f} | 1.00x |",
-            *([f"| compressed (GBLR, masked) | {e2e['time_compressed_ms']:.1f} | "
-               f"{e2e['time_dense_ms'] / e2e['time_compressed_ms']:.2f}x |"]
-              if not math.isnan(e2e["time_compressed_ms"]) else []),
-            f"| deployed (packed) | {e2e['time_deployed_ms']:.1f} | "
-            f"{e2e['speedup_vs_dense']:.2f}x |",
-            *([f"| deployed (tiled) | {e2e['time_tiled_ms']:.1f} | "
-               f"{e2e['tiled_speedup_vs_dense']:.2f}x |"] if "time_tiled_ms" in e2e else []),
-            "",
-            f"Deployed vs compressed outputs: cosine {e2e['cosine']:.7f}, lowest per-token "
-            f"cosine {e2e['min_token_cosine']:.7f}, max abs diff {e2e['max_abs_diff']:.1e}. "
-            f"True cost {e2e['true_cost']:.3f}, packed MACs {e2e['packed_cost']:.3f} of dense "
-            f"({e2e['layers']} layers)."
-            + (f" Tiled: MACs {e2e['tiled_cost']:.3f} of dense, outputs' cosine to the "
-               f"compressed model {e2e['tiled_cosine']:.7f}." if "tiled_cost" in e2e else ""),
-        ]
-    return "\n".join(lines) + "\n"
-
-
-def _sweep_table(sweep: list[dict]) -> list[str]:
-    """One row per layer and token count, one column per tile configuration."""
-    configs = list(dict.fromkeys(r["config"] for r in sweep))
-    cases = list(dict.fromkeys((r["source"], r["in"], r["out"], r["tokens"]) for r in sweep))
-    ratio = {(r["source"], r["in"], r["out"], r["tokens"], r["config"]): r for r in sweep}
-    lines = ["| layer | shape | tokens | packed ms | " + " | ".join(configs) + " |",
-             "|---|---|---|---|" + "---|" * len(configs)]
-    for case in cases:
-        cells = [ratio[(*case, c)] for c in configs]
-        best = min(cells, key=lambda r: r["tiled_over_packed"])
-        lines.append(
-            f"| {case[0]} | {case[1]}->{case[2]} | {case[3]} | "
-            f"{cells[0]['time_packed_ms']:.3f} | "
-            + " | ".join(
-                (f"**{r['tiled_over_packed']:.2f}**" if r is best
-                 else f"{r['tiled_over_packed']:.2f}") for r in cells
-            ) + " |"
-        )
-    return lines
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny settings (a smoke test)")
@@ -716,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "command": "python -m gblr.bench.speed " + " ".join(
             argv if argv is not None else sys.argv[1:]),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "reps": reps,
@@ -732,8 +464,8 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps({"meta": meta, "layers": rows, "minilm": e2e, "tile_sweep": sweep},
                    indent=2)
     )
-    (args.out / "results.md").write_text(_markdown(meta, rows, e2e, sweep))
-    _plot(rows, args.out / "speed_vs_cost.png")
+    (args.out / "results.md").write_text(speed_markdown(meta, rows, e2e, sweep))
+    plot_speed(rows, args.out / "speed_vs_cost.png")
     print(f"wrote {args.out}/results.md, results.json, speed_vs_cost.png")
     return 0
 
