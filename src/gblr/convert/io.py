@@ -27,6 +27,7 @@ from gblr.convert.replace import COMPRESSION_ATTR, dense_weight
 from gblr.convert.select import layer_kind
 from gblr.core.surgery import set_submodule
 from gblr.layers.base import StructuredLinear, get_structure
+from gblr.layers.conv import GBLRConv2d
 
 __all__ = ["save_compressed", "load_compressed", "CONFIG_FILE", "WEIGHTS_FILE", "FORMAT"]
 
@@ -62,7 +63,7 @@ def _is_json(value: Any) -> bool:
 
 def _replaced_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Structured layers and GBLR convs of ``model``, not counting those nested in a conv."""
-    conv_cls = getattr(importlib.import_module("gblr"), "GBLRConv2d", None)
+    conv_cls = GBLRConv2d
     found: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         if any(name.startswith(f"{outer}.") for outer in found):
@@ -254,7 +255,7 @@ def load_compressed(
         if kind is None or kind != entry.get("kind", kind):
             raise ValueError(f"layer {name!r} of the saved model has no matching layer in the base")
         if kind == "conv2d":
-            cls = importlib.import_module("gblr").GBLRConv2d
+            cls = GBLRConv2d
         else:
             cls = get_structure(entry["structure"])
         if f"{cls.__module__}.{cls.__qualname__}" != entry["class"]:

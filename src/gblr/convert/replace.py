@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib
 import inspect
 import re
 import time
@@ -14,6 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from gblr.accounting import flops_report
 from gblr.convert.calibrate import (
     calibration_batches,
     capture_second_moments,
@@ -28,6 +28,8 @@ from gblr.convert.select import layer_settings, select_layers
 from gblr.convert.sensitivity import sensitivity_budgets
 from gblr.core.surgery import set_submodule
 from gblr.layers.base import StructuredLinear, get_structure
+from gblr.layers.conv import GBLRConv2d
+from gblr.projection import Calibration, allocate
 
 __all__ = ["compress", "CompressionResult", "dense_weight", "COMPRESSION_ATTR"]
 
@@ -55,13 +57,6 @@ def _global_budgets(
     weights: dict[str, torch.Tensor], settings: dict[str, dict[str, Any]], budget: float,
     moments: dict[str, torch.Tensor], progress: bool,
 ) -> dict[str, float]:
-    gblr = importlib.import_module("gblr")
-    allocate = getattr(gblr, "allocate", None)
-    if allocate is None:
-        raise ValueError(
-            "allocation='global' needs gblr.allocate, which this installation lacks; "
-            "use allocation='uniform'"
-        )
     structures = {settings[n]["structure"] for n in weights}
     if len(structures) != 1:
         raise ValueError(
@@ -69,10 +64,8 @@ def _global_budgets(
         )
     kwargs: dict[str, Any] = {"structure": structures.pop(), "progress": progress}
     if moments:
-        wrap = getattr(getattr(gblr, "Calibration", None), "from_second_moment", None)
-        if wrap is None:
-            raise ValueError("allocation='global' with calibration needs gblr.Calibration")
-        kwargs["calibration"] = {n: wrap(moments[n]) for n in weights if n in moments}
+        kwargs["calibration"] = {n: Calibration.from_second_moment(moments[n])
+                                 for n in weights if n in moments}
     return dict(allocate(weights, budget, **kwargs))
 
 
@@ -83,9 +76,8 @@ def _project_conv(name: str, conv: nn.Conv2d, setting: dict[str, Any], budget: f
             f"layer {name!r} is an nn.Conv2d, which only structure 'gblr' (gblr.GBLRConv2d) "
             f"can replace, not {setting['structure']!r}; exclude it or override its structure"
         )
-    conv_cls = importlib.import_module("gblr").GBLRConv2d
     try:
-        return conv_cls.from_conv(conv, budget, **setting["kwargs"])
+        return GBLRConv2d.from_conv(conv, budget, **setting["kwargs"])
     except (TypeError, ValueError) as err:
         raise type(err)(f"projecting conv layer {name!r}: {err}") from err
 
@@ -265,7 +257,7 @@ def compress(
             )
         )
         set_submodule(model, name, new)
-    report.flops = importlib.import_module("gblr").flops_report(model)
+    report.flops = flops_report(model)
     setattr(model, COMPRESSION_ATTR, {
         "config": _recordable_config(config, layers),
         "fingerprint": fingerprint,

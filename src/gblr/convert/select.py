@@ -10,7 +10,6 @@ error, as is a pattern matching nothing. Leaves without weights (dropout) are sk
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -21,7 +20,6 @@ from gblr.convert.config import ALL_LINEAR, REGEX_PREFIX, CompressionConfig
 
 __all__ = [
     "layer_kind",
-    "conv2d_supported",
     "matches",
     "select_layers",
     "layer_settings",
@@ -37,11 +35,6 @@ def _hf_conv1d_type() -> type | None:
     except Exception:  # transformers is optional
         return None
     return Conv1D
-
-
-def conv2d_supported() -> bool:
-    """Whether this installation has ``gblr.GBLRConv2d`` to replace ``nn.Conv2d`` layers."""
-    return hasattr(importlib.import_module("gblr"), "GBLRConv2d")
 
 
 def layer_kind(module: nn.Module) -> str | None:
@@ -89,11 +82,6 @@ def _describe(pattern: Any) -> str:
 
 def _check_kind(name: str, module: nn.Module) -> str:
     kind = layer_kind(module)
-    if kind == "conv2d" and not conv2d_supported():
-        raise ValueError(
-            f"layer {name!r} is an nn.Conv2d, but this installation has no gblr.GBLRConv2d to "
-            "replace it; exclude it or target linear layers only"
-        )
     if kind is None:
         raise ValueError(
             f"layer {name!r} of type {type(module).__name__} cannot be replaced; "
