@@ -202,8 +202,8 @@ def test_matches_nn_linear_interface():
         (dict(in_features=4, out_features=6, rank_per_component=5), "rank_per_component"),
         (dict(in_features=4, out_features=6, sigma=-1.0), "sigma"),
         (dict(in_features=4, out_features=6, path="fast"), "path"),
-        (dict(in_features=4, out_features=6, init="lowrank"), "budget"),
-        (dict(in_features=4, out_features=6, init="lowrank", budget=1.5), "budget"),
+        (dict(in_features=4, out_features=6, init="lowrank"), "init_fraction"),
+        (dict(in_features=4, out_features=6, init="lowrank", init_fraction=1.5), "init_fraction"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, match):
@@ -225,7 +225,7 @@ def test_wrong_last_dimension(shape):
 
 def test_lowrank_init_off_components_can_regrow():
     torch.manual_seed(0)
-    layer = GBLRLinear(16, 24, init="lowrank", budget=0.3, sigma=2.0)
+    layer = GBLRLinear(16, 24, init="lowrank", init_fraction=0.3, sigma=2.0)
     on = layer.active_components()
     assert 0 < int(on.sum()) < layer.num_components
     assert torch.all(layer.widths[:, on] == 1.0)
@@ -263,3 +263,21 @@ def test_components_off_on_both_axes_are_skipped_exactly(rank, path, sigma):
         torch.testing.assert_close(getattr(layer, name).grad, getattr(full, name).grad)
     if sigma is not None:
         assert float(layer.widths.grad[0, 2].abs()) > 0  # the half-off component learns
+
+
+def test_renamed_names_warn_and_agree():
+    """flops()/dense_flops() and GBLRLinear(budget=) are deprecated aliases of macs(),
+    dense_macs() and init_fraction=: same values, one DeprecationWarning each."""
+    torch.manual_seed(0)
+    layer = GBLRLinear(16, 24, init="lowrank", init_fraction=0.3).eval()
+    with pytest.warns(DeprecationWarning, match="macs"):
+        assert layer.flops() == layer.macs()
+    with pytest.warns(DeprecationWarning, match="dense_macs"):
+        assert layer.dense_flops() == layer.dense_macs() == 16 * 24
+    torch.manual_seed(0)
+    with pytest.warns(DeprecationWarning, match="init_fraction"):
+        old = GBLRLinear(16, 24, init="lowrank", budget=0.3).eval()
+    assert old.init_fraction == 0.3
+    assert torch.equal(old.widths, layer.widths)
+    with pytest.raises(ValueError, match="init_fraction"), pytest.warns(DeprecationWarning):
+        GBLRLinear(16, 24, init="lowrank", budget=0.3, init_fraction=0.3)

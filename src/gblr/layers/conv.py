@@ -49,8 +49,9 @@ class GBLRConv2d(FlopsAliases, nn.Module):
         path: ``"dense"`` (materialize the kernel, one ``conv2d``), ``"lowrank"``
             (``conv2d`` with ``V`` as kernel, then a 1x1 conv with ``U``) or ``"auto"``
             (fewer MACs for the input at hand). Evaluation always materializes the kernel.
-        num_components, rank_per_component, sigma, init, budget, location_init:
-            passed to each :class:`GBLRLinear`.
+        num_components, rank_per_component, sigma, init, init_fraction, location_init:
+            passed to each :class:`GBLRLinear` (``budget=`` is ``init_fraction``'s deprecated
+            name).
 
     Cost: :meth:`macs` is the evaluation-mode MACs per *output position* (one output
     pixel of one image, all output channels), the sum of the GBLR costs; :meth:`macs`
@@ -74,11 +75,12 @@ class GBLRConv2d(FlopsAliases, nn.Module):
         rank_per_component: int = 1,
         sigma: float | None = None,
         init: str = "svd",
-        budget: float | None = None,
+        init_fraction: float | None = None,
         location_init: str = "even",
         path: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        budget: float | None = None,
     ) -> None:
         super().__init__()
         self.in_channels = check_positive("in_channels", in_channels)
@@ -104,8 +106,9 @@ class GBLRConv2d(FlopsAliases, nn.Module):
                 bias=False,
                 sigma=sigma,
                 init=init,
-                budget=budget,
+                init_fraction=init_fraction,
                 location_init=location_init,
+                budget=budget,
                 device=device,
                 dtype=dtype,
             )

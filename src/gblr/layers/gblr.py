@@ -16,6 +16,7 @@ from torch import nn
 from gblr.core import boxes
 from gblr.core.boxes import INPUT_AXIS, OUTPUT_AXIS
 from gblr.core.budget import check_budget
+from gblr.core.deprecation import warn_renamed
 from gblr.core.cost import grouped_component_cost
 from gblr.core.validate import check_positive
 from gblr.layers.base import StructuredLinear, check_matrix, provider, register_structure
@@ -48,10 +49,13 @@ class GBLRLinear(StructuredLinear):
         bias: learn an additive bias.
         sigma: Gaussian low-pass of the masks (None: sharp boxes).
         init: ``"svd"`` (all widths 1, factors from the SVD of a dense init), ``"lowrank"``
-            (enough full-width components to meet ``budget``, the rest off but able to regrow),
-            ``"sparse_lowrank"`` (half the budget in full-width components, half in short ones)
+            (enough full-width components to take ``init_fraction`` of the dense cost, the rest
+            off but able to regrow), ``"sparse_lowrank"`` (half of ``init_fraction`` in
+            full-width components, half in short ones)
             or ``"random"`` (all widths 1, random factors; allows any ``K``).
-        budget: fraction of dense cost used by the ``"lowrank"`` and ``"sparse_lowrank"`` inits.
+        init_fraction: share of the dense cost the ``"lowrank"`` and ``"sparse_lowrank"`` inits
+            start at (not a budget: nothing enforces it later). ``budget=`` is its deprecated
+            old name.
         location_init: ``"even"``, ``"constant"`` (all 0) or ``"random"``.
         path: forward path, ``"dense"`` (build W, then ``F.linear``), ``"lowrank"``
             (``x -> (x V_m^T) U_m^T``) or ``"auto"`` (whichever needs fewer MACs).
@@ -72,13 +76,19 @@ class GBLRLinear(StructuredLinear):
         bias: bool = True,
         sigma: float | None = None,
         init: str = "svd",
-        budget: float | None = None,
+        init_fraction: float | None = None,
         location_init: str = "even",
         path: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        budget: float | None = None,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        if budget is not None:
+            warn_renamed("GBLRLinear(budget=)", "init_fraction= (the initial share of the cost)")
+            if init_fraction is not None:
+                raise ValueError("pass init_fraction= only (budget= is its deprecated name)")
+            init_fraction = budget
         r = check_positive("rank_per_component", rank_per_component)
         min_dim = min(self.in_features, self.out_features)
         if r > min_dim:
@@ -101,13 +111,13 @@ class GBLRLinear(StructuredLinear):
                 f"location_init must be one of {LOCATION_INITS}, got {location_init!r}"
             )
         if init in ("lowrank", "sparse_lowrank"):
-            if budget is None:
-                raise ValueError(f"init={init!r} needs a budget")
-            check_budget(budget)
+            if init_fraction is None:
+                raise ValueError(f"init={init!r} needs init_fraction")
+            check_budget(init_fraction, "init_fraction")
         self.num_components = k
         self.rank_per_component = r
         self.init = init
-        self.budget = budget
+        self.init_fraction = init_fraction
         self.location_init = location_init
         self.path = path
         self.sigma = sigma
@@ -164,7 +174,7 @@ class GBLRLinear(StructuredLinear):
         widths = torch.ones(2, k)
         if self.init in ("svd", "random"):
             return widths
-        limit = self.budget * n_in * n_out
+        limit = self.init_fraction * n_in * n_out
         full_share = limit if self.init == "lowrank" else limit / 2
         n_full = min(k, int(full_share // (r * (n_in + n_out))))
         # an off component is closed on the output axis only: with both axes at width 0 the

@@ -29,7 +29,7 @@ def make_linear(
 
     ``"dense"`` is ``nn.Linear`` (the budget is ignored); ``"gblr"`` is :class:`GBLRLinear`
     built with the keyword arguments in ``gblr`` (``init``, ``num_components``, ...; ``budget``
-    is passed for the budget-aware inits); the others come from the structure registry,
+    is its ``init_fraction`` unless given, for the ``"lowrank"``/``"sparse_lowrank"`` inits); the others come from the structure registry,
     ``get_structure(kind)(in, out, budget=budget, bias=bias)``.
     """
     if kind not in LINEAR_KINDS:
@@ -39,7 +39,7 @@ def make_linear(
     budget = check_budget(budget)
     if kind == "gblr":
         opts = dict(gblr or {})
-        opts.setdefault("budget", budget)
+        opts.setdefault("init_fraction", budget)
         return GBLRLinear(in_features, out_features, bias=bias, **opts)
     return get_structure(kind)(in_features, out_features, budget=budget, bias=bias)
 

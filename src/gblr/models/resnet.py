@@ -23,7 +23,7 @@ def _conv3x3(cin: int, cout: int, stride: int, linear: str, budget: float,
         return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
 
     opts = dict(gblr or {})
-    opts.setdefault("budget", budget)
+    opts.setdefault("init_fraction", budget)
     return GBLRConv2d(cin, cout, 3, stride=stride, padding=1, bias=False, **opts)
 
 
