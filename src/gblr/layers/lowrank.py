@@ -6,7 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gblr.core.budget import check_budget, check_within_budget, max_rank_for_budget
+from gblr.core.budget import (
+    budget_to_macs,
+    check_budget,
+    check_within_budget,
+    max_rank_for_budget,
+)
 from gblr.core.cost import lowrank_cost
 from gblr.core.validate import check_positive
 from gblr.layers.base import (
@@ -35,7 +40,7 @@ def _resolve_rank(
             raise ValueError(
                 f"budget={budget} is too small for rank 1 on a {out_features}x{in_features} "
                 f"weight (needs {in_features + out_features} MACs, budget allows "
-                f"{budget * in_features * out_features:.1f})"
+                f"{budget_to_macs(budget, in_features, out_features):.1f})"
             )
         return rank
     rank = check_positive("rank", rank)

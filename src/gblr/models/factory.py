@@ -28,8 +28,9 @@ def make_linear(
     """A ``in -> out`` layer of structure ``kind`` at ``budget`` (fraction of dense cost).
 
     ``"dense"`` is ``nn.Linear`` (the budget is ignored); ``"gblr"`` is :class:`GBLRLinear`
-    built with the keyword arguments in ``gblr`` (``init``, ``num_components``, ...; ``budget``
-    is its ``init_fraction`` unless given, for the ``"lowrank"``/``"sparse_lowrank"`` inits); the others come from the structure registry,
+    built with the keyword arguments in ``gblr`` (``init``, ``num_components``, ...;
+    ``budget`` is its ``init_fraction`` unless given, for the ``"lowrank"`` and
+    ``"sparse_lowrank"`` inits); the others come from the structure registry,
     ``get_structure(kind)(in, out, budget=budget, bias=bias)``.
     """
     if kind not in LINEAR_KINDS:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from gblr.core.budget import check_budget, max_rank_for_budget
+from gblr.core.budget import budget_to_macs, check_budget, max_rank_for_budget, within_budget
 from gblr.core.validate import check_positive
 from gblr.layers.base import StructuredLinear, check_bias, check_matrix, get_structure, provide
 from gblr.projection.calibration import Calibration, as_calibration, relative_error
@@ -140,7 +140,7 @@ def project(
             raise ValueError(
                 f"budget={budget} is too small for one rank-{r} component of a "
                 f"{out_features}x{in_features} matrix (needs {r * (in_features + out_features)} "
-                f"MACs, budget allows {budget * in_features * out_features:.0f})"
+                f"MACs, budget allows {budget_to_macs(budget, in_features, out_features):.0f})"
             )
         search_opts = SearchOptions.from_kwargs(opts)
         layer, info = search_gblr(
@@ -169,10 +169,10 @@ def project(
     with torch.no_grad():
         error = relative_error(layer.to_dense(), w, cal)
     cost = int(layer.macs())
-    if cost > budget * in_features * out_features * (1 + 1e-9):
+    if not within_budget(cost, budget, in_features, out_features):
         raise RuntimeError(
             f"{structure} projection costs {cost} MACs, over the budget "
-            f"{budget * in_features * out_features:.0f}"
+            f"{budget_to_macs(budget, in_features, out_features):.0f}"
         )
     record = ProjectionRecord(
         name=name, shape=(out_features, in_features), structure=structure, budget=budget,

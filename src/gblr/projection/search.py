@@ -25,7 +25,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from gblr.core.boxes import fit_widths, integer_boxes
-from gblr.core.budget import max_rank_for_budget
+from gblr.core.budget import budget_to_macs, max_rank_for_budget
 from gblr.layers.gblr import GBLRLinear
 from gblr.projection.calibration import Calibration, relative_error
 from gblr.projection.svd import lowrank_factors
@@ -230,7 +230,7 @@ def sparse_start(
     """Low rank plus dense blocks on a grid where the residual is largest (None if none fit)."""
     out_features, in_features = weight.shape
     r = rank_per_component
-    limit = budget * in_features * out_features
+    limit = budget_to_macs(budget, in_features, out_features)
     rank = int(max_rank_for_budget(in_features, out_features, budget) * lowrank_share) // r * r
     if rank < r:
         return None
@@ -389,7 +389,7 @@ def search_gblr(
     opts = opts or SearchOptions()
     t0 = time.perf_counter()
     out_features, in_features = weight.shape
-    limit = budget * in_features * out_features
+    limit = budget_to_macs(budget, in_features, out_features)
     w = weight.detach().float()
     start = svd_start(w, budget, rank_per_component, calibration).to(w.device)
     svd_error = _error(start, weight, calibration)
