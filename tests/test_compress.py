@@ -55,6 +55,17 @@ def tiny_gpt2(seed: int = 0, vocab: int = 100, head: bool = False) -> nn.Module:
 IDS = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
 
 
+@pytest.fixture(autouse=True)
+def _data_home(tmp_path, monkeypatch):
+    """``gblr compress`` without --out writes under $XDG_DATA_HOME: a temporary one here."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
+
+
+def plain_config(**changes) -> CompressionConfig:
+    """A projection from the weights alone (no calibration data): the preset "weights-only"."""
+    return CompressionConfig.preset("weights-only", **changes)
+
+
 # -- config -------------------------------------------------------------------------------------
 def test_config_json_round_trip(tmp_path):
     cfg = CompressionConfig(
@@ -126,8 +137,8 @@ def test_select_errors_name_the_problem():
     with pytest.raises(ValueError, match="exclude pattern 'nope'"):
         select_layers(model, ["query"], ["nope"])
     with pytest.raises(ValueError, match="override pattern 'pooler'"):
-        compress(model, CompressionConfig(target_modules=["query"],
-                                          overrides={"pooler": {"budget": 0.2}}), progress=False)
+        compress(model, plain_config(target_modules=["query"],
+                                     overrides={"pooler": {"budget": 0.2}}), progress=False)
     with pytest.raises(ValueError, match="LayerNorm"):
         select_layers(model, ["encoder.layer.0.output.LayerNorm"])
 
@@ -136,8 +147,8 @@ def test_select_errors_name_the_problem():
 def test_compress_bert_in_place_meets_budget():
     model = tiny_bert()
     ref = model(input_ids=IDS).last_hidden_state
-    cfg = CompressionConfig(steps=0, budget=0.5, target_modules=["encoder"],
-                            overrides={"intermediate.dense": {"budget": 0.3}})
+    cfg = plain_config(steps=0, budget=0.5, target_modules=["encoder"],
+                       overrides={"intermediate.dense": {"budget": 0.3}})
     out, report = compress(model, cfg, progress=False)
     assert out is model
     assert isinstance(model.encoder.layer[0].attention.self.query, gblr.GBLRLinear)
@@ -157,8 +168,8 @@ def test_compress_bert_in_place_meets_budget():
 
 def test_global_allocation():
     model = tiny_bert()
-    cfg = CompressionConfig(budget=0.4, target_modules=["encoder"], allocation="global",
-                            steps=1 if hasattr(gblr, "allocate") else None)
+    cfg = plain_config(budget=0.4, target_modules=["encoder"], allocation="global",
+                       steps=1 if hasattr(gblr, "allocate") else None)
     if not hasattr(gblr, "allocate"):
         with pytest.raises(ValueError, match="gblr.allocate"):
             compress(model, cfg, progress=False)
@@ -172,8 +183,8 @@ def test_compress_gpt2_conv1d_is_transposed():
     model = tiny_gpt2()
     conv = model.h[0].mlp.c_fc  # weight stored (in=32, out=128)
     weight, bias = conv.weight.detach().t().clone(), conv.bias.detach().clone()
-    _, report = compress(model, CompressionConfig(structure="lowrank", budget=0.5,
-                                                  target_modules=["c_fc"]), progress=False)
+    _, report = compress(model, plain_config(structure="lowrank", budget=0.5,
+                                             target_modules=["c_fc"]), progress=False)
     layer = model.h[0].mlp.c_fc
     assert (layer.in_features, layer.out_features) == (32, 128)
     rank = gblr.cost.max_rank_for_budget(32, 128, 0.5)
@@ -185,7 +196,7 @@ def test_compress_gpt2_conv1d_is_transposed():
     assert report.layers[0].kind == "conv1d"
     # GBLR's projection is never worse than that truncated SVD
     gpt = tiny_gpt2()
-    cfg = CompressionConfig(steps=3, budget=0.5, target_modules=["h.0.mlp.c_fc"])
+    cfg = plain_config(steps=3, budget=0.5, target_modules=["h.0.mlp.c_fc"])
     _, report = compress(gpt, cfg, progress=False)
     svd_error = float(torch.linalg.norm(best - weight.double()) / torch.linalg.norm(weight))
     assert report.layers[0].rel_error <= svd_error + 1e-4
@@ -200,8 +211,8 @@ def test_compress_plain_module_and_calibration_checks():
     h = torch.relu(model[0](x)).double()
     assert torch.allclose(moments["2"], h.t() @ h / 64, atol=1e-6)
     with pytest.raises(ValueError, match="calibration_data was given"):
-        compress(copy.deepcopy(model), CompressionConfig(), calibration_data=x, progress=False)
-    _, report = compress(model, CompressionConfig(steps=0, budget=0.6), progress=False)
+        compress(copy.deepcopy(model), plain_config(), calibration_data=x, progress=False)
+    _, report = compress(model, plain_config(steps=0, budget=0.6), progress=False)
     assert [r.name for r in report.layers] == ["0", "2"] and model[2].bias is None
     assert model(x).shape == (64, 8)
 
@@ -215,7 +226,7 @@ def test_compress_conv2d_and_save_load(tmp_path):
 
     model = cnn()
     x = torch.randn(2, 3, 6, 6)
-    cfg = CompressionConfig(steps=0, budget=0.5, target_modules=["2", "4"])
+    cfg = plain_config(steps=0, budget=0.5, target_modules=["2", "4"])
     _, report = compress(model, cfg, progress=False)
     assert isinstance(model[2], gblr.GBLRConv2d) and report.layers[0].kind == "conv2d"
     assert report.layers[0].cost <= 0.5 * report.layers[0].dense_cost
@@ -225,7 +236,7 @@ def test_compress_conv2d_and_save_load(tmp_path):
     again = load_compressed(cnn, tmp_path / "cnn")
     assert torch.equal(again(x), out)
     with pytest.raises(ValueError, match="only structure 'gblr'"):
-        compress(cnn(), CompressionConfig(structure="lowrank", target_modules=["2"]),
+        compress(cnn(), plain_config(structure="lowrank", target_modules=["2"]),
                  progress=False)
 
 
@@ -267,7 +278,7 @@ def test_sequential_calibration():
     for mode in ("inputs", "sequential"):
         student = copy.deepcopy(model)
         cfg = CompressionConfig(structure="lowrank", budget=0.3, calibration=True,
-                                calibration_mode=mode)
+                                calibration_mode=mode, allocation="uniform")
         # a generator is read once per layer in sequential mode: compress keeps the batches
         compress(student, cfg, calibration_data=(b for b in (x[:128], x[128:])),
                  progress=False)
@@ -280,7 +291,7 @@ def test_sequential_calibration():
     assert [len(g) for g in groups] == [3, 1, 1, 1]  # query, key and value share their input
     cnn = nn.Sequential(nn.Conv2d(3, 4, 3))
     cfg = CompressionConfig(steps=0, calibration=True, calibration_mode="sequential",
-                            target_modules=["0"])
+                            allocation="uniform", target_modules=["0"])
     with pytest.raises(ValueError, match="calibration of layer"):
         compress(cnn, cfg, calibration_data=[torch.randn(1, 3, 6, 6)], progress=False)
     with pytest.raises(ValueError, match="calibration_mode must be one of"):
@@ -293,7 +304,7 @@ def test_sequential_calibration():
 def _compressed_bert(steps: int = 2):
     model = tiny_bert()
     teacher = copy.deepcopy(model)
-    compress(model, CompressionConfig(steps=0, budget=0.4, target_modules=["encoder"]),
+    compress(model, plain_config(steps=0, budget=0.4, target_modules=["encoder"]),
              progress=False)
     batches = ({"input_ids": IDS, "attention_mask": torch.ones_like(IDS)} for _ in range(steps))
     distill(model, teacher, batches, steps=steps, budget=0.4, structure_lr=0.05, progress=False)
@@ -320,8 +331,8 @@ def test_save_load_every_structure(tmp_path, structure):
     if structure not in gblr.STRUCTURES:
         pytest.skip(f"structure {structure!r} is not in this installation")
     model = tiny_bert()
-    compress(model, CompressionConfig(structure=structure, budget=0.5,
-                                      target_modules=["intermediate", "output.dense"]),
+    compress(model, plain_config(structure=structure, budget=0.5,
+                                 target_modules=["intermediate", "output.dense"]),
              progress=False)
     out = model(input_ids=IDS).last_hidden_state
     save_compressed(model, tmp_path / structure)
@@ -331,7 +342,7 @@ def test_save_load_every_structure(tmp_path, structure):
 
 def test_save_load_tied_gpt2_head(tmp_path):
     model = tiny_gpt2(head=True)
-    compress(model, CompressionConfig(steps=0, budget=0.5), progress=False)
+    compress(model, plain_config(steps=0, budget=0.5), progress=False)
     logits = model(input_ids=IDS).logits
     save_compressed(model, tmp_path / "g")
     again = load_compressed(tiny_gpt2(seed=4, head=True), tmp_path / "g")
@@ -369,7 +380,7 @@ def test_save_refuses_existing_dir_and_load_refuses_bad_files(tmp_path):
 # -- distillation -------------------------------------------------------------------------------
 def test_distill_shrinks_onto_the_budget_and_holds_it():
     model, teacher = tiny_bert(), tiny_bert()
-    compress(model, CompressionConfig(steps=0, budget=0.5, target_modules=["encoder"]),
+    compress(model, plain_config(steps=0, budget=0.5, target_modules=["encoder"]),
              progress=False)
     layers = [m for m in model.modules() if isinstance(m, gblr.GBLRLinear)]
     with torch.no_grad():
@@ -394,7 +405,7 @@ def test_distill_shrinks_onto_the_budget_and_holds_it():
 
 def test_distill_with_structure_lr_zero_keeps_the_structure():
     model, teacher = tiny_bert(), tiny_bert()
-    compress(model, CompressionConfig(steps=0, budget=0.4, target_modules=["encoder"]),
+    compress(model, plain_config(steps=0, budget=0.4, target_modules=["encoder"]),
              progress=False)
     layers = [m for m in model.modules() if isinstance(m, gblr.GBLRLinear)]
     before = [(m.widths.detach().clone(), m.locations.detach().clone()) for m in layers]
@@ -410,7 +421,7 @@ def test_distill_curve_measures_held_out_quality_off_the_clock():
     import time
 
     model, teacher = tiny_bert(), tiny_bert(seed=1)
-    compress(model, CompressionConfig(steps=0, budget=0.4, target_modules=["encoder"]),
+    compress(model, plain_config(steps=0, budget=0.4, target_modules=["encoder"]),
              progress=False)
     layer = model.encoder.layer[0].output.dense
     modes = []  # the structured layer's mode when each evaluation starts
@@ -468,7 +479,7 @@ def test_autocast_dtype(monkeypatch):
     with pytest.raises(ValueError, match="precision must be one of"):
         autocast_dtype("fp8", "cpu")
     model, teacher = tiny_bert(), tiny_bert()
-    compress(model, CompressionConfig(steps=0, budget=0.5, target_modules=["encoder"]),
+    compress(model, plain_config(steps=0, budget=0.5, target_modules=["encoder"]),
              progress=False)
     with pytest.raises(ValueError, match="precision"):
         distill(model, teacher, [], steps=1, precision="half", progress=False)
@@ -478,7 +489,7 @@ def test_distill_in_bfloat16_trains_and_restores_attention():
     model = tiny_bert()
     model.set_attn_implementation("sdpa")
     teacher = tiny_bert(seed=1)  # another model: there is something to learn
-    compress(model, CompressionConfig(steps=0, budget=0.4, target_modules=["encoder"]),
+    compress(model, plain_config(steps=0, budget=0.4, target_modules=["encoder"]),
              progress=False)
     seen = []  # (attention implementation, dtype of the first linear layer's output) per call
     model.encoder.layer[0].attention.self.query.register_forward_hook(
@@ -646,8 +657,8 @@ def test_minilm_first_block_keeps_embeddings():
     model, tokenizer = load_hf_model(Path(gt.get_model_path()))
     texts = read_passages(default_corpus_path())[:24]
     ref = sentence_embeddings(model, tokenizer, texts, max_length=48)
-    _, report = compress(model, CompressionConfig(steps=0, budget=0.5,
-                                                  target_modules=["layer.0.attention.self"]),
+    _, report = compress(model, plain_config(steps=0, budget=0.5,
+                                             target_modules=["layer.0.attention.self"]),
                          progress=False)
     assert len(report.layers) == 3 and report.cost <= 0.5 * report.dense_cost
     got = sentence_embeddings(model, tokenizer, texts, max_length=48)

