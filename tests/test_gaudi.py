@@ -42,7 +42,27 @@ def test_dc_term_is_width(sigma):
 def test_gradcheck(n, sigma):
     w = torch.tensor([0.0, 0.31, 0.5, 0.93, 1.0], dtype=torch.float64, requires_grad=True)
     l = torch.tensor([0.1, 0.77, 0.0, 0.45, 0.9], dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, b: gaudi_mask(a, b, n, sigma), (w, l))
+    # finite differences at widths 0 and 1 step just outside [0, 1]: the formula is defined
+    # there, and check=False lets gradcheck probe it
+    assert torch.autograd.gradcheck(lambda a, b: gaudi_mask(a, b, n, sigma, check=False), (w, l))
+
+
+@pytest.mark.parametrize(
+    ("width", "location", "n", "sigma", "match"),
+    [
+        ([1.5], [0.0], 8, None, r"\[0, 1\]"),
+        ([-0.1], [0.0], 8, None, r"\[0, 1\]"),
+        ([0.5], [float("nan")], 8, None, "finite"),
+        ([float("nan")], [0.0], 8, None, "finite"),
+        ([0.5], [0.0], 5.5, None, "n must be a positive integer"),
+        ([0.5], [0.0], True, None, "n must be a positive integer"),
+        ([0.5], [0.0], 8, float("inf"), "sigma"),
+        ([0.5], [0.0], 8, 0.0, "sigma"),
+    ],
+)
+def test_bad_arguments_are_refused(width, location, n, sigma, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        gaudi_mask(torch.tensor(width), torch.tensor(location), n, sigma)
 
 
 def test_gradient_at_zero_width_is_nonzero():

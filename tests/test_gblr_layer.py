@@ -281,3 +281,24 @@ def test_renamed_names_warn_and_agree():
     assert torch.equal(old.widths, layer.widths)
     with pytest.raises(ValueError, match="init_fraction"), pytest.warns(DeprecationWarning):
         GBLRLinear(16, 24, init="lowrank", budget=0.3, init_fraction=0.3)
+
+
+def test_structure_keeps_float32_under_low_precision():
+    """.to(bfloat16) and a half-precision from_dense keep the boxes: widths and locations stay
+    float32, so cost and structure are those of the float32 layer."""
+    import copy
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 48)
+    layer = GBLRLinear.from_dense(w, 0.3, steps=0)
+    x = torch.randn(5, 48)
+    ref = layer(x)
+    low = copy.deepcopy(layer).to(torch.bfloat16)
+    assert low.U.dtype == torch.bfloat16 and low.widths.dtype == torch.float32
+    assert low.macs() == layer.macs()
+    assert torch.equal(low.widths, layer.widths) and torch.equal(low.locations, layer.locations)
+    out = low(x.bfloat16()).float()
+    assert float((out - ref).norm() / ref.norm()) < 0.02
+    half = GBLRLinear.from_dense(w.half(), 0.3, steps=0)
+    assert half.widths.dtype == torch.float32 and half.macs() == layer.macs()
+    assert GBLRLinear(8, 8).double().widths.dtype == torch.float64

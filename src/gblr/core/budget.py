@@ -44,6 +44,8 @@ def fits(cost: float, limit: float) -> bool:
 
 def check_budget(budget: float, name: str = "budget") -> float:
     """Validate a budget: a fraction of the dense cost in ``(0, 1]``."""
+    if isinstance(budget, bool | str | bytes):
+        raise TypeError(f"{name} must be a number in (0, 1], got {budget!r}")
     try:
         b = float(budget)
     except (TypeError, ValueError):

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_positive"]
+__all__ = ["check_positive", "check_float_dtype", "check_finite"]
 
 
 def check_positive(name: str, value: int) -> int:
     """Return ``value`` as an int, or raise naming ``name`` if it is not a positive integer."""
-    if isinstance(value, bool) or not isinstance(value, int | torch.SymInt):
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a positive integer, got {value!r}")
+    if not isinstance(value, int | torch.SymInt):
         try:
             as_int = int(value)
         except (TypeError, ValueError):
@@ -20,3 +22,34 @@ def check_positive(name: str, value: int) -> int:
     if value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value}")
     return int(value)
+
+
+def check_float_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """Return ``dtype``, or raise naming ``name`` if it is not a floating-point dtype.
+
+    Integer, boolean and complex dtypes are refused: casting a layer's factors to them
+    silently rounds (mostly to zero) instead of computing the layer.
+    """
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"{name} must be a torch.dtype, got {dtype!r}")
+    if not dtype.is_floating_point:
+        raise ValueError(
+            f"{name} must be a floating-point dtype (torch.float32, torch.bfloat16, ...), "
+            f"got {dtype}"
+        )
+    return dtype
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """Return ``tensor``, or raise a ``ValueError`` naming ``name`` if a floating-point
+    ``tensor`` holds a NaN or an infinity (other dtypes pass unchecked)."""
+    if tensor.is_floating_point() or tensor.is_complex():
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            n_nan = int(torch.isnan(tensor).sum())
+            n_inf = int((~finite).sum()) - n_nan
+            what = " and ".join(
+                f"{n} {kind}" for n, kind in ((n_nan, "NaN"), (n_inf, "Inf")) if n
+            )
+            raise ValueError(f"tensor {name} holds {what} value(s); refusing a non-finite tensor")
+    return tensor

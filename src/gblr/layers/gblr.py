@@ -16,19 +16,32 @@ from torch import nn
 from gblr.core import boxes
 from gblr.core.boxes import INPUT_AXIS, OUTPUT_AXIS
 from gblr.core.budget import check_budget
-from gblr.core.deprecation import warn_renamed
 from gblr.core.cost import grouped_component_cost
+from gblr.core.deprecation import warn_renamed
 from gblr.core.validate import check_positive
 from gblr.layers.base import StructuredLinear, check_matrix, provider, register_structure
 from gblr.layers.blocks import truncated_svd_factors
 from gblr.ops.costed import costed_linear
 from gblr.ops.gaudi import EVAL_MASK_THRESHOLD, gaudi_mask, round_to_grid
 
-__all__ = ["GBLRLinear", "INIT_SCHEMES", "LOCATION_INITS", "FORWARD_PATHS"]
+__all__ = [
+    "GBLRLinear", "INIT_SCHEMES", "LOCATION_INITS", "FORWARD_PATHS", "STRUCTURE_PARAMETERS",
+]
 
 INIT_SCHEMES = ("svd", "lowrank", "sparse_lowrank", "random")
 LOCATION_INITS = ("even", "constant", "random")
 FORWARD_PATHS = ("auto", "dense", "lowrank")
+
+
+#: The structure parameters of a GBLR layer, kept in float32/float64 whatever its dtype.
+STRUCTURE_PARAMETERS = ("widths", "locations")
+_STRUCTURE_DTYPES = (torch.float32, torch.float64)
+
+
+def _structure_dtype(dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype of widths and locations for a layer of ``dtype``: float64 stays, anything
+    else (16-bit floats, the default) is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_path(value: str) -> str:
@@ -124,9 +137,25 @@ class GBLRLinear(StructuredLinear):
         factory = {"device": device, "dtype": dtype}
         self.U = nn.Parameter(torch.empty(self.out_features, k * r, **factory))
         self.V = nn.Parameter(torch.empty(k * r, self.in_features, **factory))
-        self.widths = nn.Parameter(torch.empty(2, k, **factory))
-        self.locations = nn.Parameter(torch.empty(2, k, **factory))
+        structure = {"device": device, "dtype": _structure_dtype(dtype)}
+        self.widths = nn.Parameter(torch.empty(2, k, **structure))
+        self.locations = nn.Parameter(torch.empty(2, k, **structure))
         self.reset_parameters()
+
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.half()``, ``.cuda()``...: widths and locations follow the device but
+        keep float32 or float64 (the boxes are exact integers of the index grid; a 16-bit
+        float would move them, as normalisation statistics are kept in float32 under mixed
+        precision)."""
+        kept = {name: getattr(self, name).data for name in STRUCTURE_PARAMETERS}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            param = getattr(self, name)
+            if param.dtype not in _STRUCTURE_DTYPES:
+                param.data = old.to(device=param.device, dtype=_structure_dtype(old.dtype))
+                if param.grad is not None:
+                    param.grad = param.grad.to(param.dtype)
+        return self
 
     # -- settings ------------------------------------------------------------------------------
     @property
@@ -204,7 +233,7 @@ class GBLRLinear(StructuredLinear):
             width, location = width[index], location[index]
         width = round_to_grid(width.clamp(0.0, 1.0), n)
         location = round_to_grid(torch.remainder(location, 1.0), n)
-        return gaudi_mask(width, location, n, self.sigma)
+        return gaudi_mask(width, location, n, self.sigma, check=False)
 
     def active_components(self) -> torch.Tensor:
         """Boolean ``(K,)``: components more than one index wide on both axes (evaluation rule)."""

@@ -14,6 +14,8 @@ from contextlib import nullcontext
 
 import torch
 
+from gblr.core.validate import check_positive
+
 __all__ = ["gaudi_mask", "round_to_grid", "EVAL_MASK_THRESHOLD"]
 
 #: Mask entries below this value are zero in evaluation mode.
@@ -44,7 +46,12 @@ def _num_frequencies(n: int, sigma: float | None, dtype: torch.dtype) -> int:
 
 
 def gaudi_mask(
-    width: torch.Tensor, location: torch.Tensor, n: int, sigma: float | None = None
+    width: torch.Tensor,
+    location: torch.Tensor,
+    n: int,
+    sigma: float | None = None,
+    *,
+    check: bool = True,
 ) -> torch.Tensor:
     """Masks of ``K`` components on an axis of length ``n``: a ``(K, n)`` real tensor.
 
@@ -53,6 +60,10 @@ def gaudi_mask(
     e^{-pi i k (w - 1/n)} G_sigma(k)`` for ``k = 0 .. n//2``; it is an exact 0/1
     box when ``w*n`` and ``l*n`` are integers and ``sigma`` is None. Always
     computed in float32 or float64, also under autocast; no rounding is applied.
+
+    With ``check`` the values are validated (finite, widths in ``[0, 1]``), which reads
+    them back from the device; callers that clamp and wrap them already (the GBLR layer's
+    forward pass) skip it.
     """
     if width.dim() != 1 or location.dim() != 1:
         raise ValueError(
@@ -64,11 +75,18 @@ def gaudi_mask(
             f"width and location must have the same length, got {width.shape[0]} "
             f"and {location.shape[0]}"
         )
-    n = int(n)
-    if n <= 0:
-        raise ValueError(f"n must be a positive integer, got {n}")
-    if sigma is not None and not sigma > 0:
-        raise ValueError(f"sigma must be positive or None, got {sigma}")
+    n = check_positive("n", n)
+    if sigma is not None and not (float(sigma) > 0 and math.isfinite(float(sigma))):
+        raise ValueError(f"sigma must be a positive finite number or None, got {sigma}")
+    if not (width.is_floating_point() and location.is_floating_point()):
+        raise TypeError(
+            f"width and location must be floating point, got {width.dtype} and {location.dtype}"
+        )
+    if check and width.numel():
+        if not bool(torch.isfinite(width).all() & torch.isfinite(location).all()):
+            raise ValueError("width and location must be finite (got NaN or Inf)")
+        if not bool(((width >= 0) & (width <= 1)).all()):
+            raise ValueError("width must lie in [0, 1] (fractions of the axis)")
     dtype = torch.float64 if width.dtype == torch.float64 else torch.float32
     if width.shape[0] == 0:  # no components (the FFT refuses an empty batch)
         return (width.to(dtype).unsqueeze(1) * location.to(dtype).unsqueeze(1)).expand(0, n)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -161,6 +162,7 @@ class BudgetController:
         self.dense_total = sum(self.dense)
         self.steps = 0
         self._costs = self._measure()
+        self._enforced: float | None = None  # the cost the last enforce() returned
         self.initial_cost = self.cost_fraction
         self.lam = self._default_lam() if lam is None else float(lam)
 
@@ -296,7 +298,9 @@ class BudgetController:
             return self.cost_fraction
 
         if apply(1.0) < self.target:
-            return self.cost_fraction  # even full width is below the target: nothing to steer
+            # even full width is below the target: nothing to steer
+            self._warn_collapse("the components that are still on cannot regrow to it")
+            return self.cost_fraction
         # cost(lo) < target <= cost(hi)
         _, hi = bisect(lambda t: apply(t) < self.target, 0.0, 1.0, 20)
         return apply(hi)
@@ -312,6 +316,13 @@ class BudgetController:
             layer.locations.remainder_(1.0)
             layer.widths.clamp_(0, 1)
         if self.measure() <= self.target:
+            # below the tolerance, unless a previous enforce() left it there (its shrink
+            # stops at the largest reachable cost under the target)
+            low = self.cost_fraction < self.target * (1.0 - self.tolerance)
+            if low and self.cost_fraction != self._enforced:
+                self._warn_collapse("enforce() only shrinks")
+            self._check_blur()
+            self._enforced = self.cost_fraction
             return self.cost_fraction
         before = self._snapshot()
         caps = []
@@ -331,7 +342,44 @@ class BudgetController:
             )
         # cost(lo) > target >= cost(hi)
         _, hi = bisect(lambda t: apply(t) > self.target, 0.0, 1.0, 30)
-        return apply(hi)
+        cost = apply(hi)
+        self._check_blur()
+        self._enforced = cost
+        return cost
+
+    @torch.no_grad()
+    def evaluated_cost(self) -> float:
+        """The cost of the layers as they evaluate now (their ``macs()`` at their current
+        ``sigma``), as a fraction of the dense cost. It equals :attr:`cost_fraction` once the
+        masks are sharp (``sigma=None``); a blurred mask has more entries above the
+        evaluation threshold, so it costs more until ``sigma`` is annealed away."""
+        return sum(layer.macs() for _, layer in self.layers) / self.dense_total
+
+    def _warn_collapse(self, why: str) -> None:
+        active = sum(int(layer.active_components().sum()) for _, layer in self.layers)
+        total = sum(layer.num_components for _, layer in self.layers)
+        warnings.warn(
+            f"GBLR cost {self.cost_fraction:.4f} of dense is below target={self.target} "
+            f"(tolerance {self.tolerance}) and {why}: {active} of {total} components are on. "
+            "The structure learning rate (or lam) is probably too large for this run.",
+            RuntimeWarning, stacklevel=3,
+        )
+
+    def _check_blur(self) -> None:
+        """Warn when the layers evaluate at more than the enforced (sharp) cost because their
+        masks are still blurred by a low-pass ``sigma``."""
+        blurred = [name for name, layer in self.layers if layer.sigma is not None]
+        if blurred:
+            evaluated = self.evaluated_cost()
+            if evaluated > self.target * (1.0 + self.tolerance):
+                warnings.warn(
+                    f"{len(blurred)} GBLR layer(s) still have a low-pass sigma (e.g. "
+                    f"{blurred[0]!r}, sigma={self.layers[0][1].sigma}): their sharp cost is "
+                    f"{self.cost_fraction:.4f} of dense, but they evaluate at "
+                    f"{evaluated:.4f}. Anneal sigma to None (gblr.SigmaSchedule) or set "
+                    "layer.sigma = None before evaluating.",
+                    RuntimeWarning, stacklevel=3,
+                )
 
     def _layer_cap(self, index: int, layer: GBLRLinear, widths: torch.Tensor) -> float:
         """Largest uniform shrink that keeps layer ``index`` at or above its floor."""
@@ -364,6 +412,13 @@ class BudgetController:
         missing = {"steps", "lam", "initial_cost"} - set(state)
         if missing:
             raise KeyError(f"controller state lacks {sorted(missing)}")
+        mine = {"target": self.target, "total_steps": self.total_steps,
+                "weighting": self.weighting}
+        differ = {k: (state[k], v) for k, v in mine.items() if k in state and state[k] != v}
+        if differ:
+            detail = ", ".join(f"{k}={a!r} (this controller: {b!r})"
+                               for k, (a, b) in differ.items())
+            raise ValueError(f"controller state was saved for another run: {detail}")
         self.steps = int(state["steps"])
         self.lam = float(state["lam"])
         self.initial_cost = float(state["initial_cost"])
@@ -373,6 +428,7 @@ class BudgetController:
         return (
             f"BudgetController(target={self.target}, total_steps={self.total_steps}, "
             f"reach={self.reach}, floor={self.floor}, layers={len(self.layers)}, "
-            f"cost={self.cost_fraction:.4f}, lam={self.lam:.4g})"
+            f"cost={self.cost_fraction:.4f}, evaluated={self.evaluated_cost():.4f}, "
+            f"lam={self.lam:.4g})"
         )
 
