@@ -61,15 +61,16 @@ def test_curves_measure_the_output_and_restore_the_model():
 def test_sensitivity_gives_the_budget_to_the_layer_that_matters():
     model = TwoBranches()
     cfg = CompressionConfig(structure="lowrank", budget=0.5, target_modules=["loud", "quiet"],
-                            allocation="sensitivity")
+                            allocation="sensitivity", calibration=False)
     _, report = compress(model, cfg, calibration_data=DATA, progress=False)
     budgets = {r.name: r.budget for r in report.layers}
     assert budgets["loud"] > 0.5 > budgets["quiet"]
     assert report.cost <= 0.5 * report.dense_cost
     # a uniform split of the same total is worse at the output
     uniform = TwoBranches()
-    compress(uniform, CompressionConfig(structure="lowrank", budget=0.5,
-                                        target_modules=["loud", "quiet"]), progress=False)
+    compress(uniform, CompressionConfig(structure="lowrank", budget=0.5, calibration=False,
+                                        target_modules=["loud", "quiet"], allocation="uniform"),
+             progress=False)
     dense = TwoBranches()
     ref = [dense(x).double() for x in DATA]
     assert output_error(model, DATA, ref) < output_error(uniform, DATA, ref)
@@ -110,7 +111,8 @@ def test_sensitivity_on_a_transformer_round_trips(tmp_path):
 def test_sensitivity_bad_input():
     with pytest.raises(ValueError, match="allocation='sensitivity' measures"):
         compress(TwoBranches(), CompressionConfig(structure="lowrank", target_modules=["loud"],
-                                                  allocation="sensitivity"), progress=False)
+                                                  allocation="sensitivity", calibration=False),
+                 progress=False)
     with pytest.raises(ValueError, match="allocation='sensitivity'"):
         CompressionConfig(calibration_mode="sequential", allocation="sensitivity")
     with pytest.raises(ValueError, match="at least one calibration batch"):

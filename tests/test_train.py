@@ -91,7 +91,7 @@ def test_sigma_schedule_geometric_then_off():
 
 
 # -- cost measurement --------------------------------------------------------------------------
-def test_sharp_flops_equals_layer_flops():
+def test_sharp_macs_equals_layer_macs():
     gen = torch.Generator().manual_seed(1)
     for _ in range(40):
         n_in, n_out = (int(v) for v in torch.randint(3, 40, (2,), generator=gen))
@@ -101,9 +101,9 @@ def test_sharp_flops_equals_layer_flops():
             layer.locations.uniform_(-1.0, 2.0, generator=gen)
         sigma = layer.sigma
         layer.sigma = None
-        expected = layer.flops()
+        expected = layer.macs()
         layer.sigma = sigma
-        assert sharp_flops(layer) == expected
+        assert layer.sharp_macs() == expected
         assert layer.sigma == sigma
     # identical boxes (merged into one block), full-width ones, rank > 1
     for i in range(40):
@@ -116,7 +116,9 @@ def test_sharp_flops_equals_layer_flops():
             layer.widths[:, 4:] = layer.widths[:, :1]
             layer.locations[:, 4:] = layer.locations[:, :1] + (i % 3)  # same box, wrapped
             layer.widths[:, 1] = 1.0
-        assert sharp_flops(layer) == layer.eval().flops()
+        assert layer.sharp_macs() == layer.eval().macs()
+    with pytest.warns(DeprecationWarning, match="sharp_macs"):
+        assert sharp_flops(layer) == layer.sharp_macs()
 
 
 # -- the controller ----------------------------------------------------------------------------

@@ -211,7 +211,7 @@ def _config(args: argparse.Namespace, model: torch.nn.Module):
 def _layer_costs(model: torch.nn.Module) -> dict[str, int]:
     from gblr.layers.base import StructuredLinear
 
-    return {n: int(m.flops()) for n, m in model.named_modules() if isinstance(m, StructuredLinear)}
+    return {n: int(m.macs()) for n, m in model.named_modules() if isinstance(m, StructuredLinear)}
 
 
 def summary_table(summary: dict[str, Any]) -> str:

@@ -10,7 +10,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from gblr.cost import check_budget
+from gblr.core.budget import check_budget
 from gblr.layers.base import get_structure
 
 __all__ = [

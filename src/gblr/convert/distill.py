@@ -26,7 +26,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gblr.convert.evaluate import last_hidden, mean_pool
-from gblr.cost import check_budget, check_positive
+from gblr.core.budget import check_budget, fits
+from gblr.core.validate import check_positive
 from gblr.layers.base import StructuredLinear
 from gblr.layers.conv import GBLRConv2d
 from gblr.layers.gblr import GBLRLinear
@@ -132,7 +133,7 @@ def _eager_attention(models: Sequence[nn.Module]) -> Iterator[None]:
 def structured_cost(model: nn.Module) -> tuple[int, int]:
     """``(cost, dense cost)`` in MACs per token of the model's structured layers (eval mode)."""
     layers = [m for m in model.modules() if isinstance(m, StructuredLinear)]
-    return sum(int(m.flops()) for m in layers), sum(m.dense_flops() for m in layers)
+    return sum(int(m.macs()) for m in layers), sum(m.dense_macs() for m in layers)
 
 
 def lr_factor(progress: float, schedule: str, warmup: float) -> float:
@@ -157,7 +158,7 @@ def _controller(
     layers = list(gblr_layers(student))
     if not layers:
         return None
-    gblr_dense = sum(m.dense_flops() for _, m in layers)
+    gblr_dense = sum(m.dense_macs() for _, m in layers)
     target = (budget * dense - fixed_cost) / gblr_dense
     if target <= 0:
         raise ValueError(
@@ -315,7 +316,7 @@ def distill(
         raise ValueError("student has no structured layers; compress it first")
     cost0, dense = structured_cost(student)
     budget = cost0 / dense if budget is None else check_budget(budget)
-    fixed_cost = sum(int(m.flops()) for m in structured if not isinstance(m, GBLRLinear))
+    fixed_cost = sum(int(m.macs()) for m in structured if not isinstance(m, GBLRLinear))
     controller = _controller(student, budget, dense, fixed_cost, steps)
     if controller is not None:
         controller.enforce()
@@ -406,7 +407,7 @@ def distill(
     if controller is not None:
         controller.enforce()
     cost, dense = structured_cost(student)
-    if cost > budget * dense * (1 + 1e-9):
+    if not fits(cost, budget * dense):
         raise RuntimeError(f"budget not held: cost {cost} > {budget} * {dense}")
     if evaluate is not None:
         if curve and curve[-1]["step"] == step:

@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gblr.train.controller import sharp_flops
 from gblr.train.groups import gblr_layers
 
 __all__ = ["coverage", "plot_masks"]
@@ -49,7 +48,7 @@ def plot_masks(model: nn.Module, path: str | os.PathLike | None = None, title: s
     for ax, (name, layer) in zip(axes.flat, layers, strict=False):
         ax.imshow(coverage(layer).cpu().numpy(), cmap="viridis", aspect="auto",
                   interpolation="nearest")
-        frac = sharp_flops(layer) / layer.dense_flops()
+        frac = layer.sharp_macs() / layer.dense_macs()
         ax.set_title(f"{name}\n{100 * frac:.1f}% of dense", fontsize=7)
         ax.set_xticks([])
         ax.set_yticks([])

@@ -27,8 +27,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from gblr.cost import check_budget
+from gblr.core.budget import check_budget
 from gblr.layers.base import StructuredLinear
+from gblr.layers.gblr import GBLRLinear
 from gblr.models.factory import LINEAR_KINDS
 
 __all__ = ["compose", "validate", "build_data", "build_model", "load_weights", "run", "run_all",
@@ -356,29 +357,14 @@ def build_model(cfg, info: dict) -> nn.Module:
     return model
 
 
-def _macs(layer: nn.Module, name: str) -> int:
-    """``layer.macs()`` / ``layer.dense_macs()``, or their older names ``flops`` /
-    ``dense_flops`` where the layer has only those."""
-    method = getattr(layer, name, None)
-    if method is None:
-        method = getattr(layer, name.replace("macs", "flops"))
-    return int(method())
-
-
 def layer_table(model: nn.Module) -> list[dict[str, Any]]:
-    """One row per structured layer: name, structure, shape, cost, dense cost, fraction."""
-    from gblr.layers.gblr import GBLRLinear
-    from gblr.train.controller import sharp_flops
-
+    """One row per structured layer: name, structure, shape, cost (GBLR: the sharp cost the
+    controller steers), dense cost, fraction."""
     rows = []
     for name, mod in model.named_modules():
         if isinstance(mod, StructuredLinear):
-            if isinstance(mod, GBLRLinear):
-                sharp = getattr(mod, "sharp_macs", None)
-                cost = int(sharp()) if sharp is not None else sharp_flops(mod)
-            else:
-                cost = _macs(mod, "macs")
-            dense = _macs(mod, "dense_macs")
+            cost = mod.sharp_macs() if isinstance(mod, GBLRLinear) else mod.macs()
+            dense = mod.dense_macs()
             rows.append({"layer": name, "structure": mod.structure_name,
                          "in": mod.in_features, "out": mod.out_features, "cost": cost,
                          "dense": dense, "fraction": cost / dense})
