@@ -2,8 +2,14 @@
 
 A saved directory holds ``compression.json`` (the config, a fingerprint of the base
 model's architecture, and for every structured layer its structure and constructor
-arguments) and ``model.safetensors`` (every tensor of the compressed model, widths and
-locations included, with its SHA-256 recorded in the JSON).
+arguments), ``model.safetensors`` (every tensor of the compressed model, widths and
+locations included, with its SHA-256 recorded in the JSON) and ``manifest.json`` (the
+SHA-256 of both files: configuration and weights are checked before anything is built;
+it also marks the directory as one gblr wrote, which ``overwrite=True`` may replace).
+
+Loading is all-or-nothing: every check runs and every new layer is built and filled
+before the caller's model is touched. Tensors holding NaN or Inf are refused when saving
+and when loading.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,15 +32,24 @@ from torch import nn
 from gblr.convert.fingerprint import architecture_fingerprint
 from gblr.convert.replace import COMPRESSION_ATTR, dense_weight
 from gblr.convert.select import layer_kind
-from gblr.core.surgery import set_submodule
+from gblr.core.surgery import replace_modules
+from gblr.core.validate import check_finite
 from gblr.layers.base import StructuredLinear, get_structure
 from gblr.layers.conv import GBLRConv2d
 
-__all__ = ["save_compressed", "load_compressed", "CONFIG_FILE", "WEIGHTS_FILE", "FORMAT"]
+__all__ = [
+    "save_compressed", "load_compressed", "written_by_gblr",
+    "CONFIG_FILE", "WEIGHTS_FILE", "MANIFEST_FILE", "FORMAT",
+]
 
 CONFIG_FILE = "compression.json"
 WEIGHTS_FILE = "model.safetensors"
-FORMAT = "gblr-compressed-v1"
+MANIFEST_FILE = "manifest.json"
+#: Format of the directories written now: v2 adds ``manifest.json``.
+FORMAT = "gblr-compressed-v2"
+#: Format of directories written before the manifest (weights checksum only): still read.
+FORMAT_V1 = "gblr-compressed-v1"
+MANIFEST_FORMAT = "gblr-manifest-v1"
 _SKIP_ARGS = ("self", "device", "dtype")
 
 
@@ -126,22 +142,72 @@ def _tensors_and_aliases(model: nn.Module) -> tuple[dict[str, torch.Tensor], dic
     return tensors, aliases
 
 
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is corrupted (not valid JSON: {err})") from None
+    except OSError as err:
+        raise ValueError(f"{path} cannot be read as {what}: {err}") from None
+
+
+def written_by_gblr(directory: str | Path) -> bool:
+    """Whether ``directory`` is a directory :func:`save_compressed` wrote (it holds a gblr
+    ``manifest.json``, or, for directories saved before the manifest existed, a gblr
+    ``compression.json``). Only such a directory may be replaced with ``overwrite=True``."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return False
+    for name, key, accepted in ((MANIFEST_FILE, "format", (MANIFEST_FORMAT,)),
+                                (CONFIG_FILE, "format", (FORMAT, FORMAT_V1))):
+        path = directory / name
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            if isinstance(data, dict) and data.get(key) in accepted:
+                return True
+    return False
+
+
+def _finite_names(model: nn.Module, layers: list[str]) -> set[str]:
+    """State-dict names that must hold finite values: every parameter, and every tensor of
+    the structured layers (widths and locations are buffers in some layers). Other buffers
+    (attention masks of -inf, say) are left alone."""
+    names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    for name in model.state_dict(keep_vars=True):
+        if any(name.startswith(f"{layer}.") for layer in layers):
+            names.add(name)
+    return names
+
+
 def save_compressed(model: nn.Module, directory: str | Path, overwrite: bool = False) -> Path:
     """Write ``model`` (the output of ``gblr.compress``) to ``directory``.
 
-    An existing ``directory`` is an error unless ``overwrite=True``; the files are written
-    to a temporary directory first, so a failure never leaves a half-written save or
-    destroys the previous one.
+    An existing ``directory`` is an error unless ``overwrite=True``, and even then only a
+    directory gblr wrote (see :func:`written_by_gblr`) is replaced: anything else is
+    refused, never deleted. The files are written to a temporary directory next to the
+    target and moved into place once complete, so a failure never leaves a half-written
+    save or destroys the previous one. A tensor holding NaN or Inf (a factor, a width, a
+    location, any parameter) is refused, naming it.
     """
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    if directory.exists() and not overwrite:
-        raise FileExistsError(
-            f"{str(directory)!r} already exists; pass overwrite=True to replace it"
-        )
-    if directory.exists() and not directory.is_dir():
-        raise FileExistsError(f"{str(directory)!r} exists and is not a directory")
+    if directory.exists() or directory.is_symlink():
+        if not overwrite:
+            raise FileExistsError(
+                f"{str(directory)!r} already exists; pass overwrite=True to replace it"
+            )
+        if directory.is_symlink() or not directory.is_dir():
+            raise FileExistsError(f"{str(directory)!r} exists and is not a directory")
+        if not written_by_gblr(directory):
+            raise FileExistsError(
+                f"{str(directory)!r} exists and was not written by gblr (it has no gblr "
+                f"{MANIFEST_FILE} or {CONFIG_FILE}); refusing to replace it even with "
+                "overwrite=True: choose another directory or remove it yourself"
+            )
     info = getattr(model, COMPRESSION_ATTR, None)
     if not isinstance(info, dict):
         raise ValueError(
@@ -162,6 +228,10 @@ def save_compressed(model: nn.Module, directory: str | Path, overwrite: bool = F
             f"compressed layers {missing[:4]} are no longer structured layers in the model"
             if missing else "model has no structured layers to save"
         )
+    must_be_finite = _finite_names(model, list(layers))
+    for name, tensor in model.state_dict().items():
+        if name in must_be_finite:
+            check_finite(name, tensor.detach())
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
@@ -178,10 +248,21 @@ def save_compressed(model: nn.Module, directory: str | Path, overwrite: bool = F
             "weights_sha256": _sha256(tmp / WEIGHTS_FILE),
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "files": {name: _sha256(tmp / name) for name in (CONFIG_FILE, WEIGHTS_FILE)},
+        }
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n",
+                                         encoding="utf-8")
         if directory.exists():
             backup = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
             os.replace(directory, backup / "old")
-            os.replace(tmp, directory)
+            try:
+                os.replace(tmp, directory)
+            except BaseException:
+                os.replace(backup / "old", directory)  # put the previous save back
+                shutil.rmtree(backup, ignore_errors=True)
+                raise
             shutil.rmtree(backup, ignore_errors=True)
         else:
             os.replace(tmp, directory)
@@ -191,23 +272,133 @@ def save_compressed(model: nn.Module, directory: str | Path, overwrite: bool = F
     return directory
 
 
+def _check_manifest(directory: Path) -> bool:
+    """Check the files of ``directory`` against its manifest; ``False`` where it has none."""
+    path = directory / MANIFEST_FILE
+    if not path.exists():
+        return False
+    manifest = _read_json(path, "a manifest")
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if (not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT
+            or not isinstance(files, dict)
+            or any(not isinstance(v, str) for v in files.values())):
+        raise ValueError(f"{path} is corrupted: not a {MANIFEST_FORMAT} manifest")
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if name not in files:
+            raise ValueError(f"{path} is corrupted: it records no checksum for {name}")
+        target = directory / name
+        if not target.is_file():
+            raise ValueError(f"{str(directory)!r} has no {name}")
+        if _sha256(target) != files[name]:
+            raise ValueError(
+                f"{target} is corrupted or was edited: its SHA-256 checksum differs from "
+                f"the one recorded in {MANIFEST_FILE}"
+            )
+    return True
+
+
 def _read_record(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_FILE
     if not directory.is_dir():
         raise ValueError(f"{str(directory)!r} is not a directory written by gblr.save_compressed")
     if not path.is_file():
         raise ValueError(f"{str(directory)!r} has no {CONFIG_FILE}; not a gblr compressed model")
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is corrupted (not valid JSON: {err})") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a {FORMAT} record (format={record.get('format')!r})"
-                         if isinstance(record, dict) else f"{path} is not a JSON object")
+    has_manifest = _check_manifest(directory)
+    record = _read_json(path, "a compression record")
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    if record.get("format") not in (FORMAT, FORMAT_V1):
+        raise ValueError(f"{path} is not a {FORMAT} record (format={record.get('format')!r})")
     for key in ("base_fingerprint", "layers", "weights_sha256"):
         if key not in record:
             raise ValueError(f"{path} is corrupted: key {key!r} is missing")
+    if record["format"] == FORMAT and not has_manifest:
+        raise ValueError(
+            f"{str(directory)!r} lacks its {MANIFEST_FILE} (written by {FORMAT}, whose "
+            "configuration and weights it checksums); refusing to load it unchecked"
+        )
+    if not has_manifest:
+        warnings.warn(
+            f"{str(directory)!r} was saved in the older format {FORMAT_V1}: its weights are "
+            f"checksummed but its {CONFIG_FILE} is not; save it again with "
+            "gblr.save_compressed to add the checksum",
+            UserWarning, stacklevel=3,
+        )
+    layers = record["layers"]
+    if not isinstance(layers, dict) or not layers:
+        raise ValueError(f"{path} is corrupted: 'layers' is not a non-empty object")
+    for name, entry in layers.items():
+        if (not isinstance(entry, dict) or not isinstance(entry.get("structure"), str)
+                or not isinstance(entry.get("class"), str)
+                or not isinstance(entry.get("args"), dict)
+                or not isinstance(entry.get("kind", ""), str | None)):
+            raise ValueError(
+                f"{path} is corrupted: layer {name!r} lacks a 'structure', 'class' or "
+                "'args' of the right type"
+            )
+    aliases = record.get("aliases", {})
+    if not isinstance(aliases, dict) or any(
+        not isinstance(k, str) or not isinstance(v, str) for k, v in aliases.items()
+    ):
+        raise ValueError(f"{path} is corrupted: bad 'aliases'")
     return record
+
+
+def _resolve_base(base: nn.Module | Callable[[], nn.Module]) -> nn.Module:
+    if isinstance(base, nn.Module):
+        return base
+    if not callable(base):
+        raise TypeError(
+            "base_model_or_factory must be an nn.Module or a function returning one, "
+            f"got {type(base).__name__}"
+        )
+    base = base()
+    if not isinstance(base, nn.Module):
+        raise TypeError(f"the factory returned {type(base).__name__}, not an nn.Module")
+    return base
+
+
+def _build_layer(name: str, entry: dict[str, Any], old: nn.Module | None) -> tuple[nn.Module, str]:
+    """A new, unattached layer for the record's ``entry`` at ``name`` (``old`` is the base's)."""
+    kind = None if old is None else layer_kind(old)
+    if kind is None or kind != entry.get("kind", kind):
+        raise ValueError(f"layer {name!r} of the saved model has no matching layer in the base")
+    if kind == "conv2d":
+        cls = GBLRConv2d
+    else:
+        try:
+            cls = get_structure(entry["structure"])
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"layer {name!r}: unknown structure {entry['structure']!r} "
+                             f"({err})") from None
+    if f"{cls.__module__}.{cls.__qualname__}" != entry["class"]:
+        raise ValueError(
+            f"layer {name!r} was saved as {entry['class']}, but structure "
+            f"{entry['structure']!r} is now {cls.__module__}.{cls.__qualname__}"
+        )
+    args = dict(entry["args"])
+    if kind == "conv2d":
+        ref = old.weight
+        saved = [args.get("out_channels"), args.get("in_channels"), args.get("kernel_size")]
+        have = [old.out_channels, old.in_channels, list(old.kernel_size)]
+    else:
+        ref = dense_weight(old, kind)
+        saved = [args.get("out_features"), args.get("in_features")]
+        have = list(ref.shape)
+    if saved != have:
+        raise ValueError(
+            f"layer {name!r}: saved shape {saved} differs from the base layer's {have}"
+        )
+    if any(arg in _SKIP_ARGS for arg in args):
+        raise ValueError(f"layer {name!r}: the record sets a reserved argument "
+                         f"({sorted(set(args) & set(_SKIP_ARGS))})")
+    try:
+        new = cls(**args, device=ref.device, dtype=ref.dtype)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"layer {name!r}: its recorded arguments do not build a "
+                         f"{cls.__name__}: {err}") from None
+    new.train(old.training)
+    return new, kind
 
 
 def load_compressed(
@@ -218,9 +409,14 @@ def load_compressed(
     ``base_model_or_factory`` is the dense model it was compressed from (or a model of the
     same architecture, or a function returning one); it is changed in place and returned.
     Its outputs equal the saved model's bit for bit on CPU. A file from another model, a
-    corrupted or truncated file, or a changed layer raise a ``ValueError``.
+    corrupted, truncated or edited file (configuration or weights), a changed layer, or a
+    tensor holding NaN or Inf raise a ``ValueError``.
+
+    Loading is all-or-nothing: the files are checked, every new layer is built and filled
+    and every tensor is checked before the first change to the base model, so a refused
+    load leaves it exactly as it was (same modules, same tensors).
     """
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -230,16 +426,19 @@ def load_compressed(
         raise ValueError(f"{str(directory)!r} has no {WEIGHTS_FILE}")
     if _sha256(weights) != record["weights_sha256"]:
         raise ValueError(f"{weights} is corrupted: its SHA-256 differs from the one recorded")
-    base = base_model_or_factory
-    if not isinstance(base, nn.Module):
-        if not callable(base):
-            raise TypeError(
-                "base_model_or_factory must be an nn.Module or a function returning one, "
-                f"got {type(base).__name__}"
-            )
-        base = base()
-        if not isinstance(base, nn.Module):
-            raise TypeError(f"the factory returned {type(base).__name__}, not an nn.Module")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            file_format = (f.metadata() or {}).get("format")
+        state = load_file(str(weights))
+    except SafetensorError as err:
+        raise ValueError(f"{weights} is corrupted: {err}") from None
+    if file_format not in (None, FORMAT_V1, FORMAT) or (
+        file_format == FORMAT and record["format"] != FORMAT
+    ):
+        raise ValueError(f"{weights} (format {file_format!r}) does not belong to a "
+                         f"{record['format']} {CONFIG_FILE}")
+
+    base = _resolve_base(base_model_or_factory)
     if any(isinstance(m, StructuredLinear) for m in base.modules()):
         raise ValueError("the base model already holds structured layers; pass the dense model")
     if architecture_fingerprint(base) != record["base_fingerprint"]:
@@ -247,50 +446,69 @@ def load_compressed(
             f"{str(directory)!r} was saved from a model of another architecture (its fingerprint "
             "differs from the base model's); pass the model it was compressed from"
         )
+
+    # create: every new layer, unattached
     modules = dict(base.named_modules())
+    created: dict[str, nn.Module] = {}
     kinds: dict[str, str] = {}
     for name, entry in record["layers"].items():
-        old = modules.get(name)
-        kind = None if old is None else layer_kind(old)
-        if kind is None or kind != entry.get("kind", kind):
-            raise ValueError(f"layer {name!r} of the saved model has no matching layer in the base")
-        if kind == "conv2d":
-            cls = GBLRConv2d
-        else:
-            cls = get_structure(entry["structure"])
-        if f"{cls.__module__}.{cls.__qualname__}" != entry["class"]:
-            raise ValueError(
-                f"layer {name!r} was saved as {entry['class']}, but structure "
-                f"{entry['structure']!r} is now {cls.__module__}.{cls.__qualname__}"
-            )
-        args = dict(entry["args"])
-        if kind == "conv2d":
-            ref = old.weight
-            saved = [args.get("out_channels"), args.get("in_channels"), args.get("kernel_size")]
-            have = [old.out_channels, old.in_channels, list(old.kernel_size)]
-        else:
-            ref = dense_weight(old, kind)
-            saved = [args.get("out_features"), args.get("in_features")]
-            have = list(ref.shape)
-        if saved != have:
-            raise ValueError(
-                f"layer {name!r}: saved shape {saved} differs from the base layer's {have}"
-            )
-        new = cls(**args, device=ref.device, dtype=ref.dtype)
-        new.train(old.training)
-        set_submodule(base, name, new)
-        kinds[name] = kind
-    try:
-        state = load_file(str(weights))
-    except SafetensorError as err:
-        raise ValueError(f"{weights} is corrupted: {err}") from None
+        created[name], kinds[name] = _build_layer(name, entry, modules.get(name))
+
+    # check: the file's tensors against the rebuilt model's, name by name
     aliases = record.get("aliases", {})
-    if not isinstance(aliases, dict) or any(v not in state for v in aliases.values()):
+    if any(v not in state or k in state for k, v in aliases.items()):
         raise ValueError(f"{directory / CONFIG_FILE} is corrupted: bad 'aliases'")
     state.update({alias: state[name] for alias, name in aliases.items()})
+    expected: dict[str, torch.Tensor] = {}
+    finite: set[str] = set()
+    for name, tensor in base.state_dict(keep_vars=True).items():
+        if not any(name.startswith(f"{layer}.") for layer in created):
+            expected[name] = tensor
+    finite |= {n for n, _ in base.named_parameters(remove_duplicate=False)
+               if not any(n.startswith(f"{layer}.") for layer in created)}
+    for layer, new in created.items():
+        for name, tensor in new.state_dict(keep_vars=True).items():
+            expected[f"{layer}.{name}"] = tensor
+            finite.add(f"{layer}.{name}")
+    missing = [n for n in expected if n not in state]
+    unexpected = [n for n in state if n not in expected]
+    if missing or unexpected:
+        raise ValueError(
+            f"{weights} does not fit the rebuilt model: "
+            + "; ".join(f"{what} {names[:4]}" for what, names in
+                        (("missing tensors", missing), ("unexpected tensors", unexpected))
+                        if names)
+        )
+    for name, ref in expected.items():
+        tensor = state[name]
+        if tuple(tensor.shape) != tuple(ref.shape):
+            raise ValueError(f"{weights} does not fit the rebuilt model: tensor {name} has "
+                             f"shape {tuple(tensor.shape)}, the model's is {tuple(ref.shape)}")
+        if tensor.is_floating_point() != ref.is_floating_point():
+            raise ValueError(f"{weights}: tensor {name} is {tensor.dtype}, the model's is "
+                             f"{ref.dtype}")
+        if name in finite:
+            try:
+                check_finite(name, tensor)
+            except ValueError as err:
+                raise ValueError(f"{weights}: {err}") from None
+
+    # fill the new layers (still unattached)
+    for layer, new in created.items():
+        prefix = f"{layer}."
+        sub = {n[len(prefix):]: t for n, t in state.items() if n.startswith(prefix)}
+        try:
+            new.load_state_dict(sub, strict=True)
+        except RuntimeError as err:
+            raise ValueError(f"{weights} does not fit layer {layer!r}: {err}") from None
+
+    # replace: nothing below can fail on a checked file
+    old_modules = {name: modules[name] for name in created}
+    replace_modules(base, list(old_modules.items()), lambda name, _: created[name])
     try:
         base.load_state_dict(state, strict=True)
-    except RuntimeError as err:
+    except RuntimeError as err:  # not expected after the checks above: undo the replacement
+        replace_modules(base, list(created.items()), lambda name, _: old_modules[name])
         raise ValueError(f"{weights} does not fit the rebuilt model: {err}") from None
     setattr(base, COMPRESSION_ATTR, {
         "config": record.get("config"),
