@@ -10,37 +10,29 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
-import logging
 import math
 import os
-import pickle
-import re
 import sys
 import tempfile
 import time
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-from torch.utils.data import DataLoader
 
-from gblr.core.budget import check_budget
-from gblr.layers.base import StructuredLinear
-from gblr.layers.gblr import GBLRLinear
 from gblr.models.factory import LINEAR_KINDS
+from gblr.train.build import build_data, build_model, format_layers, layer_table
+from gblr.train.config import choose_experiment, compose, list_experiments, validate
+from gblr.train.errors import UsageError, one_line
+from gblr.train.quiet import quiet_lightning
+from gblr.train.weights import load_weights
 
 __all__ = ["compose", "validate", "build_data", "build_model", "load_weights", "run", "run_all",
            "layer_table", "UsageError", "TrainingInterrupted"]
 
 #: exit status of ``gblr train`` after SIGTERM (128 + 15, as a shell reports a killed process)
 EXIT_SIGTERM = 143
-
-
-class UsageError(ValueError):
-    """A bad value on the command line, found before any work: one line, naming the key."""
 
 
 class TrainingInterrupted(RuntimeError):
@@ -50,377 +42,6 @@ class TrainingInterrupted(RuntimeError):
         super().__init__(message)
         self.checkpoint = checkpoint
         self.step = step
-
-
-def _one_line(text: object) -> str:
-    return "; ".join(part.strip() for part in str(text).splitlines() if part.strip())
-
-#: attribute names of the replaced linear layers, per architecture (SPEC §6)
-REPLACED = {"mixer": ("fc1", "fc2"), "vit": ("q", "k", "v", "fc1", "fc2")}
-
-
-def compose(overrides: list[str] | tuple[str, ...] = ()):
-    """The run configuration for ``overrides`` (``experiment=...``, ``key=value``), struct mode."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
-
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="gblr.conf", version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=list(overrides))
-    OmegaConf.set_struct(cfg, True)
-    return cfg
-
-
-#: keys whose value may be a number or a string (Lightning accepts both)
-_NUMBER_OR_TEXT = frozenset({"trainer.devices", "trainer.val_check_interval"})
-
-
-def _fail(key: str, value: object, why: str) -> UsageError:
-    return UsageError(f"{key}={value}: {why}")
-
-
-def _int_key(cfg, key: str, minimum: int | None = None) -> int:
-    from omegaconf import OmegaConf
-
-    value = OmegaConf.select(cfg, key)
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _fail(key, value, "must be an integer")
-    if minimum is not None and value < minimum:
-        raise _fail(key, value, f"must be at least {minimum}")
-    return value
-
-
-def _check_out_dir(value: object) -> None:
-    path = Path(os.path.expanduser(str(value))).absolute()
-    for folder in (path, *path.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                raise _fail("out_dir", value, f"{folder} is a file, not a folder")
-            if not os.access(folder, os.W_OK | os.X_OK):
-                raise _fail("out_dir", value, f"cannot write in {folder}")
-            return
-
-
-def _check_checkpoint(value: object) -> None:
-    """``resume=``: a Lightning checkpoint, readable with ``weights_only=True``."""
-    path = Path(os.path.expanduser(str(value)))
-    if not path.is_file():
-        raise _fail("resume", value, "no such checkpoint file")
-    state = _torch_load_weights(path, "resume", value, mmap=True)
-    if not (isinstance(state, dict) and isinstance(state.get("state_dict"), dict)
-            and "loops" in state and "global_step" in state):
-        raise _fail("resume", value, "not a checkpoint written by gblr train (a Lightning .ckpt "
-                                     "with state_dict, loops and global_step)")
-
-
-def _check_override_types(cfg, overrides: Sequence[str]) -> None:
-    """A ``key=text`` override of a key whose experiment value is a number is an error."""
-    from omegaconf import OmegaConf
-
-    pairs = [o.split("=", 1) for o in overrides if "=" in o and o[0] not in "+~"]
-    keys = [k for k, _ in pairs if k != "experiment" and k not in _NUMBER_OR_TEXT]
-    if not keys:
-        return
-    reference = compose([o for o in overrides if o.startswith("experiment=")])
-    for key, text in pairs:
-        if key not in keys:
-            continue
-        ref = OmegaConf.select(reference, key, default=None, throw_on_missing=False)
-        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
-        numeric = isinstance(ref, (int, float)) and not isinstance(ref, bool)
-        if numeric and (isinstance(value, (str, bool)) or value is None):
-            raise _fail(key, text, f"must be a number (the experiment's value is {ref})")
-
-
-def validate(cfg, overrides: Sequence[str] = ()) -> None:
-    """Check a composed configuration before any work; raise :class:`UsageError` (one line)."""
-    from omegaconf import OmegaConf
-
-    budget = cfg.budget
-    try:
-        b = float(budget)
-    except (TypeError, ValueError):
-        raise _fail("budget", budget, "must be a number in (0, 1]") from None
-    if isinstance(budget, bool) or not math.isfinite(b) or not 0.0 < b <= 1.0:
-        raise _fail("budget", budget, "must be a fraction of the dense cost in (0, 1]")
-    _int_key(cfg, "seed")
-    if cfg.threads is not None:
-        _int_key(cfg, "threads", minimum=0)
-    steps = _int_key(cfg, "trainer.max_steps", minimum=-1)
-    epochs = _int_key(cfg, "trainer.max_epochs", minimum=-1)
-    if steps == 0:
-        raise _fail("trainer.max_steps", steps, "must be a positive number of steps")
-    if steps == -1 and epochs in (-1, 0):
-        raise _fail("trainer.max_steps", steps,
-                    "-1 (no step limit) needs trainer.max_epochs > 0")
-    _int_key(cfg, "checkpoint.every_n_train_steps", minimum=0)
-    _int_key(cfg, "data.batch_size", minimum=1)
-    _int_key(cfg, "data.eval_batch_size", minimum=1)
-    _int_key(cfg, "data.num_workers", minimum=0)
-    linear = cfg.model.linear
-    if linear not in LINEAR_KINDS:
-        raise _fail("model.linear", linear, f"must be one of {', '.join(LINEAR_KINDS)}")
-    for kind in cfg.compare or ():
-        if kind not in LINEAR_KINDS:
-            raise _fail("compare", list(cfg.compare),
-                        f"entries must be in {', '.join(LINEAR_KINDS)}")
-    if str(cfg.logging.progress) not in ("auto", "bar", "lines", "none"):
-        raise _fail("logging.progress", cfg.logging.progress, "must be auto, bar, lines or none")
-    _check_override_types(cfg, overrides)
-    try:
-        out_dir = cfg.out_dir
-    except Exception as err:  # noqa: BLE001 - an interpolation that does not resolve
-        raise _fail("out_dir", OmegaConf.to_container(cfg, resolve=False)["out_dir"],
-                    _one_line(err)) from None
-    _check_out_dir(out_dir)
-    if cfg.resume is not None:
-        _check_checkpoint(cfg.resume)
-    if cfg.model.init_from is not None:
-        init = Path(os.path.expanduser(str(cfg.model.init_from)))
-        if not init.is_file():
-            raise _fail("model.init_from", cfg.model.init_from, "no such file")
-        if not _is_safetensors(init):  # refuse a pickle before any work
-            _torch_load_weights(init, "model.init_from", cfg.model.init_from, mmap=True)
-
-
-def _opts(section, drop: tuple[str, ...]) -> dict[str, Any]:
-    from omegaconf import OmegaConf
-
-    return {k: v for k, v in OmegaConf.to_container(section, resolve=True).items()
-            if k not in drop}
-
-
-def build_data(cfg) -> tuple[DataLoader, DataLoader, DataLoader, dict]:
-    """Train/val/test loaders and the data info (task, classes or vocabulary, input size)."""
-    from gblr import data as D
-
-    d = cfg.data
-    root = Path(os.path.expanduser(str(d.root)))
-    opts = _opts(d, ("name", "root", "batch_size", "eval_batch_size", "num_workers"))
-    name = d.name
-    if name == "mnist1d":
-        train, val, test, info = D.mnist1d_splits(
-            root, num_samples=opts.get("num_samples", 10000), seed=opts.get("generator_seed", 42)
-        )
-    elif name in ("shakespeare", "text"):
-        path = opts.get("path")
-        if path is None:
-            if name == "text":
-                raise ValueError("data.path must name a text file or a folder for data.name=text")
-            path = D.shakespeare_dir()
-        train, val, test, info = D.text_splits(
-            Path(os.path.expanduser(str(path))), block_size=opts.get("block_size", 128),
-            tokenizer=opts.get("tokenizer", "char"), max_chars=opts.get("max_chars"),
-        )
-    elif name in ("cifar10", "cifar100"):
-        train, val, test, info = D.cifar_splits(root / name, name,
-                                                download=opts.get("download", True),
-                                                seed=int(cfg.seed))
-    elif name == "imagenet":
-        train, val, test, info = D.imagenet_splits(root, img_size=opts.get("img_size", 224))
-    elif name == "wikitext103":
-        train, val, test, info = D.wikitext103_splits(block_size=opts.get("block_size", 1024))
-    else:
-        raise ValueError(
-            f"unknown data.name {name!r}; known: mnist1d, text, shakespeare, cifar10, cifar100, "
-            "imagenet, wikitext103"
-        )
-    workers = int(d.num_workers)
-    common = {"num_workers": workers, "persistent_workers": workers > 0}
-    loaders = (
-        DataLoader(train, batch_size=int(d.batch_size), drop_last=True,
-                   sampler=D.EpochShuffleSampler(len(train), int(cfg.seed)), **common),
-        DataLoader(val, batch_size=int(d.eval_batch_size), **common),
-        DataLoader(test, batch_size=int(d.eval_batch_size), **common),
-    )
-    return (*loaders, info)
-
-
-def _unpickling_refused(key: str, value: object, err: Exception) -> UsageError:
-    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
-    what = f" (it asks for {found.group(1)})" if found else ""
-    return UsageError(
-        f"{key}={value}: refused to load: the file holds Python objects besides tensors{what}, "
-        "and unpickling them could run code; give a .safetensors file or a checkpoint written by "
-        "gblr train"
-    )
-
-
-def _torch_load_weights(path: Path, key: str, value: object, mmap: bool = False) -> Any:
-    """``torch.load(weights_only=True)``: tensors and plain containers only, never code."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as err:
-        raise _unpickling_refused(key, value, err) from None
-    except RuntimeError as err:
-        if mmap and "mmap" in str(err):  # an old (non-zip) torch file: read it whole
-            return _torch_load_weights(path, key, value, mmap=False)
-        raise UsageError(f"{key}={value}: not a torch checkpoint ({_one_line(err)[:200]})") \
-            from None
-    except Exception as err:  # noqa: BLE001 - any other failure means "not a checkpoint"
-        detail = _one_line(err)[:200]
-        detail = f"{type(err).__name__}: {detail}" if detail else type(err).__name__
-        if path.stat().st_size == 0:
-            detail = "the file is empty"
-        raise UsageError(f"{key}={value}: not a torch checkpoint ({detail})") from None
-
-
-def _is_safetensors(path: Path) -> bool:
-    if path.suffix == ".safetensors":
-        return True
-    with open(path, "rb") as f:  # 8-byte little-endian header length, then a JSON header
-        head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{"
-
-
-def load_weights(path: str | os.PathLike, key: str = "model.init_from") -> dict[str, torch.Tensor]:
-    """A state dict from a ``.safetensors`` file (preferred) or a torch/Lightning checkpoint.
-
-    Checkpoints are read with ``torch.load(weights_only=True)``: a file that holds other Python
-    objects (a pickle that could run code) is refused with a :class:`UsageError`. The
-    ``model.`` prefix of a Lightning ``state_dict`` is removed.
-    """
-    p = Path(os.path.expanduser(str(path)))
-    if not p.is_file():
-        raise FileNotFoundError(f"{key}={path!r} does not exist")
-    if _is_safetensors(p):
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(p), device="cpu")
-        except Exception as err:  # noqa: BLE001
-            raise UsageError(f"{key}={path}: not a readable safetensors file "
-                             f"({_one_line(err)[:200]})") from None
-        if state and all(k.startswith("model.") for k in state):
-            state = {k.removeprefix("model."): v for k, v in state.items()}
-        return state
-    state = _torch_load_weights(p, key, path)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = {k.removeprefix("model."): v for k, v in state["state_dict"].items()}
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UsageError(f"{key}={path}: not a state dict of tensors")
-    return state
-
-
-def _load_dense_state(model: nn.Module, path: str) -> None:
-    model.load_state_dict(load_weights(path))
-
-
-def build_model(cfg, info: dict) -> nn.Module:
-    """The model named by ``cfg.model`` for data described by ``info``."""
-    from gblr.models import GPT, MlpMixer, ResNet18, VisionTransformer, project_linears
-
-    m = cfg.model
-    linear = str(m.linear)
-    if linear not in LINEAR_KINDS:
-        raise ValueError(f"model.linear must be one of {LINEAR_KINDS}, got {linear!r}")
-    budget = check_budget(cfg.budget)
-    gblr_opts = _opts(m.gblr, ())
-    opts = _opts(m, ("arch", "linear", "gblr", "init_from"))
-    finetune = m.init_from is not None
-    # a fine-tune builds the dense model, loads it, then projects the replaced layers
-    build_linear = "dense" if finetune else linear
-    if m.arch in ("mixer", "vit"):
-        if info["task"] != "classify":
-            raise ValueError(f"model.arch={m.arch} needs a classification data set")
-        cls = MlpMixer if m.arch == "mixer" else VisionTransformer
-        model = cls(img_size=info["img_size"], in_chans=info["in_chans"],
-                    num_classes=info["num_classes"], linear=build_linear, budget=budget,
-                    gblr=gblr_opts, **opts)
-        if finetune:
-            _load_dense_state(model, str(m.init_from))
-            project_linears(model, linear, budget, REPLACED[m.arch], gblr_opts)
-    elif m.arch == "resnet18":
-        if info["task"] != "classify" or len(info.get("img_size", ())) != 2:
-            raise ValueError("model.arch=resnet18 needs an image classification data set")
-        if finetune:
-            raise ValueError("model.init_from is not supported for resnet18")
-        model = ResNet18(num_classes=info["num_classes"], in_chans=info["in_chans"],
-                         linear=linear, budget=budget, gblr=gblr_opts, **opts)
-    elif m.arch == "gpt":
-        if info["task"] != "lm":
-            raise ValueError("model.arch=gpt needs a text data set")
-        if finetune:
-            raise ValueError("model.init_from is for mixer/vit; GPT fine-tunes use "
-                             "model.pretrained=NAME")
-        if not opts.get("pretrained"):
-            opts["vocab_size"] = info["vocab_size"]
-            opts["n_positions"] = max(int(info["block_size"]), 1)
-        model = GPT(linear=linear, budget=budget, gblr=gblr_opts, **opts)
-    else:
-        raise ValueError(f"unknown model.arch {m.arch!r}; known: mixer, vit, gpt, resnet18")
-    model.linear = linear
-    return model
-
-
-def layer_table(model: nn.Module) -> list[dict[str, Any]]:
-    """One row per structured layer: name, structure, shape, cost (GBLR: the sharp cost the
-    controller steers), dense cost, fraction."""
-    rows = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, StructuredLinear):
-            cost = mod.sharp_macs() if isinstance(mod, GBLRLinear) else mod.macs()
-            dense = mod.dense_macs()
-            rows.append({"layer": name, "structure": mod.structure_name,
-                         "in": mod.in_features, "out": mod.out_features, "cost": cost,
-                         "dense": dense, "fraction": cost / dense})
-    return rows
-
-
-def _format_layers(rows: list[dict[str, Any]]) -> str:
-    lines = ["| layer | structure | in x out | cost (MACs/token) | % of dense |",
-             "|---|---|---|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['layer']} | {r['structure']} | {r['in']}x{r['out']} | "
-                     f"{r['cost']} | {100 * r['fraction']:.1f} |")
-    return "\n".join(lines)
-
-
-#: Lightning messages that are advertisements or say nothing about this run
-_NOISE_LOGS = ("💡 Tip", "litlogger", "litmodels", "was configured so 100% of the batches",
-               "`weights_only` was not set")
-#: warnings that Lightning or torch raise on every run and that the user cannot act on
-_NOISE_WARNINGS = (
-    r".*isinstance\(treespec, LeafSpec\)",
-    r".*is smaller than the logging interval",
-    r".*does not have many workers which may be a bottleneck",
-    r".*The dirpath has changed from",
-    r".*`training_step` returned `None`",
-)
-
-
-class _NoiseFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(text in message for text in _NOISE_LOGS)
-
-
-#: Lightning's warning that a mid-epoch resume restarts the epoch: not so in one process, where
-#: :class:`~gblr.train.callback.ResumableSampling` continues the epoch where it stopped
-_RESUMABLE_WARNING = r".*resuming from a checkpoint that ended before the epoch ended"
-
-
-@contextlib.contextmanager
-def _quiet_lightning(one_process: bool = True) -> Iterator[None]:
-    """Drop Lightning's tips and known deprecation noise for the duration of a run."""
-    loggers = [logging.getLogger(name) for name in (
-        "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
-        "lightning.pytorch.trainer.connectors.checkpoint_connector")]
-    noise = _NoiseFilter()
-    for lg in loggers:
-        lg.addFilter(noise)
-    try:
-        with warnings.catch_warnings():
-            for pattern in _NOISE_WARNINGS + ((_RESUMABLE_WARNING,) if one_process else ()):
-                warnings.filterwarnings("ignore", message=pattern)
-            yield
-    finally:
-        for lg in loggers:
-            lg.removeFilter(noise)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -543,7 +164,7 @@ def run(cfg, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
             fit_kwargs["weights_only"] = True
     sigterm = _sigterm_exception()
     one_process = str(cfg.trainer.devices) == "1" and int(cfg.trainer.num_nodes) == 1
-    with _quiet_lightning(one_process):
+    with quiet_lightning(one_process):
         trainer = L.Trainer(default_root_dir=str(out), callbacks=all_callbacks, logger=loggers,
                             **trainer_opts)
         _write_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg))
@@ -611,7 +232,7 @@ def _format_summary(s: dict[str, Any]) -> str:
             f"{_headline(s)}; cost of the replaced layers {100 * s['cost_fraction']:.2f}% of "
             f"dense; {s['steps']} steps in {s['fit_seconds']:.0f} s; {s['params']} parameters\n")
     if s["layers"]:
-        head += "\n" + _format_layers(s["layers"]) + "\n"
+        head += "\n" + format_layers(s["layers"]) + "\n"
     return head
 
 
@@ -656,13 +277,6 @@ def run_all(cfg) -> list[dict[str, Any]]:
     return summaries
 
 
-def _choose_experiment() -> str:
-    names = list_experiments()
-    return ("gblr train: choose an experiment=NAME, for example "
-            "gblr train experiment=mnist1d/compare (gblr train --help for more); "
-            "available experiments:\n  " + "\n  ".join(names))
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``gblr train``: 0 when done, 2 for a bad command line (one line on stderr,
     before any work), 143 after SIGTERM (a checkpoint is saved), 1 for other failures."""
@@ -685,15 +299,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = compose(argv)
     except Exception as err:  # Hydra's composition errors name the bad key or option
-        print(f"gblr train: {type(err).__name__}: {_one_line(err)}", file=sys.stderr)
+        print(f"gblr train: {type(err).__name__}: {one_line(err)}", file=sys.stderr)
         return 2
     if OmegaConf.is_missing(cfg.data, "name") or OmegaConf.is_missing(cfg.model, "arch"):
-        print(_choose_experiment(), file=sys.stderr)
+        print(choose_experiment(), file=sys.stderr)
         return 2
     try:
         validate(cfg, argv)
     except UsageError as err:
-        print(f"gblr train: {_one_line(err)}", file=sys.stderr)
+        print(f"gblr train: {one_line(err)}", file=sys.stderr)
         return 2
     try:
         run_all(cfg)
@@ -701,15 +315,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gblr train: {err}", file=sys.stderr)
         return EXIT_SIGTERM
     except UsageError as err:
-        print(f"gblr train: {_one_line(err)}", file=sys.stderr)
+        print(f"gblr train: {one_line(err)}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError, MissingMandatoryValue, ImportError) as err:
-        print(f"gblr train: {type(err).__name__}: {_one_line(err)}", file=sys.stderr)
+        print(f"gblr train: {type(err).__name__}: {one_line(err)}", file=sys.stderr)
         return 2
     return 0
 
-
-def list_experiments() -> list[str]:
-    """Names accepted by ``experiment=``."""
-    root = Path(__file__).resolve().parent.parent / "conf" / "experiment"
-    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
