@@ -358,7 +358,15 @@ def test_save_refuses_existing_dir_and_load_refuses_bad_files(tmp_path):
     with pytest.raises(FileExistsError, match="overwrite=True"):
         save_compressed(model, target)
     assert (target / "keep.txt").read_text() == "mine"
-    save_compressed(model, target, overwrite=True)
+    # a directory gblr did not write is never replaced, not even with overwrite=True
+    with pytest.raises(FileExistsError, match="not written by gblr"):
+        save_compressed(model, target, overwrite=True)
+    assert (target / "keep.txt").read_text() == "mine"
+    (target / "keep.txt").unlink()
+    target.rmdir()
+    save_compressed(model, target)
+    (target / "keep.txt").write_text("stale")
+    save_compressed(model, target, overwrite=True)  # one gblr wrote is replaced whole
     assert not (target / "keep.txt").exists() and (target / "model.safetensors").is_file()
     with pytest.raises(ValueError, match="another architecture"):
         load_compressed(tiny_gpt2(), target)

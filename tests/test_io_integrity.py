@@ -518,7 +518,13 @@ def test_check_float_dtype():
 
 
 def test_save_packed_refuses_integer_weights(tmp_path):
-    packed = PackedGBLRLinear.from_gblr(random_layer(), tokens=64, dtype=torch.int8)
+    with pytest.raises(ValueError, match="floating"):  # refused before packing
+        PackedGBLRLinear.from_gblr(random_layer(), tokens=64, dtype=torch.int8)
+    with pytest.raises(ValueError, match="floating"):
+        random_layer().tiled(dtype=torch.int8)
+    packed = PackedGBLRLinear.from_gblr(random_layer(), tokens=64)
+    with torch.no_grad():  # weights made integer behind the packer's back
+        packed.plans[0].w0 = packed.plans[0].w0.to(torch.int8)
     with pytest.raises(ValueError, match="floating"):
         save_packed(packed, tmp_path / "p.safetensors")
     good = tmp_path / "good.safetensors"

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from gblr.convert.distill import precision_name
+from gblr.convert.io import written_by_gblr
 from gblr.convert.options import (
     CONFIG_OPTIONS,
     RUN_OPTIONS,
@@ -144,6 +145,9 @@ def check_out(out: Path, overwrite: bool, flag: str = "--out") -> str | None:
         return f"{flag} {str(out)!r} is a file, not a directory"
     if out.is_dir() and not overwrite:
         return f"{flag} {str(out)!r} already exists; pass --overwrite to replace it"
+    if out.is_dir() and not written_by_gblr(out):
+        return (f"{flag} {str(out)!r} was not written by gblr (no gblr manifest); "
+                "--overwrite replaces only gblr's own output: choose another directory")
     # the result is written next to ``out`` and moved into place: its parent must take it
     parent = out.absolute().parent
     while not parent.exists():

@@ -31,6 +31,7 @@ from torch import nn
 
 from gblr.core.deprecation import FlopsAliases
 from gblr.core.timemodel import time_model
+from gblr.core.validate import check_float_dtype
 from gblr.deploy.bands import banded_factors
 from gblr.deploy.executor import _Plan
 from gblr.deploy.planner import _build_plan
@@ -105,7 +106,7 @@ class PackedGBLRLinear(FlopsAliases, nn.Module):
         token_list = [tokens] if isinstance(tokens, int) else list(tokens)
         if not token_list or any(not isinstance(t, int) or t < 1 for t in token_list):
             raise ValueError(f"tokens must be a positive int or a sequence of them, got {tokens}")
-        dtype = dtype or layer.U.dtype
+        dtype = layer.U.dtype if dtype is None else check_float_dtype("dtype", dtype)
         args = banded_factors(layer)
         plans = []
         for t in sorted(set(token_list)):

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gblr.core.deprecation import FlopsAliases
+from gblr.core.validate import check_float_dtype
 from gblr.deploy.bands import banded_factors
 from gblr.layers.gblr import GBLRLinear
 
@@ -206,7 +207,7 @@ class TiledGBLRLinear(FlopsAliases, nn.Module):
             raise TypeError(f"layer must be a GBLRLinear, got {type(layer).__name__}")
         u_m, v_m, ranks, col_bands, row_bands = banded_factors(layer)
         u_m, v_m = u_m.cpu(), v_m.cpu()
-        dtype = dtype or layer.U.dtype
+        dtype = layer.U.dtype if dtype is None else check_float_dtype("dtype", dtype)
         order1 = torch.as_tensor(_order(col_bands, ranks), dtype=torch.long)
         order2 = torch.as_tensor(_order(row_bands, ranks), dtype=torch.long)
         total = int(order1.numel())
