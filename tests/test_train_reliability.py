@@ -184,21 +184,21 @@ def test_summary_and_config_are_written_atomically(tmp_path, monkeypatch):
     def broken_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(runner.os, "replace", broken_replace)
+    monkeypatch.setattr(os, "replace", broken_replace)
     with pytest.raises(OSError, match="disk full"):
-        runner._write_atomic(target, "new")
+        runner.write_text_atomic(target, "new")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temporary left
     monkeypatch.undo()
 
     written = []
-    real = runner._write_atomic
+    real = runner.write_text_atomic
 
     def spy(path, text):
         written.append(Path(path).name)
         real(path, text)
 
-    monkeypatch.setattr(runner, "_write_atomic", spy)
+    monkeypatch.setattr(runner, "write_text_atomic", spy)
     runner.run(_tiny(tmp_path, tmp_path / "run", 1))
     assert {"config.yaml", "summary.json", "summary.md"} <= set(written)
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 1

@@ -17,8 +17,6 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
-import os
-import secrets
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gblr.core.files import atomic_path
 from gblr.core.surgery import replace_modules
 from gblr.core.validate import check_finite, check_float_dtype
 from gblr.deploy.executor import SPARSE_BUFFERS, _Plan
@@ -372,13 +371,8 @@ def save_packed(module: nn.Module, path: str | Path, overwrite: bool = False) ->
     metadata = {_META_KEY: raw, _FORMAT_KEY: PACKED_FORMAT,
                 _SHA_KEY: _checksum(PACKED_FORMAT, raw, tensors)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 # -- loading --------------------------------------------------------------------------------------

@@ -7,13 +7,11 @@ misspelt key is an error. :func:`run` trains one configuration and returns its s
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Any
 
 import torch
 
+from gblr.core.files import write_text_atomic
 from gblr.models.factory import LINEAR_KINDS
 from gblr.train.build import build_data, build_model, format_layers, layer_table
 from gblr.train.config import choose_experiment, compose, list_experiments, validate
@@ -42,24 +41,6 @@ class TrainingInterrupted(RuntimeError):
         super().__init__(message)
         self.checkpoint = checkpoint
         self.step = step
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``,
-    so a reader sees the old file or the new one, never a part of it."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _cores() -> int:
@@ -167,7 +148,7 @@ def run(cfg, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     with quiet_lightning(one_process):
         trainer = L.Trainer(default_root_dir=str(out), callbacks=all_callbacks, logger=loggers,
                             **trainer_opts)
-        _write_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg))
+        write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg))
         start = time.time()
         try:
             trainer.fit(task, train_dl, val_dl, **fit_kwargs)
@@ -213,8 +194,8 @@ def run(cfg, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     if "test/acc" in metrics:
         summary["test_acc"] = metrics["test/acc"]
     if trainer.is_global_zero:
-        _write_atomic(out / "summary.json", json.dumps(summary, indent=2))
-        _write_atomic(out / "summary.md", _format_summary(summary))
+        write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
+        write_text_atomic(out / "summary.md", _format_summary(summary))
         print(_format_summary(summary))
     return summary
 
@@ -273,7 +254,7 @@ def run_all(cfg) -> list[dict[str, Any]]:
         root = Path(str(sub.out_dir)).parent
         root = root.parent if per_kind else root
         root.mkdir(parents=True, exist_ok=True)
-        _write_atomic(root / "compare.md", f"# {cfg.name}\n\n{table}\n")
+        write_text_atomic(root / "compare.md", f"# {cfg.name}\n\n{table}\n")
     return summaries
 
 
