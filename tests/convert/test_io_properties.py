@@ -16,8 +16,6 @@ from torch import nn
 from gblr import GBLRLinear, PackedGBLRLinear, load_packed, save_packed
 from gblr.convert import CompressionConfig, compress, load_compressed, save_compressed
 
-torch.set_num_threads(2)
-
 
 def _layer(n_in: int, n_out: int, k: int, r: int, seed: int, bias: bool,
            dtype: torch.dtype) -> GBLRLinear:

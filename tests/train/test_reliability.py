@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-runner = pytest.importorskip("gblr.train.runner")
-L = pytest.importorskip("lightning")
+from gblr.data import EpochShuffleSampler
+from gblr.train import runner
 
-from gblr.data import EpochShuffleSampler  # noqa: E402
+L = pytest.importorskip("lightning")  # every test here trains through Lightning
 
 
 def _tiny(tmp_path, out, steps, extra=()):

@@ -23,8 +23,6 @@ from gblr.convert.options import (
     time_bound_warning,
 )
 
-torch.set_num_threads(2)
-
 
 @pytest.fixture(autouse=True)
 def _data_home(tmp_path, monkeypatch):

@@ -6,7 +6,7 @@ indexing is checked without a GPU; the CUDA test runs them compiled.
 
 import pytest
 import torch
-from test_deploy import random_layer
+from helpers import random_layer
 from torch import nn
 
 import gblr

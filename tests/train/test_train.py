@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from helpers import shakespeare_available
 from torch import nn
 
 from gblr import GBLRLinear
@@ -16,10 +17,9 @@ from gblr.train import (
     SigmaSchedule,
     measure_costs,
     param_groups,
+    runner,
     sharp_flops,
 )
-
-torch.set_num_threads(1)
 
 
 class Toy(nn.Module):
@@ -244,13 +244,6 @@ def test_two_process_gloo_ddp_keeps_structure_identical(tmp_path):
 
 
 # -- the runner --------------------------------------------------------------------------------
-runner = pytest.importorskip("gblr.train.runner")
-
-
-def _shakespeare_available() -> bool:
-    from gblr.data import shakespeare_dir
-
-    return shakespeare_dir().is_dir()
 
 
 @pytest.mark.parametrize("name", runner.list_experiments())
@@ -267,7 +260,7 @@ OFFLINE = ["mnist1d/mixer-gblr", "mnist1d/mixer-dense", "mnist1d/mixer-lowrank",
 
 @pytest.mark.parametrize("name", OFFLINE)
 def test_offline_experiment_runs_one_step(name, tmp_path):
-    if name.startswith("shakespeare") and not _shakespeare_available():
+    if name.startswith("shakespeare") and not shakespeare_available():
         pytest.skip("../shared/data/shakespeare is absent")
     extra = ["data.num_samples=400"] if name.startswith("mnist1d") else ["data.max_chars=20000"]
     cfg = runner.compose([f"experiment={name}", "trainer.fast_dev_run=true", f"out_dir={tmp_path}",
@@ -331,47 +324,6 @@ def test_mask_figure(tmp_path):
     import matplotlib.pyplot as plt
 
     plt.close(fig)
-
-
-
-@pytest.mark.slow  # eight tiny trainings in subprocesses, about a minute
-def test_train_benchmark_quick(tmp_path):
-    if not _shakespeare_available():
-        pytest.skip("../shared/data/shakespeare is absent")
-    from gblr.bench.train import main
-
-    assert main(["--quick", "--jobs", "2", "--work", str(tmp_path / "w"),
-                 "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "out")]) == 0
-    text = (tmp_path / "out" / "results.md").read_text()
-    assert "| gblr |" in text and "| monarch |" in text
-    assert (tmp_path / "out" / "layer_costs.png").is_file()
-    # --reuse rebuilds the same table from the finished runs without training again
-    assert main(["--quick", "--jobs", "2", "--work", str(tmp_path / "w"), "--reuse",
-                 "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "again")]) == 0
-    again = (tmp_path / "again" / "results.md").read_text()
-    assert again.split("\n", 3)[3] == text.split("\n", 3)[3]  # all but the command line
-
-
-def test_train_benchmark_reuses_only_runs_with_the_same_config(tmp_path):
-    import json
-
-    from omegaconf import OmegaConf
-
-    from gblr.bench.train import _finished
-
-    out = tmp_path / "run"
-    out.mkdir()
-    args = ["experiment=mnist1d/mixer-lowrank", f"out_dir={out}", "seed=1", "budget=0.3"]
-    assert _finished(out, args) is None  # nothing there yet
-    OmegaConf.save(runner.compose(args), out / "config.yaml")
-    assert _finished(out, args) is None  # no summary: the run did not finish
-    (out / "summary.json").write_text(json.dumps({"name": "mnist1d/mixer-lowrank", "seed": 1}))
-    assert _finished(out, args) == {"name": "mnist1d/mixer-lowrank", "seed": 1}
-    assert _finished(out, [*args[:-1], "budget=0.4"]) is None
-    assert _finished(out, [*args, "trainer.max_steps=7"]) is None
-    moved = tmp_path / "moved"
-    out.rename(moved)  # a run folder that was moved is still the same run
-    assert _finished(moved, [*args[:1], f"out_dir={moved}", *args[2:]]) is not None
 
 
 def test_resnet18_gblr_convs_are_controlled():

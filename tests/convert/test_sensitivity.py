@@ -14,8 +14,6 @@ from gblr.convert.sensitivity import output_error, sensitivity_curves
 from gblr.layers.lowrank import LowRankLinear
 from gblr.projection.allocate import split_budget
 
-torch.set_num_threads(2)
-
 
 class TwoBranches(nn.Module):
     """``loud(x) + quiet_scale * quiet(x)``: the quiet branch barely reaches the output."""

@@ -20,8 +20,6 @@ from torch import nn
 from gblr import GBLRLinear, PackedGBLRLinear, load_packed, save_packed
 from gblr.convert import CompressionConfig, compress, load_compressed, save_compressed
 
-torch.set_num_threads(2)
-
 
 # -- helpers ------------------------------------------------------------------------------------
 def base_model(seed: int = 0) -> nn.Module:

