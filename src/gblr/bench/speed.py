@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from gblr.bench.shrink import shrink_to_budget, structured_target
@@ -40,16 +41,17 @@ def _trained_layer(
 ) -> tuple[torch.Tensor, GBLRLinear]:
     """Target matrix and its shrunk GBLR layer (cached on disk: fitting takes minutes)."""
     weight = structured_target(out_f, in_f, seed=in_f + out_f)
-    file = None if cache is None else cache / f"gblr_{in_f}x{out_f}_b{budget}_s{shrink_steps}.pt"
+    file = (None if cache is None
+            else cache / f"gblr_{in_f}x{out_f}_b{budget}_s{shrink_steps}.safetensors")
     if file is not None and file.exists():
         layer = GBLRLinear(in_f, out_f, bias=False, init="random")
-        layer.load_state_dict(torch.load(file))
+        layer.load_state_dict(load_file(str(file)))
         return weight, layer.eval()
     with torch.enable_grad():
         layer = shrink_to_budget(weight, budget, shrink_steps=shrink_steps, progress=progress)
     if file is not None:
         file.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(layer.state_dict(), file)
+        save_file({k: v.contiguous() for k, v in layer.state_dict().items()}, str(file))
     return weight, layer
 
 
@@ -64,9 +66,9 @@ def _projected_minilm(
     with safe_open(str(path), framework="pt") as f:
         weight = f.get_tensor(key).float()
     out_f, in_f = weight.shape
-    file = None if cache is None else cache / f"minilm_{key}_b{budget}.pt"
+    file = None if cache is None else cache / f"minilm_{key}_b{budget}.safetensors"
     if file is not None and file.exists():
-        state = torch.load(file)
+        state = load_file(str(file))
         layer = GBLRLinear(in_f, out_f, num_components=state["widths"].shape[1], bias=False,
                            init="random")
         layer.load_state_dict(state)
@@ -77,7 +79,7 @@ def _projected_minilm(
         raise ValueError("expected sharp rank-1 components from the projection")
     if file is not None:
         file.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(layer.state_dict(), file)
+        save_file({k: v.contiguous() for k, v in layer.state_dict().items()}, str(file))
     return weight, layer
 
 

@@ -6,8 +6,10 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch.utils.data import TensorDataset
 
+from gblr.core.files import atomic_path
 from gblr.core.validate import check_positive
 
 __all__ = ["mnist1d_splits"]
@@ -22,16 +24,16 @@ def mnist1d_splits(
     """``(train, val, test, info)`` of MNIST-1D: inputs ``(N, 40)`` float, labels ``(N,)``.
 
     The data set is generated with ``mnist1d.data.make_dataset`` (80/20 train/test split,
-    ``seed``), cached as ``root/mnist1d_{num_samples}_{seed}.pt``; ``val_fraction`` of the
+    ``seed``), cached as ``root/mnist1d_{num_samples}_{seed}.safetensors``; ``val_fraction`` of the
     training part is held out for validation. Needs no network.
     """
     num_samples = check_positive("num_samples", num_samples)
     if not 0.0 < float(val_fraction) < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
     root = Path(root)
-    path = root / f"mnist1d_{num_samples}_{seed}.pt"
+    path = root / f"mnist1d_{num_samples}_{seed}.safetensors"
     if path.exists():
-        data = torch.load(path)
+        data = load_file(str(path))
     else:
         try:
             from mnist1d.data import get_dataset_args, make_dataset
@@ -50,9 +52,8 @@ def mnist1d_splits(
             "y_test": torch.as_tensor(raw["y_test"], dtype=torch.long),
         }
         root.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(data, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(data, str(tmp))
     n_val = max(1, int(round(len(data["y"]) * float(val_fraction))))
     x, y = data["x"], data["y"]
     train = TensorDataset(x[:-n_val], y[:-n_val])
