@@ -513,8 +513,10 @@ def test_data_aware_from_dense_lowers_the_output_error(name, n_in, n_out):
     weight = torch.randn(n_out, n_in)
     moment = x.t() @ x / x.shape[0]
     cls = gblr.get_structure(name)
-    plain = cls.from_dense(weight, 0.3)
-    aware = cls.from_dense(weight, 0.3, second_moment=moment)
+    # the same configuration (no search over it), projected plainly and data-aware
+    fixed = {} if name == "lowrank" else {"search": False}
+    plain = cls.from_dense(weight, 0.3, **fixed)
+    aware = cls.from_dense(weight, 0.3, second_moment=moment, **fixed)
     assert aware.macs() == plain.macs()
 
     def err(layer):
@@ -534,3 +536,39 @@ def test_data_aware_lowrank_matches_the_projection():
     ref, _ = project(weight, 0.4, structure="lowrank", calibration=Calibration.from_inputs(x),
                      progress=False)
     torch.testing.assert_close(layer.to_dense(), ref.to_dense(), atol=1e-5, rtol=1e-5)
+
+
+# -- baselines at their best -------------------------------------------------------------------
+def test_monarch_projection_finds_the_configuration_that_is_exact():
+    """A matrix that is exactly Monarch with 4 blocks of rank 2: at its cost the projection
+    must find it (the default configuration of that cost would not)."""
+    torch.manual_seed(0)
+    exact = gblr.MonarchLinear(64, 48, nblocks=4, rank=2)
+    with torch.no_grad():
+        exact.blkdiag1.normal_()
+        exact.blkdiag2.normal_()
+    w = exact.to_dense()
+    budget = exact.macs() / (64 * 48)
+    found = gblr.MonarchLinear.from_dense(w, budget)
+    assert found.macs() <= exact.macs()
+    err = float((found.to_dense() - w).norm() / w.norm())
+    assert err < 1e-5
+    default = gblr.MonarchLinear.from_dense(w, budget, search=False)
+    assert float((default.to_dense() - w).norm() / w.norm()) > err
+
+
+@pytest.mark.parametrize("name", ["monarch", "blr", "blocksparse"])
+def test_search_is_never_worse_than_the_default_configuration(name):
+    torch.manual_seed(1)
+    u = torch.randn(96, 8) @ torch.randn(8, 128)
+    w = u + 0.3 * torch.randn(96, 128)
+    w[:32, :32] += 3.0 * torch.randn(32, 32)  # one strong block
+    cls = gblr.get_structure(name)
+    best = cls.from_dense(w, 0.3)
+    default = cls.from_dense(w, 0.3, search=False)
+    assert best.macs() <= 0.3 * w.numel() * (1 + 1e-9)
+
+    def err(layer):
+        return float((layer.to_dense() - w).norm() / w.norm())
+
+    assert err(best) <= err(default) + 1e-12

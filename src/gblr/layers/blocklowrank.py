@@ -22,8 +22,10 @@ from gblr.layers.base import (
     register_structure,
 )
 from gblr.layers.blocks import (
+    best_by_error,
     block_factor_matmul,
     blocks_to_factors,
+    candidate_shapes,
     check_block_shape,
     default_block_shape,
     diagonal_blocks,
@@ -170,8 +172,14 @@ class BlockLowRankLinear(StructuredLinear):
         *,
         block_shape: tuple[int, int] | None = None,
         second_moment: torch.Tensor | None = None,
+        search: bool = True,
     ) -> BlockLowRankLinear:
         """Per-block truncated SVD at the largest rank the budget allows.
+
+        With ``search`` (the default) and no ``block_shape``, the constructor's default grid
+        and up to 12 other tilings (:func:`~gblr.layers.blocks.candidate_shapes`, from small
+        to large blocks) are projected, and the one with the lowest (data-aware) error is
+        returned: the baseline at its best within the budget.
 
         The blocks are independent, so this is the Frobenius-optimal projection onto
         the grid at that rank (Eckart-Young on every block). With ``second_moment``
@@ -179,6 +187,13 @@ class BlockLowRankLinear(StructuredLinear):
         ``C`` of its column band (cross-band correlations of the inputs are not used).
         """
         out_features, in_features = check_dense_args(weight, bias)
+        if search and block_shape is None:
+            return best_by_error(
+                [{}] + [{"block_shape": s} for s in candidate_shapes(out_features, in_features)],
+                lambda **kw: cls.from_dense(weight, budget, bias, second_moment=second_moment,
+                                            search=False, **kw),
+                weight, check_second_moment(second_moment, in_features),
+            )
         layer = cls(
             in_features, out_features, block_shape, bias=bias is not None, budget=budget,
             device=weight.device, dtype=weight.dtype,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -245,3 +246,61 @@ def block_factor_matmul(x: torch.Tensor, first: torch.Tensor, second: torch.Tens
     h = h.reshape(gc, tokens, gr, r).permute(2, 1, 0, 3).reshape(gr, tokens, gc * r)
     y = torch.bmm(h, second.transpose(1, 2))
     return y.transpose(0, 1).reshape(tokens, gr * p)
+
+
+def projection_error(
+    approx: torch.Tensor, weight: torch.Tensor, second_moment: torch.Tensor | None = None
+) -> float:
+    """Relative error ``||W_hat - W|| / ||W||``, or with ``second_moment`` ``C`` the output
+    error ``sqrt(tr(D C D^T) / tr(W C W^T))`` (``D = W_hat - W``), in float64."""
+    w = weight.detach().double()
+    d = approx.detach().double() - w
+    if second_moment is None:
+        return float(d.norm() / w.norm().clamp_min(1e-300))
+    c = second_moment.detach().double().to(w.device)
+    num = ((d @ c) * d).sum().clamp_min(0.0)
+    den = ((w @ c) * w).sum().clamp_min(1e-300)
+    return float((num / den).sqrt())
+
+
+def candidate_shapes(out_features: int, in_features: int, limit: int = 12) -> list[tuple[int, int]]:
+    """Up to ``limit`` block shapes ``(rows, cols)`` that tile an ``(out, in)`` matrix, with
+    rows and cols of nearly the same aspect as the matrix's grid, spread over sizes from
+    small to large blocks (the candidates a projection compares by error)."""
+    shapes = []
+    for p in divisors(out_features):
+        for q in divisors(in_features):
+            # a grid roughly as many blocks tall as wide
+            if 0.5 <= (out_features / p) / (in_features / q) <= 2.0:
+                shapes.append((p, q))
+    shapes.sort(key=lambda s: s[0] * s[1])
+    if len(shapes) > limit:
+        step = (len(shapes) - 1) / (limit - 1)
+        shapes = [shapes[round(i * step)] for i in range(limit)]
+    return shapes
+
+
+def best_by_error(
+    candidates: Sequence[dict],
+    build: Callable[..., Any],
+    weight: torch.Tensor,
+    second_moment: torch.Tensor | None = None,
+) -> Any:
+    """``build(**candidate)`` for each candidate that fits (``ValueError``: it does not) and
+    return the result with the lowest :func:`projection_error` (ties: the earlier one)."""
+    best, best_err = None, math.inf
+    for kwargs in candidates:
+        try:
+            layer = build(**kwargs)
+        except ValueError:
+            continue
+        was = layer.training
+        layer.eval()
+        with torch.no_grad():
+            err = projection_error(layer.to_dense(), weight, second_moment)
+        layer.train(was)
+        if err < best_err:
+            best, best_err = layer, err
+    if best is None:
+        raise ValueError("no candidate configuration fits the budget")
+    return best

@@ -20,7 +20,14 @@ from gblr.layers.base import (
     init_uniform_,
     register_structure,
 )
-from gblr.layers.blocks import check_block_shape, default_block_shape, from_blocks, to_blocks
+from gblr.layers.blocks import (
+    best_by_error,
+    candidate_shapes,
+    check_block_shape,
+    default_block_shape,
+    from_blocks,
+    to_blocks,
+)
 
 __all__ = ["BlockSparseLinear", "DEFAULT_BLOCK_SIDE"]
 
@@ -210,13 +217,23 @@ class BlockSparseLinear(StructuredLinear):
         bias: torch.Tensor | None = None,
         *,
         block_shape: tuple[int, int] | None = None,
+        search: bool = True,
     ) -> BlockSparseLinear:
         """Keep the blocks of ``weight`` with the largest Frobenius norm, as many as fit.
 
         This is the Frobenius-optimal projection for a fixed grid. Ties in norm go to
-        the block that comes first in row-major order.
+        the block that comes first in row-major order. With ``search`` (the default) and no
+        ``block_shape``, the default grid and up to 12 other tilings
+        (:func:`~gblr.layers.blocks.candidate_shapes`) are compared and the one with the
+        lowest error is returned: the baseline at its best within the budget.
         """
         out_features, in_features = check_dense_args(weight, bias)
+        if search and block_shape is None:
+            return best_by_error(
+                [{}] + [{"block_shape": s} for s in candidate_shapes(out_features, in_features)],
+                lambda **kw: cls.from_dense(weight, budget, bias, search=False, **kw),
+                weight,
+            )
         (p, q), count = _resolve_shape(in_features, out_features, block_shape, None, budget, None)
         grid = to_blocks(weight.detach(), p, q)
         norms = grid.double().pow(2).sum(dim=(-2, -1)).flatten()

@@ -30,10 +30,12 @@ from gblr.layers.base import (
     register_structure,
 )
 from gblr.layers.blocks import (
+    best_by_error,
     block_factor_matmul,
     blocks_to_factors,
     check_nblocks,
     diagonal_blocks,
+    divisors,
     factors_to_blocks,
     from_blocks,
     pad_matrix,
@@ -188,8 +190,15 @@ class MonarchLinear(StructuredLinear):
         nblocks: int | None = None,
         rank: int | None = None,
         second_moment: torch.Tensor | None = None,
+        search: bool = True,
     ) -> MonarchLinear:
         """Closed-form projection: rank-``rank`` truncated SVD of every block of ``weight``.
+
+        With ``search`` (the default) and neither ``nblocks`` nor ``rank`` given, every
+        block count that divides both sizes (``nblocks=1`` is low rank) is projected at the
+        largest rank the budget allows, with the constructor's default choice, and the one
+        with the lowest (data-aware, with ``second_moment``) error is returned: the
+        baseline at its best within the budget.
 
         Each block of the ``nblocks x nblocks`` grid uses its own rows of ``R`` and
         columns of ``L``, so the blocks decouple and the block-wise SVD is the
@@ -200,6 +209,14 @@ class MonarchLinear(StructuredLinear):
         the inputs are not used).
         """
         out_features, in_features = check_dense_args(weight, bias)
+        if search and nblocks is None and rank is None:
+            common = [d for d in divisors(in_features) if out_features % d == 0]
+            return best_by_error(
+                [{}] + [{"nblocks": nb} for nb in common],
+                lambda **kw: cls.from_dense(weight, budget, bias, second_moment=second_moment,
+                                            search=False, **kw),
+                weight, check_second_moment(second_moment, in_features),
+            )
         layer = cls(
             in_features, out_features, nblocks, rank, bias=bias is not None, budget=budget,
             device=weight.device, dtype=weight.dtype,
