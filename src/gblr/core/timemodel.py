@@ -15,9 +15,28 @@ The constants per device type come from measurements (see the notes on each); th
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import platform
+import time
 from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gblr.core.files import write_text_atomic
 
 __all__ = [
+    "Gemm",
+    "MeasuredTimes",
+    "calibrate",
+    "calibration_key",
+    "cache_dir",
+    "load_calibration",
+    "model_time",
+    "predict_seconds",
     "MEMORY_TOKENS",
     "OP_OVERHEAD_MACS",
     "IO_MACS",
@@ -116,3 +135,224 @@ def time_model(
         ovh if overhead is None else overhead,
         io_ if io is None else io,
     )
+
+
+# -- predicted time of a layer ----------------------------------------------------------------
+#: One GEMM call as the time model sees it: ``(batch, rows, cols)``, a batch of ``rows x
+#: cols`` weights, each applied to the call's tokens (``batch`` 1 for a plain GEMM).
+Gemm = tuple[int, int, int]
+
+
+def model_time(gemms: list[Gemm], tokens: int, model: TimeModel, sparse_nnz: int = 0) -> float:
+    """Modelled time (MAC-equivalents) of running ``gemms`` (and a sparse product with
+    ``sparse_nnz`` stored entries) on ``tokens`` tokens: one call overhead per GEMM,
+    weights and activations of every batch element."""
+    total = 0.0
+    for batch, rows, cols in gemms:
+        total += batch * (model.gemm(tokens, rows, cols) - model.overhead) + model.overhead
+    if sparse_nnz:
+        total += model.sparse(tokens, sparse_nnz)
+    return total
+
+
+def predict_seconds(module, tokens: int, times: MeasuredTimes) -> float:
+    """Predicted seconds of one forward of ``module`` on ``tokens`` tokens: a structured
+    layer or packed form (its ``gemms(tokens)``, ``sparse_nnz(tokens)`` and
+    ``chunk_tokens`` where it has them) or a plain ``nn.Linear``."""
+    tokens = int(tokens)
+    if hasattr(module, "gemms"):
+        gemms = module.gemms(tokens)
+    else:  # nn.Linear
+        gemms = [(1, module.out_features, module.in_features)]
+    nnz = module.sparse_nnz(tokens) if hasattr(module, "sparse_nnz") else 0
+    chunk = getattr(module, "chunk_tokens", None)
+    if chunk and tokens > chunk:
+        full, rest = divmod(tokens, chunk)
+        total = full * times.seconds(gemms, chunk, nnz)
+        return total + (times.seconds(gemms, rest, nnz) if rest else 0.0)
+    return times.seconds(gemms, tokens, nnz)
+
+
+# -- measured time models ---------------------------------------------------------------------
+#: Token counts a calibration measures by default (a decode step to a long prompt).
+CALIBRATION_TOKENS = (1, 16, 64, 256, 2048)
+#: GEMM weight sizes a calibration measures at each token count (rows and cols).
+CALIBRATION_SIZES = (16, 48, 128, 384, 1024)
+
+
+@dataclass(frozen=True)
+class MeasuredTimes:
+    """A time model fitted to GEMM timings on one device, threads, dtype and torch version.
+
+    ``seconds_per_mac`` converts MAC-equivalents to seconds; ``regimes`` maps each
+    calibrated token count to the :class:`TimeModel` fitted there. :meth:`model_for`
+    picks the nearest regime (in log scale), :meth:`seconds` predicts a list of GEMMs.
+    """
+
+    key: str
+    seconds_per_mac: float
+    regimes: dict[int, TimeModel]
+    residual: float = 0.0
+
+    def model_for(self, tokens: int) -> TimeModel:
+        """The fitted model of the calibrated token count nearest ``tokens``."""
+        t = max(1, int(tokens))
+        return self.regimes[min(self.regimes, key=lambda r: abs(math.log(r) - math.log(t)))]
+
+    def seconds(self, gemms: list[Gemm], tokens: int, sparse_nnz: int = 0) -> float:
+        """Predicted seconds of running ``gemms`` on ``tokens`` tokens."""
+        return self.seconds_per_mac * model_time(gemms, tokens, self.model_for(tokens),
+                                                 sparse_nnz)
+
+    def to_json(self) -> dict:
+        return {"key": self.key, "seconds_per_mac": self.seconds_per_mac,
+                "residual": self.residual,
+                "regimes": {str(t): [m.memory_tokens, m.overhead, m.io]
+                            for t, m in self.regimes.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> MeasuredTimes:
+        try:
+            regimes = {int(t): TimeModel(float(v[0]), float(v[1]), float(v[2]))
+                       for t, v in data["regimes"].items()}
+            spm = float(data["seconds_per_mac"])
+            key = str(data["key"])
+            residual = float(data.get("residual", 0.0))
+        except (KeyError, TypeError, ValueError, IndexError) as err:
+            raise ValueError(f"not a gblr time-model calibration: {err}") from None
+        values = [spm, residual] + [x for m in regimes.values()
+                                    for x in (m.memory_tokens, m.overhead, m.io)]
+        if not regimes or spm <= 0 or not all(math.isfinite(x) and x >= 0 for x in values):
+            raise ValueError("not a gblr time-model calibration: bad values")
+        return cls(key, spm, regimes, residual)
+
+
+def calibration_key(device: str, dtype, threads: int | None = None) -> str:
+    """What a calibration is valid for: device (with its name), threads, dtype, torch."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+        threads_part = ""
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        name = line.split(":", 1)[1].strip()
+                        break
+        except OSError:
+            pass
+        threads_part = f"-{threads or torch.get_num_threads()}t"
+    dtype_name = str(dtype).replace("torch.", "")
+    safe = "".join(ch if ch.isalnum() else "_" for ch in name)[:60]
+    return f"{dev.type}-{safe}{threads_part}-{dtype_name}-torch{torch.__version__}"
+
+
+def cache_dir() -> Path:
+    """Where calibrations are kept: ``$GBLR_CACHE`` or ``$XDG_CACHE_HOME/gblr`` (default
+    ``~/.cache/gblr``), under ``timemodel/``."""
+    root = os.environ.get("GBLR_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "gblr")
+    return Path(root) / "timemodel"
+
+
+def load_calibration(device: str = "cpu", dtype=None, threads: int | None = None):
+    """The cached :class:`MeasuredTimes` for this device, threads, dtype and torch version,
+    or None when it was never calibrated (run ``gblr calibrate``)."""
+    dtype = dtype or torch.float32
+    path = cache_dir() / f"{calibration_key(device, dtype, threads)}.json"
+    if not path.is_file():
+        return None
+    try:
+        return MeasuredTimes.from_json(json.loads(path.read_text()))
+    except (ValueError, OSError) as err:
+        raise ValueError(f"{path}: {err}; run `gblr calibrate` again") from None
+
+
+def _time_call(fn, sync, reps: int) -> float:
+    fn()
+    sync()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def calibrate(
+    device: str = "cpu",
+    dtype=None,
+    threads: int | None = None,
+    tokens: tuple[int, ...] = CALIBRATION_TOKENS,
+    sizes: tuple[int, ...] = CALIBRATION_SIZES,
+    reps: int = 5,
+    save: bool = True,
+    progress: bool = False,
+) -> MeasuredTimes:
+    """Time ``F.linear`` GEMMs of ``sizes x sizes`` weights at each token count and fit
+    ``time = overhead + max(tokens, memory_tokens) * rows * cols + io * tokens * (rows + cols)``
+    (MAC-equivalents; the seconds per MAC from the largest token count).
+
+    The fit at each token count is a least-squares fit of ``a + b * rows * cols +
+    c * (rows + cols)`` to the best of ``reps`` timings; ``save`` writes the result to
+    :func:`cache_dir` (atomically) for :func:`load_calibration`. A few seconds on a CPU.
+    """
+    import json
+
+    import torch
+
+
+    dtype = dtype or torch.float32
+    dev = torch.device(device)
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    tokens = tuple(sorted({int(t) for t in tokens}))
+    if not tokens or tokens[0] < 1 or len(sizes) < 2:
+        raise ValueError("calibrate needs positive token counts and at least two sizes")
+    fits: dict[int, tuple[float, float, float]] = {}
+    residuals = []
+    for t in tokens:
+        rows_a, times = [], []
+        for r in sizes:
+            for c in sizes:
+                x = torch.randn(t, c, device=dev, dtype=dtype)
+                w = torch.randn(r, c, device=dev, dtype=dtype)
+                calls = max(1, min(200, int(2e7 / max(1, t * r * c))))
+
+                def run(x=x, w=w, calls=calls):
+                    for _ in range(calls):
+                        F.linear(x, w)
+
+                times.append(_time_call(run, sync, reps) / calls)
+                rows_a.append((1.0, float(r * c), float(r + c)))
+        a = torch.tensor(rows_a, dtype=torch.float64)
+        y = torch.tensor(times, dtype=torch.float64)
+        # relative least squares: every shape counts alike, small and large
+        wts = 1.0 / y
+        sol = torch.linalg.lstsq(a * wts[:, None], y * wts).solution.clamp_min(0.0)
+        fits[t] = (float(sol[0]), float(sol[1]), float(sol[2]))
+        pred = a @ sol
+        residuals.append(float(((pred - y).abs() / y).median()))
+        if progress:
+            print(f"calibrate: {t} tokens, median relative error of the fit "
+                  f"{residuals[-1]:.1%}")
+    big = tokens[-1]
+    seconds_per_mac = max(fits[big][1] / big, 1e-18)
+    regimes = {}
+    for t, (a0, b, c) in fits.items():
+        teff = max(b / seconds_per_mac, 1.0)
+        regimes[t] = TimeModel(teff, a0 / seconds_per_mac, c / (seconds_per_mac * t))
+    result = MeasuredTimes(calibration_key(device, dtype, threads), seconds_per_mac, regimes,
+                           float(max(residuals)) if residuals else 0.0)
+    if not all(math.isfinite(v) for m in regimes.values()
+               for v in (m.memory_tokens, m.overhead, m.io)):
+        raise RuntimeError("the calibration produced non-finite values")
+    if save:
+        path = cache_dir() / f"{result.key}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps(result.to_json(), indent=1))
+    return result

@@ -220,6 +220,12 @@ class StructuredLinear(FlopsAliases, nn.Module, ABC):
         """MACs per token of the dense layer this one replaces."""
         return dense_cost(self.in_features, self.out_features)
 
+    def gemms(self, tokens: int | None = None) -> list[tuple[int, int, int]]:
+        """The GEMM calls of the forward pass as ``(batch, rows, cols)`` weights, for the time
+        model (:func:`gblr.core.timemodel.predict_seconds`); one dense GEMM unless overridden.
+        ``tokens`` matters only to forms that change with it (packed layers)."""
+        return [(1, self.out_features, self.in_features)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(

@@ -127,6 +127,9 @@ class BlockDiagLinear(StructuredLinear):
     def to_dense(self) -> torch.Tensor:
         return torch.block_diag(*self.weight.unbind(0))[: self.out_features, : self.in_features]
 
+    def gemms(self, tokens: int | None = None) -> list[tuple[int, int, int]]:
+        return [(self.nblocks, self.block_out, self.block_in)]
+
     def macs(self) -> int:
         return blockdiag_cost(self.in_features, self.out_features, self.nblocks)
 

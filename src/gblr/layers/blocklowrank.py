@@ -156,6 +156,10 @@ class BlockLowRankLinear(StructuredLinear):
     def to_dense(self) -> torch.Tensor:
         return from_blocks(self.U @ self.V)
 
+    def gemms(self, tokens: int | None = None) -> list[tuple[int, int, int]]:
+        (p, q), (gr, gc), r = self.block_shape, self.grid_shape, self.rank
+        return [(gc, gr * r, q), (gr, p, gc * r)]
+
     def macs(self) -> int:
         p, q = self.block_shape
         return block_low_rank_cost(self.in_features, self.out_features, p, q, self.rank)

@@ -192,6 +192,10 @@ class BlockSparseLinear(StructuredLinear):
         y = yb.new_zeros(gr, tokens, p).index_add(0, self.block_rows, yb)
         return y.transpose(0, 1).reshape(tokens, gr * p)
 
+    def gemms(self, tokens: int | None = None) -> list[tuple[int, int, int]]:
+        p, q = self.block_shape
+        return [(self.num_blocks, p, q)]
+
     def to_dense(self) -> torch.Tensor:
         p, q = self.block_shape
         gr, gc = self.grid_shape

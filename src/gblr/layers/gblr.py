@@ -369,6 +369,12 @@ class GBLRLinear(StructuredLinear):
         self.__dict__["_cost_cache"] = (key, cost)
         return cost
 
+    def gemms(self, tokens: int | None = None) -> list[tuple[int, int, int]]:
+        """The evaluation-mode forward's two GEMMs over the active components' ranks (the
+        unpacked low-rank path); the packed form has its own (``PackedGBLRLinear.gemms``)."""
+        kr = int(self.active_components().sum()) * self.rank_per_component
+        return [(1, kr, self.in_features), (1, self.out_features, kr)]
+
     def packed(
         self, tokens: int | tuple[int, ...] = 64, dtype: torch.dtype | None = None,
         tune: bool = False,

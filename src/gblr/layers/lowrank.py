@@ -102,6 +102,9 @@ class LowRankLinear(StructuredLinear):
     def to_dense(self) -> torch.Tensor:
         return self.U @ self.V
 
+    def gemms(self, tokens: int | None = None) -> list[tuple[int, int, int]]:
+        return [(1, self.rank, self.in_features), (1, self.out_features, self.rank)]
+
     def macs(self) -> int:
         return lowrank_cost(self.in_features, self.out_features, self.rank)
 

@@ -174,6 +174,10 @@ class MonarchLinear(StructuredLinear):
         U, V = factors_to_blocks(self.blkdiag1, self.blkdiag2)
         return from_blocks(U @ V)[: self.out_features, : self.in_features]
 
+    def gemms(self, tokens: int | None = None) -> list[tuple[int, int, int]]:
+        nb, k = self.nblocks, self.rank
+        return [(nb, nb * k, self.block_in), (nb, self.block_out, nb * k)]
+
     def macs(self) -> int:
         return monarch_cost(self.in_features, self.out_features, self.nblocks, self.rank)
 
