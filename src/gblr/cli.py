@@ -10,6 +10,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("gblr.train.runner", "train a model with learned structure (Hydra experiments)"),
     "bench": ("gblr.bench.cli", "run the benchmarks and write RESULTS.md"),
     "compress": ("gblr.convert.cli", "compress a pretrained model, distil it, report and save"),
+    "calibrate": ("gblr.bench.calibrate", "measure this device's GEMM times for the time model"),
 }
 
 

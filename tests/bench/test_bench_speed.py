@@ -18,6 +18,13 @@ def test_speed_bench_quick(tmp_path):
     assert "packed vs dense" in text and (tmp_path / "speed_vs_cost.png").exists()
     rows = json.loads((tmp_path / "results.json").read_text())["layers"]
     assert rows and all(r["packed_max_rel_error"] < 1e-4 for r in rows)
+    # the time model's prediction beside every measured form
+    assert "predicted beside measured" in text
+    for r in rows:
+        for form in ("dense", "lowrank", "packed"):
+            assert r[f"pred_{form}_ms"] > 0
+            ratio = r[f"pred_{form}_ms"] / r[f"time_{form}_ms"]
+            assert r[f"pred_over_measured_{form}"] == pytest.approx(ratio)
 
 
 def test_speed_bench_tile_sweep_and_bfloat16(tmp_path):

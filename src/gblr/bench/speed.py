@@ -26,6 +26,7 @@ from gblr.bench.shrink import shrink_to_budget, structured_target
 from gblr.bench.speed_report import plot_speed, speed_markdown
 from gblr.bench.timing import cpu_name, time_side_by_side
 from gblr.core.surgery import replace_modules
+from gblr.core.timemodel import MeasuredTimes, calibrate, predict_seconds
 from gblr.deploy import deploy, triton_available
 from gblr.layers.gblr import GBLRLinear
 from gblr.layers.lowrank import LowRankLinear
@@ -121,6 +122,7 @@ def layer_table(
     tiled: bool = False,
     dtype: torch.dtype = torch.float32,
     graphs: bool = False,
+    measured: MeasuredTimes | None = None,
 ) -> list[dict]:
     """Time packed GBLR vs dense vs low-rank on trained-like layers at ``budget``.
 
@@ -128,7 +130,9 @@ def layer_table(
     target) or a MiniLM-L6 weight name (that real weight projected by ``from_dense``).
     ``tiled`` also times the tiled form (``layer.tiled()``: Triton kernels on CUDA). All
     forms run in ``dtype``; errors are measured against the float32 masked layer.
-    ``graphs`` (CUDA) times CUDA-graph replays (see :func:`time_side_by_side`).
+    ``graphs`` (CUDA) times CUDA-graph replays (see :func:`time_side_by_side`). With
+    ``measured`` (a calibration of this device) each row also holds the time model's
+    prediction of every form.
     """
     rows = []
     for source, weight, layer in _bench_layers(shapes, budget, shrink_steps, cache, progress,
@@ -176,6 +180,11 @@ def layer_table(
                 "lowrank_speedup_vs_dense": times["dense"] / times["lowrank"],
                 "packed_over_lowrank": times["packed"] / times["lowrank"],
             }
+            if measured is not None:
+                for name, module in (("dense", dense), ("lowrank", lowrank), ("packed", packed)):
+                    row[f"pred_{name}_ms"] = predict_seconds(module, t, measured) * 1e3
+                    row[f"pred_over_measured_{name}"] = (
+                        row[f"pred_{name}_ms"] / row[f"time_{name}_ms"])
             if tiled_layer is not None:
                 row.update({
                     "tiled_backend": "triton" if tiled_layer.uses_triton(x) else "torch",
@@ -426,9 +435,12 @@ def main(argv: list[str] | None = None) -> int:
     tiled = args.tiled == "on" or (
         args.tiled == "auto" and args.device.startswith("cuda") and triton_available()
     )
+    # the time model, calibrated here at the table's token counts (not cached)
+    measured = None if args.no_layers else calibrate(
+        args.device, dtype, args.threads, tuple(tokens), reps=3 if args.quick else 7, save=False)
     rows = [] if args.no_layers else layer_table(
         shapes, tokens, args.budget, steps, reps, cache=cache, device=args.device, tiled=tiled,
-        dtype=dtype, graphs=args.graphs,
+        dtype=dtype, graphs=args.graphs, measured=measured,
     )
     sweep = [] if configs is None else tile_sweep(
         shapes, tokens, args.budget, steps, reps, configs, cache=cache, device=args.device,

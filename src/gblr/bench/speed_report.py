@@ -83,6 +83,26 @@ def speed_markdown(meta: dict, rows: list[dict], e2e: dict | None,
             + f". Packed vs masked layer: max relative error "
             f"{max(r['packed_max_rel_error'] for r in rows):.1e}.",
         ]
+    predicted = [r for r in rows if "pred_packed_ms" in r]
+    if predicted:
+        lines += [
+            "",
+            "## Time model: predicted beside measured",
+            "",
+            "The time model (`gblr.core.timemodel`), calibrated on this machine at these token "
+            "counts (`gblr calibrate`), predicts each form from the GEMMs it runs. Ratios "
+            "are predicted / measured.",
+            "",
+            "| layer | shape | tokens | dense ms (pred / meas) | low-rank ms | packed ms "
+            "| dense ratio | low-rank ratio | packed ratio |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in predicted:
+            cells = [f"{r[f'pred_{n}_ms']:.3f} / {r[f'time_{n}_ms']:.3f}"
+                     for n in ("dense", "lowrank", "packed")]
+            ratios = [f"{r[f'pred_over_measured_{n}']:.2f}" for n in ("dense", "lowrank", "packed")]
+            lines.append(f"| {r['source']} | {r['in']}->{r['out']} | {r['tokens']} | "
+                         + " | ".join(cells + ratios) + " |")
     tiled = [r for r in rows if "time_tiled_ms" in r]
     if tiled:
         lines += [

@@ -169,8 +169,10 @@ def predict_seconds(module, tokens: int, times: MeasuredTimes) -> float:
     if chunk and tokens > chunk:
         full, rest = divmod(tokens, chunk)
         total = full * times.seconds(gemms, chunk, nnz)
-        return total + (times.seconds(gemms, rest, nnz) if rest else 0.0)
-    return times.seconds(gemms, tokens, nnz)
+        total += times.seconds(gemms, rest, nnz) if rest else 0.0
+    else:
+        total = times.seconds(gemms, tokens, nnz)
+    return total + times.call_seconds
 
 
 # -- measured time models ---------------------------------------------------------------------
@@ -193,6 +195,9 @@ class MeasuredTimes:
     seconds_per_mac: float
     regimes: dict[int, TimeModel]
     residual: float = 0.0
+    #: seconds of calling a module (Python dispatch, reshapes) beyond its GEMMs, measured on
+    #: a tiny ``nn.Linear``; :func:`predict_seconds` adds it once per forward
+    call_seconds: float = 0.0
 
     def model_for(self, tokens: int) -> TimeModel:
         """The fitted model of the calibrated token count nearest ``tokens``."""
@@ -206,7 +211,7 @@ class MeasuredTimes:
 
     def to_json(self) -> dict:
         return {"key": self.key, "seconds_per_mac": self.seconds_per_mac,
-                "residual": self.residual,
+                "residual": self.residual, "call_seconds": self.call_seconds,
                 "regimes": {str(t): [m.memory_tokens, m.overhead, m.io]
                             for t, m in self.regimes.items()}}
 
@@ -218,13 +223,14 @@ class MeasuredTimes:
             spm = float(data["seconds_per_mac"])
             key = str(data["key"])
             residual = float(data.get("residual", 0.0))
+            call = float(data.get("call_seconds", 0.0))
         except (KeyError, TypeError, ValueError, IndexError) as err:
             raise ValueError(f"not a gblr time-model calibration: {err}") from None
-        values = [spm, residual] + [x for m in regimes.values()
+        values = [spm, residual, call] + [x for m in regimes.values()
                                     for x in (m.memory_tokens, m.overhead, m.io)]
         if not regimes or spm <= 0 or not all(math.isfinite(x) and x >= 0 for x in values):
             raise ValueError("not a gblr time-model calibration: bad values")
-        return cls(key, spm, regimes, residual)
+        return cls(key, spm, regimes, residual, call)
 
 
 def calibration_key(device: str, dtype, threads: int | None = None) -> str:
@@ -340,6 +346,14 @@ def calibrate(
         if progress:
             print(f"calibrate: {t} tokens, median relative error of the fit "
                   f"{residuals[-1]:.1%}")
+    # a module call beyond its GEMM: a tiny nn.Linear called vs its F.linear alone
+    tiny = torch.nn.Linear(16, 16, bias=False, device=dev, dtype=dtype)
+    x1 = torch.randn(1, 16, device=dev, dtype=dtype)
+    with torch.no_grad():
+        module_s = _time_call(lambda: [tiny(x1) for _ in range(200)], sync, reps) / 200
+        gemm_s = _time_call(lambda: [F.linear(x1, tiny.weight) for _ in range(200)], sync,
+                            reps) / 200
+    call_seconds = max(0.0, module_s - gemm_s)
     big = tokens[-1]
     seconds_per_mac = max(fits[big][1] / big, 1e-18)
     regimes = {}
@@ -347,7 +361,7 @@ def calibrate(
         teff = max(b / seconds_per_mac, 1.0)
         regimes[t] = TimeModel(teff, a0 / seconds_per_mac, c / (seconds_per_mac * t))
     result = MeasuredTimes(calibration_key(device, dtype, threads), seconds_per_mac, regimes,
-                           float(max(residuals)) if residuals else 0.0)
+                           float(max(residuals)) if residuals else 0.0, call_seconds)
     if not all(math.isfinite(v) for m in regimes.values()
                for v in (m.memory_tokens, m.overhead, m.io)):
         raise RuntimeError("the calibration produced non-finite values")

@@ -131,6 +131,16 @@ class _Plan(nn.Module):
         dense blocks ``(cols, rows)`` (laid out as each GEMM reads them fastest)."""
         return [getattr(self, f"w{i}") for i in range(self._weights_n)]
 
+    def gemms(self) -> list[tuple[int, int, int]]:
+        """``(1, rows, cols)`` of every GEMM this packing runs (the sparse part excluded)."""
+        spec = self.spec
+        if spec.get("full"):
+            return [(1, spec["out"], spec["in"])]
+        out = [(1, hi - lo, b - a) for a, b, lo, hi, *_ in spec["stage1"]]
+        out += [(1, b - a, hi - lo) for a, b, lo, hi, *_ in spec["stage2"]]
+        out += [(1, pb - pa, qb - qa) for qa, qb, pa, pb, _ in spec["dense"]]
+        return out
+
     def num_gemms(self) -> int:
         """GEMM calls per (chunk of a) forward; the sparse part counts as one."""
         if self._full is not None:

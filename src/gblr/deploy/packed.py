@@ -33,7 +33,7 @@ from gblr.core.deprecation import FlopsAliases
 from gblr.core.timemodel import time_model
 from gblr.core.validate import check_float_dtype
 from gblr.deploy.bands import banded_factors
-from gblr.deploy.executor import _Plan
+from gblr.deploy.executor import CHUNK_TOKENS, _Plan
 from gblr.deploy.planner import _build_plan
 from gblr.deploy.tune import TUNE_VARIANTS, _fastest
 from gblr.layers.gblr import GBLRLinear
@@ -155,6 +155,20 @@ class PackedGBLRLinear(FlopsAliases, nn.Module):
         """MACs per token this module computes (for the packing used at ``tokens``)."""
         plan = self.plans[0] if tokens is None else self.plan_for(tokens)
         return plan.macs
+
+    def gemms(self, tokens: int | None = None) -> list[tuple[int, int, int]]:
+        """The GEMM calls of the packing used at ``tokens`` as ``(batch, rows, cols)`` weights,
+        per chunk of at most ``CHUNK_TOKENS`` tokens (see :attr:`sparse_nnz` for the sparse
+        part)."""
+        return (self.plans[0] if tokens is None else self.plan_for(tokens)).gemms()
+
+    #: inputs longer than this run chunk by chunk (the time model counts each chunk)
+    chunk_tokens = CHUNK_TOKENS
+
+    def sparse_nnz(self, tokens: int | None = None) -> int:
+        """Stored entries of the packing's sparse part (0 without one)."""
+        plan = self.plans[0] if tokens is None else self.plan_for(tokens)
+        return 0 if plan.sp_val is None else int(plan.sp_val.numel())
 
     def num_gemms(self, tokens: int | None = None) -> int:
         """GEMM calls per forward (for the packing used at ``tokens``, per chunk of
