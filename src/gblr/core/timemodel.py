@@ -92,7 +92,7 @@ class TimeModel:
 
     def effective_tokens(self, tokens: int) -> float:
         """Tokens a call is charged for: weights are read at least once per call."""
-        return float(max(int(tokens), int(self.memory_tokens)))
+        return float(max(float(tokens), float(self.memory_tokens)))
 
     def gemm(self, tokens: int, rows, cols):
         """One GEMM of ``tokens`` activations with a ``rows x cols`` weight."""
@@ -186,9 +186,11 @@ CALIBRATION_SIZES = (16, 48, 128, 384, 1024)
 class MeasuredTimes:
     """A time model fitted to GEMM timings on one device, threads, dtype and torch version.
 
-    ``seconds_per_mac`` converts MAC-equivalents to seconds; ``regimes`` maps each
-    calibrated token count to the :class:`TimeModel` fitted there. :meth:`model_for`
-    picks the nearest regime (in log scale), :meth:`seconds` predicts a list of GEMMs.
+    ``regimes`` maps each calibrated token count to the :class:`TimeModel` fitted there (in
+    MAC-equivalents) and ``rates`` to the seconds per MAC-equivalent at that count;
+    ``seconds_per_mac`` is the rate of the largest count. A prediction for ``tokens`` uses the
+    regime nearest in log scale (:meth:`model_for`), so its per-call overhead and activation
+    cost are the ones measured there, while the work still scales with ``tokens``.
     """
 
     key: str
@@ -198,39 +200,48 @@ class MeasuredTimes:
     #: seconds of calling a module (Python dispatch, reshapes) beyond its GEMMs, measured on
     #: a tiny ``nn.Linear``; :func:`predict_seconds` adds it once per forward
     call_seconds: float = 0.0
+    rates: dict[int, float] | None = None
+
+    def _regime(self, tokens: int) -> int:
+        t = max(1, int(tokens))
+        return min(self.regimes, key=lambda r: abs(math.log(r) - math.log(t)))
 
     def model_for(self, tokens: int) -> TimeModel:
         """The fitted model of the calibrated token count nearest ``tokens``."""
-        t = max(1, int(tokens))
-        return self.regimes[min(self.regimes, key=lambda r: abs(math.log(r) - math.log(t)))]
+        return self.regimes[self._regime(tokens)]
 
     def seconds(self, gemms: list[Gemm], tokens: int, sparse_nnz: int = 0) -> float:
         """Predicted seconds of running ``gemms`` on ``tokens`` tokens."""
-        return self.seconds_per_mac * model_time(gemms, tokens, self.model_for(tokens),
-                                                 sparse_nnz)
+        regime = self._regime(tokens)
+        rate = (self.rates or {}).get(regime, self.seconds_per_mac)
+        return rate * model_time(gemms, tokens, self.regimes[regime], sparse_nnz)
 
     def to_json(self) -> dict:
+        rates = self.rates or {}
         return {"key": self.key, "seconds_per_mac": self.seconds_per_mac,
                 "residual": self.residual, "call_seconds": self.call_seconds,
-                "regimes": {str(t): [m.memory_tokens, m.overhead, m.io]
+                "regimes": {str(t): [m.memory_tokens, m.overhead, m.io,
+                                     rates.get(t, self.seconds_per_mac)]
                             for t, m in self.regimes.items()}}
 
     @classmethod
     def from_json(cls, data: dict) -> MeasuredTimes:
         try:
-            regimes = {int(t): TimeModel(float(v[0]), float(v[1]), float(v[2]))
-                       for t, v in data["regimes"].items()}
+            raw = {int(t): [float(x) for x in v] for t, v in data["regimes"].items()}
             spm = float(data["seconds_per_mac"])
+            regimes = {t: TimeModel(v[0], v[1], v[2]) for t, v in raw.items()}
+            rates = {t: (v[3] if len(v) > 3 else spm) for t, v in raw.items()}
             key = str(data["key"])
             residual = float(data.get("residual", 0.0))
             call = float(data.get("call_seconds", 0.0))
-        except (KeyError, TypeError, ValueError, IndexError) as err:
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
             raise ValueError(f"not a gblr time-model calibration: {err}") from None
-        values = [spm, residual, call] + [x for m in regimes.values()
-                                    for x in (m.memory_tokens, m.overhead, m.io)]
-        if not regimes or spm <= 0 or not all(math.isfinite(x) and x >= 0 for x in values):
+        values = [spm, residual, call, *rates.values()] + [
+            x for m in regimes.values() for x in (m.memory_tokens, m.overhead, m.io)]
+        if (not regimes or spm <= 0 or min(rates.values()) <= 0 or min(regimes) < 1
+                or not all(math.isfinite(x) and x >= 0 for x in values)):
             raise ValueError("not a gblr time-model calibration: bad values")
-        return cls(key, spm, regimes, residual, call)
+        return cls(key, spm, regimes, residual, call, rates)
 
 
 def calibration_key(device: str, dtype, threads: int | None = None) -> str:
@@ -356,12 +367,16 @@ def calibrate(
     call_seconds = max(0.0, module_s - gemm_s)
     big = tokens[-1]
     seconds_per_mac = max(fits[big][1] / big, 1e-18)
-    regimes = {}
+    # weights are read at least once per call: the smallest count's work in tokens' worth
+    small = tokens[0]
+    memory_tokens = max(1.0, fits[small][1] / seconds_per_mac) if small == 1 else MEMORY_TOKENS
+    regimes, rates = {}, {}
     for t, (a0, b, c) in fits.items():
-        teff = max(b / seconds_per_mac, 1.0)
-        regimes[t] = TimeModel(teff, a0 / seconds_per_mac, c / (seconds_per_mac * t))
+        rate = max(b / max(t, memory_tokens), 1e-18)
+        rates[t] = rate
+        regimes[t] = TimeModel(memory_tokens, a0 / rate, c / (rate * t))
     result = MeasuredTimes(calibration_key(device, dtype, threads), seconds_per_mac, regimes,
-                           float(max(residuals)) if residuals else 0.0, call_seconds)
+                           float(max(residuals)) if residuals else 0.0, call_seconds, rates)
     if not all(math.isfinite(v) for m in regimes.values()
                for v in (m.memory_tokens, m.overhead, m.io)):
         raise RuntimeError("the calibration produced non-finite values")

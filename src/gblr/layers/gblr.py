@@ -378,14 +378,16 @@ class GBLRLinear(ExactForms, StructuredLinear):
 
     def packed(
         self, tokens: int | tuple[int, ...] = 64, dtype: torch.dtype | None = None,
-        tune: bool = False,
+        tune: bool = False, **time_model: float,
     ):
         """Frozen inference form computing only the bands: a ``PackedGBLRLinear``.
 
         ``tokens``: the tokens per call the grouping is tuned for (see ``gblr.deploy``);
-        ``tune``: time candidate packings on this device and keep the fastest.
+        ``tune``: time candidate packings on this device and keep the fastest;
+        ``memory_tokens``, ``overhead``, ``io``: the time model to plan with (default: the
+        device's, see ``gblr.core.timemodel``).
         """
-        return provider("packed")(self, tokens=tokens, dtype=dtype, tune=tune)
+        return provider("packed")(self, tokens=tokens, dtype=dtype, tune=tune, **time_model)
 
     def tiled(self, rank_tile: int = 16, in_tile: int = 64, out_tile: int = 64,
               dtype: torch.dtype | None = None):

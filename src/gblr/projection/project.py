@@ -9,11 +9,18 @@ from typing import Any
 import torch
 
 from gblr.core.budget import budget_to_macs, check_budget, max_rank_for_budget, within_budget
+from gblr.core.timemodel import MeasuredTimes
 from gblr.core.validate import check_positive
 from gblr.layers.base import StructuredLinear, check_bias, check_matrix, get_structure, provide
 from gblr.projection.calibration import Calibration, as_calibration, relative_error
 from gblr.projection.search import SearchOptions, search_gblr
 from gblr.projection.svd import lowrank_factors
+from gblr.projection.timebudget import (
+    COST_KINDS,
+    deployed_seconds,
+    mac_budget_for_time,
+    measured_times,
+)
 
 __all__ = ["project", "ProjectionRecord", "DEFAULT_STEPS"]
 
@@ -43,6 +50,12 @@ class ProjectionRecord:
     time: float
     start: str = ""
     data_aware: bool = False
+    #: what ``budget`` is a fraction of: ``"macs"`` or ``"time"`` (predicted deployed time)
+    cost_kind: str = "macs"
+    #: the predicted deployed time over the dense layer's (with ``cost_kind="time"``)
+    time_fraction: float | None = None
+    #: the tokens per call the time was predicted for
+    tokens: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -88,6 +101,9 @@ def project(
     progress: bool = True,
     bias: torch.Tensor | None = None,
     name: str = "",
+    cost: str = "macs",
+    tokens: int | None = None,
+    measured: MeasuredTimes | None = None,
     **opts: Any,
 ) -> tuple[StructuredLinear, ProjectionRecord]:
     """Project a dense ``(out, in)`` matrix onto ``structure`` within ``budget``.
@@ -111,10 +127,25 @@ def project(
         progress: show a progress bar during the GBLR search.
         bias: optional bias copied into the layer.
         name: label stored in the record.
+        cost: ``"macs"`` (``budget`` is a fraction of the dense MACs) or ``"time"`` (a
+            fraction of the dense layer's predicted deployed time at ``tokens`` tokens per
+            call on ``device``, from the calibrated time model: see
+            :mod:`gblr.projection.timebudget`); the record reports both.
+        tokens: tokens per call, with ``cost="time"``.
+        measured: the calibration to predict with (default: this device's cached one,
+            calibrated on first use).
         **opts: GBLR search settings, see :class:`SearchOptions` (unknown keys raise).
 
     Returns ``(layer, record)``; the layer is in evaluation mode.
     """
+    if cost not in COST_KINDS:
+        raise ValueError(f"cost must be one of {COST_KINDS}, got {cost!r}")
+    if cost == "time":
+        return _project_in_time(weight, budget, structure, rank_per_component, steps,
+                                calibration, device, progress, bias, name, tokens, measured,
+                                opts)
+    if tokens is not None or measured is not None:
+        raise ValueError("tokens= and measured= go with cost='time'")
     check_matrix(weight)
     budget = check_budget(budget)
     out_features, in_features = weight.shape
@@ -180,6 +211,56 @@ def project(
         time=time.perf_counter() - t0, start=start, data_aware=cal is not None,
     )
     return layer, record
+
+
+def _project_in_time(weight, budget, structure, rank_per_component, steps, calibration,
+                     device, progress, bias, name, tokens, measured, opts):
+    """:func:`project` with ``cost="time"``: the largest MAC budget whose deployed layer is
+    predicted within ``budget`` of the dense layer's time (found with GBLR's search off), then,
+    for GBLR, the searched projection at that MAC budget where it still fits the time budget
+    and approximates better."""
+    check_matrix(weight)
+    budget = check_budget(budget)
+    if tokens is None:
+        raise ValueError("cost='time' needs tokens= (the tokens per call of the deployment)")
+    t0 = time.perf_counter()
+    dev = _resolve_device(weight, device)
+    measured = measured or measured_times(dev.type, weight.dtype)
+    out_features, in_features = weight.shape
+    common = {"structure": structure, "calibration": calibration, "device": device,
+              "bias": bias, "name": name, **opts}
+    if structure == "gblr":
+        common["rank_per_component"] = rank_per_component
+
+    def build(b: float) -> StructuredLinear:
+        return project(weight, b, progress=False, **common,
+                       **({"steps": 0} if structure == "gblr" else {}))[0]
+
+    mac_budget, layer, fraction = mac_budget_for_time(
+        build, in_features, out_features, budget, tokens, measured)
+    cal = as_calibration(calibration, in_features)
+    w = weight.detach().to(dev)
+    if cal is not None:
+        cal = cal.to(dev)
+    with torch.no_grad():
+        error = relative_error(layer.to_dense(), w, cal)
+    start = "svd" if structure == "gblr" else "closed form"
+    if structure == "gblr" and steps != 0:
+        searched, rec = project(weight, mac_budget, progress=progress, steps=steps, **common)
+        dense = deployed_seconds(torch.nn.Linear(in_features, out_features), tokens, measured)
+        searched_fraction = deployed_seconds(searched, tokens, measured) / dense
+        if searched_fraction <= budget and rec.error < error:
+            layer, fraction, error, start = searched, searched_fraction, rec.error, rec.start
+    rank = max(1, max_rank_for_budget(in_features, out_features, mac_budget))
+    svd_u, svd_v = lowrank_factors(w, rank, cal)
+    record = ProjectionRecord(
+        name=name, shape=(out_features, in_features), structure=structure, budget=budget,
+        error=error, svd_error=relative_error(svd_u @ svd_v, w, cal), cost=int(layer.macs()),
+        dense_cost=in_features * out_features, time=time.perf_counter() - t0, start=start,
+        data_aware=cal is not None, cost_kind="time", time_fraction=float(fraction),
+        tokens=int(tokens),
+    )
+    return layer.eval(), record
 
 
 def project_gblr(
