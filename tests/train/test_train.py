@@ -369,3 +369,18 @@ def test_controller_magnitude_weighting_shrinks_weak_components_first():
     assert torch.allclose(w, w[0, 0].expand_as(w))  # uniform: every width alike
     with pytest.raises(ValueError, match="weighting"):
         BudgetController(model, target=0.5, total_steps=10, weighting="random")
+
+
+def test_gpt_runs_the_fused_gelu():
+    """GPT-2's tanh GELU runs as one fused op, the same function as the separate ops."""
+    pytest.importorskip("transformers")
+    from gblr.models import GPT
+
+    torch.manual_seed(0)
+    model = GPT(vocab_size=30, n_positions=16, n_embd=32, n_layer=2, n_head=2).eval()
+    acts = [blk.mlp.act for blk in model.lm.transformer.h]
+    assert all(isinstance(a, nn.GELU) and a.approximate == "tanh" for a in acts)
+    from transformers.activations import NewGELUActivation
+
+    x = torch.randn(4, 32) * 3
+    assert torch.allclose(acts[0](x), NewGELUActivation()(x), atol=1e-6)

@@ -11,7 +11,7 @@ from gblr.core.surgery import replace_modules
 from gblr.layers.base import get_structure
 from gblr.models.factory import make_linear
 
-__all__ = ["GPT", "GPT2_TARGETS", "structure_gpt2"]
+__all__ = ["fuse_gelu", "GPT", "GPT2_TARGETS", "structure_gpt2"]
 
 #: Sub-module paths inside each ``transformer.h[i]`` block that the paper replaces.
 GPT2_TARGETS = ("attn.c_attn", "mlp.c_fc", "mlp.c_proj")
@@ -60,6 +60,18 @@ def structure_gpt2(
     return model
 
 
+def fuse_gelu(model: nn.Module) -> int:
+    """Replace GPT-2's tanh GELU written as separate element-wise operations
+    (``NewGELUActivation``, ``gelu_new``) by PyTorch's fused ``nn.GELU(approximate="tanh")``:
+    the same function (to float rounding), in one kernel. It took 0.44 of a small GPT's
+    forward pass on CPU (200 ms -> 112 ms, batch 32 x 64, 4 layers of 128, one thread), a
+    cost every structure paid alike. Returns how many were replaced."""
+    targets = [(name, m) for name, m in model.named_modules()
+               if type(m).__name__ == "NewGELUActivation"]
+    replace_modules(model, targets, lambda *_: nn.GELU(approximate="tanh"))
+    return len(targets)
+
+
 class GPT(nn.Module):
     """Causal language model: ``GPT2LMHeadModel(GPT2Config(**config))`` with structured layers.
 
@@ -100,6 +112,7 @@ class GPT(nn.Module):
                 bos_token_id=min(50256, vocab_size - 1), eos_token_id=min(50256, vocab_size - 1),
             )
             lm = GPT2LMHeadModel(config)
+        fuse_gelu(lm)
         self.lm = structure_gpt2(lm, linear, budget, gblr, project=bool(pretrained))
         self.n_positions = self.lm.config.n_positions
 
