@@ -23,10 +23,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from gblr.convert.evaluate import last_hidden, mean_pool
 from gblr.core.budget import check_budget, fits
+from gblr.core.progress import progress as progress_bar
 from gblr.core.validate import check_positive
 from gblr.layers.base import StructuredLinear
 from gblr.layers.conv import GBLRConv2d
@@ -364,7 +364,7 @@ def distill(
 
     losses: list[float] = []
     iterator: Iterator[dict[str, torch.Tensor]] = iter(batches)
-    bar = tqdm(total=steps, desc="distil", unit="step", disable=not progress)
+    bar = progress_bar(total=steps, desc="distil", unit="step", disable=not progress)
     want_hidden = loss in ("hidden", "both")
     step = 0
     train_attention()

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from gblr.convert.calibrate import run_model
 from gblr.convert.evaluate import last_hidden
+from gblr.core.progress import progress as progress_bar
 from gblr.core.surgery import set_submodule
 from gblr.projection.allocate import split_budget
 
@@ -75,7 +75,7 @@ def sensitivity_curves(
     with torch.no_grad():
         reference = [_masked_output(model, b) for b in batches]
     curves: dict[str, tuple[list[float], list[float]]] = {}
-    bar = tqdm(names, desc="sensitivity", unit="layer", disable=not progress)
+    bar = progress_bar(names, desc="sensitivity", unit="layer", disable=not progress)
     try:
         for name in bar:
             original = model.get_submodule(name)

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from gblr.core.progress import progress as progress_bar
 from gblr.layers.base import StructuredLinear
 from gblr.projection.calibration import Calibration
 from gblr.projection.project import ProjectionRecord, project
@@ -53,9 +54,7 @@ def project_many(
     order = sorted(names, key=lambda n: (tuple(weights[n].shape), names.index(n)))
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(order), desc=f"projecting onto {structure}")
+        bar = progress_bar(total=len(order), desc=f"projecting onto {structure}", unit="layer")
     layers: dict[str, StructuredLinear] = {}
     records: dict[str, ProjectionRecord] = {}
     for name in order:

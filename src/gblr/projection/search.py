@@ -26,6 +26,7 @@ import torch
 
 from gblr.core.boxes import fit_widths, integer_boxes
 from gblr.core.budget import budget_to_macs, max_rank_for_budget
+from gblr.core.progress import progress as progress_bar
 from gblr.layers.gblr import GBLRLinear
 from gblr.projection.calibration import Calibration, relative_error
 from gblr.projection.svd import lowrank_factors
@@ -347,9 +348,7 @@ def _structure_descent(
     )
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc="structure search", leave=False)
+        bar = progress_bar(total=steps, desc="structure search", unit="step", leave=False)
     ratio = opts.sigma_end / opts.sigma_start
     for step in range(steps):
         layer.sigma = opts.sigma_start * ratio ** (step / max(steps - 1, 1))
