@@ -6,6 +6,7 @@ import copy
 import inspect
 import re
 import time
+import warnings
 from dataclasses import replace
 from typing import Any, NamedTuple
 
@@ -24,7 +25,13 @@ from gblr.convert.calibrate import (
 from gblr.convert.config import REGEX_PREFIX, CompressionConfig
 from gblr.convert.fingerprint import architecture_fingerprint
 from gblr.convert.report import CompressionReport, LayerRecord
-from gblr.convert.select import layer_settings, select_layers
+from gblr.convert.select import (
+    layer_settings,
+    module_paths,
+    same_view,
+    select_layers,
+    weight_ties,
+)
 from gblr.convert.sensitivity import sensitivity_budgets
 from gblr.core.surgery import set_submodule
 from gblr.layers.base import StructuredLinear, get_structure
@@ -111,6 +118,48 @@ def _project_layer(
     return _project(name, weight, bias, setting, budget, moment)
 
 
+def _tied_copy(
+    shared: nn.Module, old: nn.Module, old_leader: nn.Module, like: torch.Tensor
+) -> nn.Module:
+    """The compressed module of a layer that held the weight of ``old_leader``: a copy of
+    ``shared`` (``old_leader``'s compressed module) holding its very parameters and buffers,
+    so the tie is kept, with ``old``'s own bias (shared too where the biases were)."""
+    new = copy.deepcopy(shared)
+    tensors = [*shared.named_parameters(remove_duplicate=False),
+               *shared.named_buffers(remove_duplicate=False)]
+    for name, tensor in tensors:
+        if name == "bias":
+            continue
+        owner_name, _, leaf = name.rpartition(".")
+        owner = new.get_submodule(owner_name)
+        table = owner._parameters if leaf in owner._parameters else owner._buffers
+        table[leaf] = tensor
+    bias, lead_bias = getattr(old, "bias", None), getattr(old_leader, "bias", None)
+    if bias is None:
+        new.bias = None
+    elif lead_bias is not None and same_view(bias, lead_bias):
+        new.bias = shared.bias
+    else:
+        new.bias = nn.Parameter(bias.detach().to(device=like.device, dtype=like.dtype).clone(),
+                                requires_grad=bias.requires_grad)
+    return new
+
+
+def _check_tied_settings(settings: dict[str, dict[str, Any]], followers: dict[str, str]) -> None:
+    """Layers holding one weight are compressed once: their settings (but the budget, of
+    which the smallest is taken) must agree."""
+    for follower, leader in followers.items():
+        a, b = settings[leader], settings[follower]
+        differ = [k for k in ("structure", "calibration", "kwargs") if a[k] != b[k]]
+        if differ:
+            what = ", ".join(f"{k} {a[k]!r} vs {b[k]!r}" for k in differ)
+            raise ValueError(
+                f"layers {leader!r} and {follower!r} share one weight tensor, which is "
+                f"compressed once, but their settings differ ({what}); give them the same "
+                "settings, or exclude both"
+            )
+
+
 def _recordable_config(config: CompressionConfig, layers: dict[str, str]) -> dict[str, Any]:
     """``config.to_dict()``; callable patterns are replaced by a regex of the resolved names."""
     try:
@@ -149,6 +198,21 @@ def compress(
     fingerprint = architecture_fingerprint(model)
     layers = select_layers(model, config.target_modules, config.exclude_modules)
     settings = layer_settings(model, config, layers)
+    # a tie is never broken: layers holding one weight share one compressed module, and a
+    # layer tied to a module that stays dense (GPT-2's head, tied to the embedding) is
+    # left dense too, with a warning and an entry in the report
+    followers, skipped = weight_ties(model, layers)
+    if skipped:
+        kept = {n: k for n, k in layers.items() if n not in skipped}
+        if not kept:
+            raise ValueError("no layer left to compress: " + "; ".join(
+                f"layer {n!r} must stay dense: {why}" for n, why in skipped.items()))
+        for name, why in skipped.items():
+            warnings.warn(f"gblr.compress leaves layer {name!r} dense: {why}", UserWarning,
+                          stacklevel=2)
+        layers = kept
+        settings = {n: settings[n] for n in layers}
+    _check_tied_settings(settings, followers)
     wants_data = [n for n, s in settings.items() if s["calibration"]]
     if wants_data and calibration_data is None:
         raise ValueError(
@@ -171,7 +235,7 @@ def compress(
     sequential = bool(wants_data) and config.calibration_mode == "sequential"
     teacher = None
     pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    leader: dict[str, list[str]] = {}
+    input_groups: dict[str, list[str]] = {}
     if sequential:
         # a calibration pass per group of layers with one input: keep the batches and the
         # dense model
@@ -185,8 +249,10 @@ def compress(
                 "supported; calibration works on linear and Conv1D layers"
             )
         teacher = copy.deepcopy(model)
-        calibrated = [n for n in layers if n in wants_data]
-        leader = {g[0]: g for g in shared_input_groups(model, calibrated, calibration_data)}
+        # a layer sharing an earlier one's weight is not projected: no calibration pass
+        calibrated = [n for n in layers if n in wants_data and n not in followers]
+        input_groups = {g[0]: g for g in shared_input_groups(model, calibrated,
+                                                             calibration_data)}
     elif wants_data or by_sensitivity:
         calibration_data = calibration_batches(calibration_data)
         if not calibration_data:
@@ -211,15 +277,64 @@ def compress(
         sizes = {n: int(modules[n].weight.numel()) for n in free}
         budgets.update(sensitivity_budgets(model, free, sizes, project_alone,
                                            calibration_data, config.budget, progress=progress))
+    # layers holding one weight: compressed once, at the smallest of their budgets (so the
+    # total stays within the budget), from the mean of their inputs' second moments
+    groups: dict[str, list[str]] = {}
+    for follower, first in followers.items():
+        groups.setdefault(first, [first]).append(follower)
+    for first, group in groups.items():
+        budgets.update(dict.fromkeys(group, min(budgets[n] for n in group)))
+        got = [moments[n] for n in group if n in moments]
+        if len(got) > 1:
+            moments[first] = torch.stack(got).mean(dim=0)
 
     report = CompressionReport(budget=config.budget)
+    report.skipped = dict(skipped)
+    paths = module_paths(model)
+    replaced: list[tuple[str, nn.Module]] = []  # (name, the module it held), in order
+    try:
+        _replace_layers(model, layers, modules, settings, budgets, moments, followers, paths,
+                        input_groups, pending, teacher, calibration_data, report, replaced,
+                        progress)
+    except BaseException:
+        # nothing half done: put every replaced module back
+        for path, previous in reversed(replaced):
+            set_submodule(model, path, previous)
+        raise
+    report.flops = flops_report(model)
+    setattr(model, COMPRESSION_ATTR, {
+        "config": _recordable_config(config, layers),
+        "fingerprint": fingerprint,
+        "layers": dict(layers),
+    })
+    return CompressionResult(model, report)
+
+
+def _replace_layers(
+    model: nn.Module, layers: dict[str, str], modules: dict[str, nn.Module],
+    settings: dict[str, dict[str, Any]], budgets: dict[str, float],
+    moments: dict[str, torch.Tensor], followers: dict[str, str], paths: dict[str, list[str]],
+    input_groups: dict[str, list[str]],
+    pending: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    teacher: nn.Module | None, calibration_data: Any, report: CompressionReport,
+    replaced: list[tuple[str, nn.Module]], progress: bool,
+) -> None:
+    """Project each layer in order and put it in place under all its names (recorded in
+    ``replaced``, so that the caller can undo them), with a record in ``report``."""
+    created: dict[str, nn.Module] = {}
     bar = tqdm(layers.items(), desc="project", unit="layer", disable=not progress)
     for name, kind in bar:
         bar.set_postfix_str(name[-40:])
         old = modules[name]
         setting = settings[name]
         start = time.perf_counter()
-        if kind == "conv2d":
+        shared_with = followers.get(name)
+        if shared_with is not None:
+            # the weight of an earlier layer: share its compressed module's tensors
+            w_param = old.weight if kind == "conv2d" else dense_weight(old, kind)
+            weight = w_param.detach().to(torch.float32).reshape(w_param.shape[0], -1)
+            new = _tied_copy(created[shared_with], old, modules[shared_with], w_param)
+        elif kind == "conv2d":
             w_param = old.weight
             weight = w_param.detach().to(torch.float32).reshape(w_param.shape[0], -1)
             new = _project_conv(name, old, setting, budgets[name])
@@ -228,15 +343,16 @@ def compress(
             weight = w_param.detach().to(torch.float32)
             bias = None if old.bias is None else old.bias.detach().to(torch.float32)
             target, moment = weight, moments.get(name)
-            if name in leader:
-                pending.update(capture_teacher_moments(model, teacher, leader[name],
+            if name in input_groups:
+                pending.update(capture_teacher_moments(model, teacher, input_groups[name],
                                                        calibration_data))
             if name in pending:
                 moment, cross = pending.pop(name)
                 target = teacher_target(weight, moment, cross)
             new = _project(name, target, bias, setting, budgets[name], moment)
         seconds = time.perf_counter() - start
-        new = new.to(device=w_param.device, dtype=w_param.dtype)
+        if shared_with is None:
+            new = new.to(device=w_param.device, dtype=w_param.dtype)
         new.train(old.training)
         with torch.no_grad():
             was = new.training
@@ -246,21 +362,22 @@ def compress(
             rel = float(torch.linalg.norm(approx - weight) / torch.linalg.norm(weight).clamp_min(
                 torch.finfo(torch.float32).tiny))
         out_f, in_f = weight.shape
+        # parameters held with the layer it shares a weight with count there only
+        counted_new = set() if shared_with is None else {
+            id(p) for p in created[shared_with].parameters()}
+        counted_old = set() if shared_with is None else {
+            id(p) for p in modules[shared_with].parameters()}
         report.layers.append(
             LayerRecord(
                 name=name, kind=kind, in_features=in_f, out_features=out_f,
                 structure=setting["structure"], budget=budgets[name],
                 dense_cost=in_f * out_f, cost=int(new.macs()),
-                params=sum(p.numel() for p in new.parameters()),
-                dense_params=sum(p.numel() for p in old.parameters()),
+                params=sum(p.numel() for p in new.parameters() if id(p) not in counted_new),
+                dense_params=sum(p.numel() for p in old.parameters()
+                                 if id(p) not in counted_old),
                 rel_error=rel, seconds=seconds,
             )
         )
-        set_submodule(model, name, new)
-    report.flops = flops_report(model)
-    setattr(model, COMPRESSION_ATTR, {
-        "config": _recordable_config(config, layers),
-        "fingerprint": fingerprint,
-        "layers": dict(layers),
-    })
-    return CompressionResult(model, report)
+        created[name] = new
+        for path in paths.get(name, [name]):  # every name the layer is registered under
+            replaced.append((path, set_submodule(model, path, new)))
