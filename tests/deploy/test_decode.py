@@ -150,6 +150,8 @@ def test_threads_do_not_share_scratch():
     layer = random_layer(96, 80, 30, seed=6)
     packed = pack(layer, (1, 16))
     errors: list[float] = []
+    together = threading.Barrier(4)
+    holding: list[tuple[int, int]] = []
 
     def work(seed: int) -> None:
         g = torch.Generator().manual_seed(seed)
@@ -158,6 +160,9 @@ def test_threads_do_not_share_scratch():
             with torch.inference_mode():
                 out = packed(x)
             errors.append(float((out - layer(x).detach()).abs().max()))
+        together.wait()  # all four alive: one set of buffers per thread
+        holding.append((len(packed.plans[0]._scratch), len(packed.plans[1]._scratch)))
+        together.wait()
 
     threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
     for th in threads:
@@ -165,8 +170,9 @@ def test_threads_do_not_share_scratch():
     for th in threads:
         th.join()
     assert len(errors) == 160 and max(errors) < 1e-10
-    # one set of buffers per thread
-    assert len(packed.plans[0]._scratch) >= 4 and len(packed.plans[1]._scratch) >= 4
+    assert all(a >= 4 and b >= 4 for a, b in holding)
+    # and the buffers of a thread end with it (changed: they used to stay with the plan)
+    assert len(packed.plans[0]._scratch) == 0 and len(packed.plans[1]._scratch) == 0
 
 
 def test_copy_and_pickle_after_use():

@@ -358,16 +358,61 @@ class CompressionConfig:
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> CompressionConfig:
-        """Read a config from JSON text or from a ``.json`` file."""
-        if isinstance(text_or_path, Path) or not str(text_or_path).lstrip().startswith("{"):
-            path = Path(text_or_path)
-            if not path.is_file():
-                raise ValueError(f"compression config file {str(path)!r} does not exist")
-            text = path.read_text(encoding="utf-8")
-        else:
-            text = str(text_or_path)
+        """Read a config from JSON text or from a ``.json`` file.
+
+        A ``Path`` is always a file; a string is JSON text when it starts with ``{`` or
+        ``[`` or names no file but parses as JSON, and a file name otherwise. The JSON must
+        be an object; a missing file, a directory, text that is not valid JSON or not an
+        object raise a ``ValueError`` that says which.
+        """
+        text, where = _json_source(text_or_path)
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"compression config is not valid JSON: {err}") from None
+            raise ValueError(f"{where} is not valid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"{where} must be a JSON object ({{\"budget\": ..., ...}}), "
+                f"got {type(data).__name__}: {_clip(text)}"
+            )
         return cls.from_dict(data)
+
+
+def _clip(text: str, limit: int = 40) -> str:
+    text = " ".join(text.split())
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
+
+
+def _json_source(text_or_path: str | Path) -> tuple[str, str]:
+    """``(JSON text, what to call it in an error)`` of :meth:`CompressionConfig.from_json`."""
+    if not isinstance(text_or_path, str | Path):
+        raise TypeError(
+            f"from_json takes JSON text or a path, got {type(text_or_path).__name__}"
+        )
+    if isinstance(text_or_path, str):
+        stripped = text_or_path.lstrip()
+        if stripped.startswith(("{", "[")):
+            return text_or_path, "compression config text"
+    path = Path(text_or_path)
+    try:
+        is_dir, is_file = path.is_dir(), path.is_file()
+    except OSError:  # a name too long or otherwise unusable as a path: text, then
+        is_dir = is_file = False
+    if is_dir:
+        raise ValueError(f"compression config path {str(path)!r} is a directory, not a file")
+    if not is_file:
+        if isinstance(text_or_path, str):
+            try:  # JSON text that is not an object ("3", "null", '"gblr"')
+                json.loads(text_or_path)
+            except json.JSONDecodeError:
+                pass
+            else:
+                return text_or_path, "compression config text"
+        raise ValueError(f"compression config file {str(path)!r} does not exist")
+    where = f"compression config file {str(path)!r}"
+    try:
+        return path.read_text(encoding="utf-8"), where
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{where} is not UTF-8 text: {err}") from None
+    except OSError as err:
+        raise ValueError(f"{where} cannot be read: {err}") from None

@@ -3,15 +3,17 @@
 A :class:`_Plan` holds the sliced weights and the GEMM list of one packing. Inputs longer
 than :data:`CHUNK_TOKENS` run chunk by chunk; the intermediate ``h`` is one buffer
 written by ``out=`` GEMMs. A decode step (one token) runs as matrix-vector products: on
-CPU its input, intermediate and output live in per-thread scratch buffers whose slices
-are created once, so a GEMV costs one call (~1 us); short inputs (up to
-:data:`VIEW_TOKENS` tokens) likewise keep their intermediate's slices. Outputs are always
-fresh tensors, and threads never share a buffer.
+CPU its input, intermediate and output live in per-thread scratch buffers (freed when
+their thread ends) whose slices are created once, so a GEMV costs one call (~1 us);
+short inputs (up to :data:`VIEW_TOKENS` tokens) likewise keep their intermediate's
+slices. Outputs are always fresh tensors, and threads never share a buffer.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -33,6 +35,41 @@ CHUNK_TOKENS = 512
 #: intermediate prepared once (see :meth:`_Plan._gemm_scratch`); one token always does
 #: (:meth:`_Plan._vector_steps`). Larger intermediates are not kept between calls.
 VIEW_TOKENS = 64
+
+
+class _Slot(dict):
+    """One thread's scratch entries (a dict that can be weakly referenced)."""
+
+    __slots__ = ("__weakref__",)
+
+
+class _ThreadScratch:
+    """Scratch entries per thread, freed when their thread ends.
+
+    Each thread's entries live in a ``threading.local``: when the thread ends, Python drops
+    them (a dict keyed by thread id would keep every short-lived thread's buffers for the
+    plan's lifetime). ``len()`` is the number of live threads holding entries.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._slots: weakref.WeakValueDictionary[int, _Slot] = weakref.WeakValueDictionary()
+        self._ids = itertools.count()
+
+    def slot(self) -> _Slot:
+        """The calling thread's entries (created on first use)."""
+        try:
+            return self._local.slot
+        except AttributeError:
+            slot = self._local.slot = _Slot()
+            self._slots[next(self._ids)] = slot
+            return slot
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def __bool__(self) -> bool:
+        return len(self) > 0
 
 
 class _Plan(nn.Module):
@@ -76,7 +113,7 @@ class _Plan(nn.Module):
             self.register_buffer(name, sparse.get(name))
         # one token runs as matrix-vector products (not with a sparse part)
         self._vector = not sparse
-        self._scratch: dict = {}
+        self._scratch = _ThreadScratch()
         self._refresh()
 
     def _flatten(self) -> None:
@@ -119,7 +156,8 @@ class _Plan(nn.Module):
         self._mv1 = tuple((a, b, lo, hi, w[i], init) for a, b, lo, hi, i, init in self._s1)
         self._mv2 = tuple((a, b, lo, hi, w[i].t()) for a, b, lo, hi, i in self._s2)
         self._mv_dense = tuple((ca, cb, ra, rb, w[i].t()) for ca, cb, ra, rb, i in self._dense)
-        self._scratch = {}  # prepared steps hold the old weights: rebuilt on first use
+        # prepared steps hold the old weights: rebuilt on first use (in every thread)
+        self._scratch = _ThreadScratch()
 
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), .bfloat16(): new buffers
         out = super()._apply(fn, recurse)
@@ -202,13 +240,14 @@ class _Plan(nn.Module):
         """This thread's :meth:`_gemm_steps` for ``x``'s token count, kept between calls (for
         the most recent count of at most :data:`VIEW_TOKENS` tokens): a GEMM's slices of
         ``h`` cost ~1 us each to create, ~3% of a 64-token forward."""
-        key = (threading.get_ident(), x.dtype, torch.is_inference_mode_enabled(), "gemm")
-        steps = self._scratch.get(key)
+        scratch = self._scratch.slot()
+        key = (x.dtype, torch.is_inference_mode_enabled(), "gemm")
+        steps = scratch.get(key)
         if steps is None or steps[0].shape[0] != x.shape[0]:
             with torch.no_grad():
                 steps = self._gemm_steps(torch.zeros((x.shape[0], self._h_width),
                                                      dtype=x.dtype, device=x.device))
-            self._scratch[key] = steps
+            scratch[key] = steps
         return steps
 
     def _vector_steps(self, x: torch.Tensor) -> tuple:
@@ -219,8 +258,9 @@ class _Plan(nn.Module):
         about a fifth of the step. Each thread has its own buffers, so concurrent calls do
         not share them; the output is a fresh tensor.
         """
-        key = (threading.get_ident(), x.dtype, torch.is_inference_mode_enabled(), "vector")
-        steps = self._scratch.get(key)
+        scratch = self._scratch.slot()
+        key = (x.dtype, torch.is_inference_mode_enabled(), "vector")
+        steps = scratch.get(key)
         if steps is not None:
             return steps
         with torch.no_grad():
@@ -234,7 +274,7 @@ class _Plan(nn.Module):
             ops2 = tuple((w, hp[lo:hi], y1[a:b]) for a, b, lo, hi, w in self._mv2)
             ops2 += tuple((w, x1[ca:cb], y1[ra:rb]) for ca, cb, ra, rb, w in self._mv_dense)
         steps = (xb, h, hp, self.perm, yb, y1, ops1, ops2)
-        self._scratch[key] = steps
+        scratch[key] = steps
         return steps
 
     def _run_vector_steps(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

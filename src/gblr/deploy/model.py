@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -76,6 +77,32 @@ class DeployReport:
         return "\n".join(lines)
 
 
+def _token_count(value: object, tokens: object) -> int:
+    """One token count: a positive integer (numpy and 0-d integer tensors included)."""
+    if isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_floating_point() \
+            and value.dtype is not torch.bool and not value.is_complex():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"tokens must be a positive int or a sequence of them, got {tokens!r} "
+            f"({value!r} is a {type(value).__name__}, not an int)"
+        )
+    if value < 1:
+        raise ValueError(f"tokens must be a positive int or a sequence of them, got {tokens!r}")
+    return int(value)
+
+
+def _token_counts(tokens: object) -> int | list[int]:
+    """``tokens`` of :func:`deploy` checked: an int, or a non-empty sequence of ints."""
+    if isinstance(tokens, str | bytes) or not isinstance(tokens, Sequence):
+        return _token_count(tokens, tokens)
+    counts = [_token_count(t, tokens) for t in tokens]
+    if not counts:
+        raise ValueError(f"tokens must be a positive int or a non-empty sequence of them, "
+                         f"got {tokens!r}")
+    return counts
+
+
 @torch.no_grad()
 def deploy(
     model: nn.Module,
@@ -107,6 +134,7 @@ def deploy(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    tokens = _token_counts(tokens)
     grouping = {"memory_tokens": memory_tokens, "overhead": overhead, "io": io}
     unused = [k for k, v in grouping.items() if v is not None] + (["tune"] if tune else [])
     if form == "tiled" and unused:

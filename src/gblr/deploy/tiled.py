@@ -84,6 +84,15 @@ def _block_sparse(mat: torch.Tensor, row_tile: int, col_tile: int):
     return ptr, idx.to(torch.int32), blocks[row_of, idx].contiguous(), row_of.to(torch.int32)
 
 
+def _check_tiles(**sizes: object) -> None:
+    """Each tile size is an int (not a bool) and a power of two >= 16."""
+    for name, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int (a power of two >= 16), got {value!r}")
+        if value < 16 or value & (value - 1):
+            raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+
+
 class TiledGBLRLinear(FlopsAliases, nn.Module):
     """Frozen inference form of a :class:`~gblr.GBLRLinear` as two block-sparse GEMMs.
 
@@ -108,10 +117,7 @@ class TiledGBLRLinear(FlopsAliases, nn.Module):
         direct: bool = False,
     ) -> None:
         super().__init__()
-        for name, value in (("rank_tile", rank_tile), ("in_tile", in_tile),
-                            ("out_tile", out_tile)):
-            if value < 16 or value & (value - 1):
-                raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+        _check_tiles(rank_tile=rank_tile, in_tile=in_tile, out_tile=out_tile)
         missing = sorted(set(self.TILE_BUFFERS) - set(tiles))
         if missing:
             raise ValueError(f"tiles lacks {missing}")
@@ -205,6 +211,7 @@ class TiledGBLRLinear(FlopsAliases, nn.Module):
 
         if not isinstance(layer, GBLRLinear):
             raise TypeError(f"layer must be a GBLRLinear, got {type(layer).__name__}")
+        _check_tiles(rank_tile=rank_tile, in_tile=in_tile, out_tile=out_tile)
         u_m, v_m, ranks, col_bands, row_bands = banded_factors(layer)
         u_m, v_m = u_m.cpu(), v_m.cpu()
         dtype = layer.U.dtype if dtype is None else check_float_dtype("dtype", dtype)

@@ -28,8 +28,14 @@ __all__ = ["GBLRConv2d"]
 
 def _pair(name: str, value: int | tuple[int, int], minimum: int = 1) -> tuple[int, int]:
     """Validate an int or a pair of ints, each ``>= minimum``."""
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+    def is_int(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if is_int(value):
+        pair = (value, value)
+    elif isinstance(value, tuple | list) and len(value) == 2 and all(map(is_int, value)):
+        pair = tuple(value)
+    else:  # a float (stride=1.5, or 2.0), a bool, a string, None, a triple...
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if any(v < minimum for v in pair):
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")

@@ -58,30 +58,58 @@ def error_curve(
     Low rank is exact at every rank (from the singular values, whitened when calibrated);
     other structures are projected at each ``grid`` budget that they can meet (GBLR with
     its candidate starts and a single search step by default, to stay cheap). Budget 1
-    (the dense layer, error 0) is always a candidate.
+    (the dense layer, error 0) is always a candidate. A ``ValueError`` that is not about
+    the budget (the projection also fails at budget 1: a bad option, say) is raised.
     """
+    budgets, errors, _ = _error_curve(weight, structure, calibration, grid, project_kwargs)
+    return budgets, errors
+
+
+def _error_curve(
+    weight: torch.Tensor,
+    structure: str,
+    calibration: Calibration | torch.Tensor | None,
+    grid: Sequence[float],
+    project_kwargs: dict[str, Any],
+) -> tuple[list[float], list[float], str | None]:
+    """:func:`error_curve`, and why the smallest grid budget that failed did (or None)."""
     check_matrix(weight)
     cal = as_calibration(calibration, weight.shape[1])
     if structure == "lowrank":
-        return _lowrank_curve(weight, cal)
+        budgets, errors = _lowrank_curve(weight, cal)
+        if budgets[0] < 1.0:
+            return budgets, errors, None
+        return budgets, errors, (f"rank 1 of a {weight.shape[0]}x{weight.shape[1]} weight "
+                                 f"costs {budgets[0]:.4f} of the dense cost")
     kwargs = dict(project_kwargs)
     if structure == "gblr":
         kwargs.setdefault("steps", 1)
         kwargs.setdefault("refit_steps", 0)
+
+    def run(b: float) -> tuple[float, float]:
+        _, rec = project(weight, b, structure=structure, calibration=cal, progress=False,
+                         **kwargs)
+        return rec.cost / rec.dense_cost, rec.error ** 2
+
     budgets, errors = [], []
+    failed: tuple[float, ValueError] | None = None
     for b in sorted({check_budget(x, "grid") for x in grid}):
         if b >= 1.0:
             continue
         try:
-            _, rec = project(weight, b, structure=structure, calibration=cal,
-                             progress=False, **kwargs)
-        except ValueError:
-            continue  # this budget is too small for the structure
-        budgets.append(rec.cost / rec.dense_cost)
-        errors.append(rec.error ** 2)
+            cost, error = run(b)
+        except ValueError as err:  # this budget may be too small for the structure
+            failed = failed or (b, err)
+            continue
+        budgets.append(cost)
+        errors.append(error)
+    if failed is not None and not budgets:
+        # no budget below dense worked: the budgets were too small, or the projection
+        # fails whatever the budget (a bad option); the dense budget tells which
+        run(1.0)
     budgets.append(1.0)
     errors.append(0.0)
-    return budgets, errors
+    return budgets, errors, None if failed is None else f"at budget {failed[0]}: {failed[1]}"
 
 
 def _pick(curves: dict[str, tuple[list[float], list[float]]], sizes: dict[str, int],
@@ -124,11 +152,24 @@ def allocate(
 
         iterator = tqdm(names, desc=f"error curves ({structure})")
     curves = {}
+    reasons: dict[str, str] = {}
     for n in iterator:
         cal = None if calibration is None else calibration.get(n)
-        curves[n] = error_curve(weights[n], structure, cal, grid, **project_kwargs)
-
-    return split_budget(curves, sizes, budget, repr(structure))
+        try:
+            *curves[n], reason = _error_curve(weights[n], structure, cal, grid, project_kwargs)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"error curve of layer {n!r} ({structure}): {err}") from err
+        if reason is not None:
+            reasons[n] = reason
+    try:
+        return split_budget(curves, sizes, budget, repr(structure))
+    except ValueError as err:
+        if not reasons:
+            raise
+        # why the cheaper candidates were not there, from the structure itself
+        why = "; ".join(f"layer {n!r}: {r}" for n, r in list(reasons.items())[:3])
+        more = f" (and {len(reasons) - 3} more layers)" if len(reasons) > 3 else ""
+        raise ValueError(f"{err}; smaller budgets failed: {why}{more}") from None
 
 
 def split_budget(
