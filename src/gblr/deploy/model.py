@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -10,7 +9,7 @@ import torch
 from torch import nn
 
 from gblr.core.surgery import replace_modules
-from gblr.deploy.packed import PackedGBLRLinear
+from gblr.deploy.packed import PackedGBLRLinear, token_counts
 from gblr.deploy.tiled import TiledGBLRLinear
 from gblr.layers.base import StructuredLinear
 from gblr.layers.conv import GBLRConv2d
@@ -77,32 +76,6 @@ class DeployReport:
         return "\n".join(lines)
 
 
-def _token_count(value: object, tokens: object) -> int:
-    """One token count: a positive integer (numpy and 0-d integer tensors included)."""
-    if isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_floating_point() \
-            and value.dtype is not torch.bool and not value.is_complex():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(
-            f"tokens must be a positive int or a sequence of them, got {tokens!r} "
-            f"({value!r} is a {type(value).__name__}, not an int)"
-        )
-    if value < 1:
-        raise ValueError(f"tokens must be a positive int or a sequence of them, got {tokens!r}")
-    return int(value)
-
-
-def _token_counts(tokens: object) -> int | list[int]:
-    """``tokens`` of :func:`deploy` checked: an int, or a non-empty sequence of ints."""
-    if isinstance(tokens, str | bytes) or not isinstance(tokens, Sequence):
-        return _token_count(tokens, tokens)
-    counts = [_token_count(t, tokens) for t in tokens]
-    if not counts:
-        raise ValueError(f"tokens must be a positive int or a non-empty sequence of them, "
-                         f"got {tokens!r}")
-    return counts
-
-
 @torch.no_grad()
 def deploy(
     model: nn.Module,
@@ -134,7 +107,7 @@ def deploy(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-    tokens = _token_counts(tokens)
+    tokens = token_counts(tokens)
     grouping = {"memory_tokens": memory_tokens, "overhead": overhead, "io": io}
     unused = [k for k, v in grouping.items() if v is not None] + (["tune"] if tune else [])
     if form == "tiled" and unused:

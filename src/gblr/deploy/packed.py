@@ -23,6 +23,7 @@ packing in :mod:`gblr.deploy.executor`, and timing candidates (``tune=True``) in
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -38,7 +39,34 @@ from gblr.deploy.planner import _build_plan
 from gblr.deploy.tune import TUNE_VARIANTS, _fastest
 from gblr.layers.gblr import GBLRLinear
 
-__all__ = ["PackedGBLRLinear"]
+__all__ = ["PackedGBLRLinear", "token_counts"]
+
+
+def _token_count(value: object, tokens: object) -> int:
+    """One token count: a positive integer (numpy and 0-d integer tensors included)."""
+    if isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_floating_point() \
+            and value.dtype is not torch.bool and not value.is_complex():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"tokens must be a positive int or a sequence of them, got {tokens!r} "
+            f"({value!r} is a {type(value).__name__}, not an int)"
+        )
+    if value < 1:
+        raise ValueError(f"tokens must be a positive int or a sequence of them, got {tokens!r}")
+    return int(value)
+
+
+def token_counts(tokens: object) -> int | list[int]:
+    """``tokens`` of a packing checked: an int, or a non-empty sequence of ints."""
+    if isinstance(tokens, str | bytes) or not isinstance(tokens, Sequence):
+        return _token_count(tokens, tokens)
+    counts = [_token_count(t, tokens) for t in tokens]
+    if not counts:
+        raise ValueError(f"tokens must be a positive int or a non-empty sequence of them, "
+                         f"got {tokens!r}")
+    return counts
+
 
 
 class PackedGBLRLinear(FlopsAliases, nn.Module):
@@ -103,9 +131,8 @@ class PackedGBLRLinear(FlopsAliases, nn.Module):
 
         if not isinstance(layer, GBLRLinear):
             raise TypeError(f"layer must be a GBLRLinear, got {type(layer).__name__}")
-        token_list = [tokens] if isinstance(tokens, int) else list(tokens)
-        if not token_list or any(not isinstance(t, int) or t < 1 for t in token_list):
-            raise ValueError(f"tokens must be a positive int or a sequence of them, got {tokens}")
+        counts = token_counts(tokens)
+        token_list = [counts] if isinstance(counts, int) else counts
         dtype = layer.U.dtype if dtype is None else check_float_dtype("dtype", dtype)
         args = banded_factors(layer)
         plans = []
@@ -179,10 +206,10 @@ class PackedGBLRLinear(FlopsAliases, nn.Module):
     @torch.no_grad()
     def to_dense(self) -> torch.Tensor:
         """The ``(out, in)`` matrix applied (bias excluded), from the first packing."""
-        ref = next(self.plans[0].buffers(), None)
+        ref = next((b for b in self.plans[0].buffers() if b.is_floating_point()), None)
+        if ref is None:  # every component off: no weight, the bias (if any) says the dtype
+            ref = self.bias
         kw = {} if ref is None else {"dtype": ref.dtype, "device": ref.device}
-        if ref is not None and not ref.is_floating_point():
-            kw = {"device": ref.device}
         eye = torch.eye(self.in_features, **kw)
         return self.plans[0](eye, None).t()
 
