@@ -461,3 +461,12 @@ def test_cuda_packed_projected_layer_with_sparse_blocks():
         assert (out - ref).norm() / ref.norm() < tol
     tuned = layer.packed(tokens=(1, 64, 4096), tune=True)
     assert torch.allclose(tuned(x), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_deploy_without_gblr_layers_says_so():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), gblr.LowRankLinear(8, 8, rank=2))
+    with pytest.warns(UserWarning, match="no GBLRLinear layer.*LowRankLinear"):
+        report = gblr.deploy(model)
+    assert report.layers == [] and report.skipped == ["1"]
+    with pytest.warns(UserWarning, match="compress or train it with GBLR layers first"):
+        gblr.deploy(torch.nn.Sequential(torch.nn.Linear(4, 4)))

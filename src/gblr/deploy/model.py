@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -129,6 +130,16 @@ def deploy(
         n for n, m in model.named_modules()
         if isinstance(m, StructuredLinear) and not isinstance(m, GBLRLinear)
     ] + convs
+    if not targets:
+        kinds = sorted({type(m).__name__ for n, m in model.named_modules()
+                        if n in report.skipped})
+        warnings.warn(
+            "deploy(): the model has no GBLRLinear layer to pack, so nothing changed"
+            + (f" ({len(report.skipped)} other structured layers, {', '.join(kinds)}, already "
+               "run as they are)" if report.skipped else
+               " (compress or train it with GBLR layers first)"),
+            UserWarning, stacklevel=3,
+        )
 
     def pack(name: str, layer: GBLRLinear) -> nn.Module:
         if form == "tiled":
