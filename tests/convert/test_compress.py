@@ -301,9 +301,20 @@ def test_save_load_bit_identical(tmp_path):
     assert torch.equal(again(input_ids=IDS).last_hidden_state, out)
     q0 = model.encoder.layer[1].attention.self.query
     q1 = again.encoder.layer[1].attention.self.query
-    assert torch.equal(q0.widths, q1.widths) and torch.equal(q0.locations, q1.locations)
+    # the default (compact) form keeps the active components only, in their order
+    on = q0.active_components()
+    assert q1.num_components == int(on.sum()) < q0.num_components
+    assert torch.equal(q0.widths[:, on], q1.widths)
+    assert torch.equal(q0.locations[:, on], q1.locations)
+    assert q1.macs() == q0.macs()
     # the loaded model saves again
     save_compressed(again, tmp_path / "c2")
+    # the trainable form keeps every component whole
+    save_compressed(model, tmp_path / "t", trainable=True)
+    full = load_compressed(lambda: tiny_bert(seed=6), tmp_path / "t")
+    assert torch.equal(full(input_ids=IDS).last_hidden_state, out)
+    q2 = full.encoder.layer[1].attention.self.query
+    assert torch.equal(q0.widths, q2.widths) and torch.equal(q0.U, q2.U)
 
 
 @pytest.mark.parametrize("structure", ["lowrank", "monarch", "blr", "blocksparse", "blockdiag"])

@@ -6,6 +6,12 @@ evaluation-mode cost for GBLR layers. Given example inputs, the report also coun
 how many tokens/positions each layer processes in one forward pass, and so the MACs
 of that pass; ``torch.utils.flop_counter.FlopCounterMode`` reports twice that
 (it counts FLOPs = 2 MACs), see :func:`gblr.accounting.count_flops`.
+
+Beside the MACs each row gives three parameter counts (bias included): ``params``, what
+the layer holds; ``eval_params``, what its evaluation-mode structure uses (for a GBLR
+layer with sharp masks the rows of ``U_c`` and columns of ``V_c`` inside the boxes of its
+active components, with their widths and locations: what ``gblr.save_compressed`` writes
+by default); ``dense_params``, what the dense layer it stands for holds.
 """
 
 from __future__ import annotations
@@ -17,14 +23,20 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["LayerCost", "FlopsReport", "flops_report", "layer_cost"]
+from gblr.core.boxes import integer_boxes
+from gblr.layers.conv import GBLRConv2d
+from gblr.layers.gblr import GBLRLinear
+
+__all__ = ["LayerCost", "FlopsReport", "flops_report", "layer_cost", "eval_parameters"]
 
 
 @dataclass(frozen=True)
 class LayerCost:
     """Cost of one layer. ``macs`` and ``dense_macs`` are per token (per output position
     for convolutions); ``positions`` is how many it processed in the measured forward
-    pass (None when no input was given)."""
+    pass (None when no input was given). ``params`` is the parameters the layer holds,
+    ``eval_params`` those its evaluation-mode structure uses (:func:`eval_parameters`),
+    ``dense_params`` those of the dense layer it replaces (``params`` for a dense layer)."""
 
     name: str
     kind: str
@@ -35,6 +47,8 @@ class LayerCost:
     params: int
     structured: bool
     positions: int | None = None
+    eval_params: int | None = None
+    dense_params: int | None = None
 
     @property
     def fraction(self) -> float:
@@ -82,11 +96,59 @@ def _out_dim(module: nn.Module) -> tuple[int, int]:
     return module.out_features, -1
 
 
+@torch.no_grad()
+def _gblr_box_parameters(layer: GBLRLinear) -> int | None:
+    """Factor entries inside the boxes of the active components, plus their widths and
+    locations (``4`` per component); None with smooth masks (``sigma`` set), whose
+    evaluation uses the factors beyond the boxes."""
+    if layer.sigma is not None:
+        return None
+    on = layer.active_components().cpu()
+    in_len, _, out_len, _ = integer_boxes(layer.widths, layer.locations, layer.in_features,
+                                          layer.out_features)
+    boxes = int((in_len.cpu() + out_len.cpu())[on].sum()) * layer.rank_per_component
+    return boxes + 4 * max(1, int(on.sum()))
+
+
+def eval_parameters(module: nn.Module) -> int:
+    """Parameters (bias included) that ``module``'s evaluation-mode structure uses.
+
+    For a :class:`~gblr.GBLRLinear` with sharp masks (``sigma=None``): the rows of each
+    active component's ``U_c`` inside its output box and the columns of ``V_c`` inside its
+    input box, with the widths and locations of the active components (of one placeholder
+    when none is active) and the bias. A :class:`~gblr.GBLRConv2d` counts its matrices the
+    same way but keeps the widths and locations of every component slot. With smooth
+    masks (``sigma`` set) and for every other layer: all its parameters. This is what
+    ``gblr.save_compressed`` writes by default (its compact form).
+    """
+    held = sum(p.numel() for p in module.parameters())
+    if isinstance(module, GBLRLinear):
+        boxes = _gblr_box_parameters(module)
+        if boxes is not None:
+            return boxes + (0 if module.bias is None else module.bias.numel())
+    if isinstance(module, GBLRConv2d):
+        counts = [_gblr_box_parameters(linear) for linear in module.linears]
+        if all(c is not None for c in counts):
+            slots = sum(4 * (linear.num_components - max(1, int(linear.active_components().sum())))
+                        for linear in module.linears)
+            return sum(counts) + slots + (0 if module.bias is None else module.bias.numel())
+    return held
+
+
+def _dense_parameters(module: nn.Module) -> int:
+    """Parameters of the dense layer a structured ``module`` stands for, bias included."""
+    bias = getattr(module, "bias", None)
+    return int(module.dense_macs()) + (0 if bias is None else bias.numel())
+
+
 def layer_cost(name: str, module: nn.Module) -> LayerCost | None:
     """The :class:`LayerCost` of ``module``, or None if it is not a layer the report covers."""
     params = sum(p.numel() for p in module.parameters())
+    counts = {"eval_params": params, "dense_params": params}
     if _is_structured(module):
         macs, dense = int(module.macs()), int(module.dense_macs())
+        counts = {"eval_params": eval_parameters(module),
+                  "dense_params": _dense_parameters(module)}
         structure = getattr(module, "structure_name", type(module).__name__)
         if hasattr(module, "out_channels"):
             k = "x".join(str(s) for s in module.kernel_size)
@@ -95,15 +157,17 @@ def layer_cost(name: str, module: nn.Module) -> LayerCost | None:
                 structure = f"{structure} (per tap)"
         else:
             shape = f"{module.in_features}->{module.out_features}"
-        return LayerCost(name, type(module).__name__, shape, structure, macs, dense, params, True)
+        return LayerCost(name, type(module).__name__, shape, structure, macs, dense, params, True,
+                         **counts)
     if isinstance(module, nn.Linear):
         macs = module.in_features * module.out_features
         shape = f"{module.in_features}->{module.out_features}"
-        return LayerCost(name, "Linear", shape, "dense", macs, macs, params, False)
+        return LayerCost(name, "Linear", shape, "dense", macs, macs, params, False, **counts)
     if _is_hf_conv1d(module):
         n_in, n_out = module.weight.shape
         macs = n_in * n_out
-        return LayerCost(name, "Conv1D", f"{n_in}->{n_out}", "dense", macs, macs, params, False)
+        return LayerCost(name, "Conv1D", f"{n_in}->{n_out}", "dense", macs, macs, params, False,
+                         **counts)
     if isinstance(module, _DENSE_CONVS):
         macs = module.out_channels * (module.in_channels // module.groups)
         macs *= math.prod(module.kernel_size)
@@ -111,7 +175,8 @@ def layer_cost(name: str, module: nn.Module) -> LayerCost | None:
         shape = f"{module.in_channels}->{module.out_channels} k{k}"
         if module.groups != 1:
             shape += f" g{module.groups}"
-        return LayerCost(name, type(module).__name__, shape, "dense", macs, macs, params, False)
+        return LayerCost(name, type(module).__name__, shape, "dense", macs, macs, params, False,
+                         **counts)
     return None
 
 
@@ -168,6 +233,22 @@ class FlopsReport:
             return None
         return sum(r.dense_macs * (r.positions or 0) for r in self.rows)
 
+    @property
+    def parameters(self) -> int:
+        """Parameters the listed layers hold (bias included)."""
+        return sum(r.params for r in self.rows)
+
+    @property
+    def eval_parameters(self) -> int:
+        """Parameters the listed layers' evaluation-mode structures use (what
+        ``gblr.save_compressed`` writes of them by default)."""
+        return sum(r.params if r.eval_params is None else r.eval_params for r in self.rows)
+
+    @property
+    def dense_parameters(self) -> int:
+        """Parameters of the listed layers with every structured layer dense."""
+        return sum(r.params if r.dense_params is None else r.dense_params for r in self.rows)
+
     def totals(self) -> dict[str, Any]:
         return {
             "layers": len(self.rows),
@@ -180,7 +261,9 @@ class FlopsReport:
             "structured_fraction": self.structured_fraction,
             "total_macs": self.total_macs,
             "dense_total_macs": self.dense_total_macs,
-            "parameters": sum(r.params for r in self.rows),
+            "parameters": self.parameters,
+            "eval_parameters": self.eval_parameters,
+            "dense_parameters": self.dense_parameters,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -193,14 +276,16 @@ class FlopsReport:
         return iter(self.rows)
 
     def __str__(self) -> str:
-        header = ["layer", "type", "shape", "structure", "MACs/token", "params", "of dense"]
+        header = ["layer", "type", "shape", "structure", "MACs/token", "of dense", "params",
+                  "eval params"]
         if self.measured:
             header += ["tokens", "MACs"]
         table = [header]
         for r in self.rows:
+            used = r.params if r.eval_params is None else r.eval_params
             line = [
                 r.name or "(model)", r.kind, r.shape, r.structure, f"{r.macs:,}",
-                f"{r.params:,}", f"{r.fraction:.3f}",
+                f"{r.fraction:.3f}", f"{r.params:,}", f"{used:,}",
             ]
             if self.measured:
                 line += [f"{r.positions or 0:,}", f"{r.total_macs or 0:,}"]
@@ -223,6 +308,10 @@ class FlopsReport:
         lines.append(
             f"structured layers: {self.structured_macs:,} MACs/token, dense cost of the "
             f"replaced layers {self.replaced_dense_macs:,}, fraction {self.structured_fraction:.3f}"
+        )
+        lines.append(
+            f"parameters: {self.parameters:,} held, {self.eval_parameters:,} used in "
+            f"evaluation (what gblr.save_compressed writes), {self.dense_parameters:,} if dense"
         )
         if self.measured:
             lines.append(

@@ -67,6 +67,9 @@ COMMAND_OPTIONS: tuple[Option, ...] = (
            "$XDG_DATA_HOME/gblr/compressed, by default ~/.local/share/gblr/compressed"),
     Option("--overwrite", "replace an existing --out directory", action="store_true",
            default=False),
+    Option("--trainable", "save every tensor whole, to resume training (default: the compact "
+           "form, only what the evaluation-mode model uses)", action="store_true",
+           default=False),
 )
 
 
@@ -218,6 +221,39 @@ def _layer_costs(model: torch.nn.Module) -> dict[str, int]:
     return {n: int(m.macs()) for n, m in model.named_modules() if isinstance(m, StructuredLinear)}
 
 
+def _parameter_count(model: torch.nn.Module) -> int:
+    """Parameters of ``model``, shared ones once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _original_file_mb(model_dir: Path) -> float | None:
+    """Size in MB (10^6 bytes) of the original model's weights: its ``*.safetensors``
+    files (``pytorch_model.bin`` when it has none), None when neither is there."""
+    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("pytorch_model*.bin"))
+    return sum(f.stat().st_size for f in files) / 1e6 if files else None
+
+
+def _size_summary(model: torch.nn.Module, model_dir: Path, out: Path,
+                  original_parameters: int) -> dict[str, Any]:
+    """Parameters and file size of the original and of the saved compressed model."""
+    from gblr.accounting import flops_report
+    from gblr.convert.io import saved_size
+
+    saved = saved_size(out)
+    report = flops_report(model)
+    linear_params = report.parameters
+    other = _parameter_count(model) - linear_params
+    return {
+        "original": {"parameters": original_parameters,
+                     "file_mb": _original_file_mb(model_dir)},
+        "compressed": {"parameters": saved["values"], "file_mb": saved["file_mb"],
+                       "form": saved["form"], "parameters_in_memory": _parameter_count(model)},
+        "linear": {"dense": report.dense_parameters, "saved": report.eval_parameters
+                   if saved["form"] == "compact" else linear_params},
+        "other": other,
+    }
+
+
 def summary_table(summary: dict[str, Any]) -> str:
     """The text the command prints: cost, per-layer split, quality before/after distillation."""
     lines = []
@@ -230,6 +266,20 @@ def summary_table(summary: dict[str, Any]) -> str:
                  f"after distillation {c['distilled']:,} ({c['distilled'] / c['dense']:.3f})")
     lines.append(f"whole model linear cost: {c['model_dense']:,} -> {c['model_after']:,} "
                  f"MACs/token ({c['model_after'] / c['model_dense']:.3f})")
+    size = summary.get("size")
+    if size:
+        o, s = size["original"], size["compressed"]
+        lines.append(
+            f"parameters: {o['parameters']:,} -> {s['parameters']:,} saved "
+            f"({s['parameters'] / o['parameters']:.3f}; {s['form']} form), "
+            f"{s['parameters_in_memory']:,} once loaded")
+        o_mb = "?" if o["file_mb"] is None else f"{o['file_mb']:.1f}"
+        ratio = "" if o["file_mb"] is None else f" ({s['file_mb'] / o['file_mb']:.3f})"
+        lines.append(f"model.safetensors: {o_mb} MB -> {s['file_mb']:.1f} MB{ratio}   "
+                     f"linear layers' parameters: {size['linear']['dense']:,} -> "
+                     f"{size['linear']['saved']:,} "
+                     f"({size['linear']['saved'] / size['linear']['dense']:.3f}); "
+                     f"{size['other']:,} in other layers (embeddings, norms), not compressed")
     lines.append("")
     rows = summary["layers"]
     width = max(len("layer"), *(len(r["name"]) for r in rows))
@@ -344,6 +394,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     for i in range(0, min(len(train), calibration_items), size)]
         eval_items, data_name = len(held), str(text_path)
     teacher = copy.deepcopy(model)
+    original_parameters = _parameter_count(model)
     dense_model = sum(
         m.weight.numel() for m in model.modules() if layer_kind(m) in ("linear", "conv1d")
     )
@@ -380,7 +431,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     distilled_costs = _layer_costs(model)
     phases.update(1)
     phases.set_postfix_str("save")
-    save_compressed(model, out, overwrite=args.overwrite)
+    save_compressed(model, out, overwrite=args.overwrite, trainable=args.trainable)
     if tokenizer is not None:
         tokenizer.save_pretrained(out / "tokenizer")
     rows = [
@@ -404,6 +455,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "precision": precision_name(args.precision, device)},
         "warnings": warnings,
         "curve": curve,
+        "size": _size_summary(model, model_dir, out, original_parameters),
         "out": str(out),
     }
     if not args.no_plot:
@@ -436,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gblr compress: error: {err}", file=sys.stderr)
         return 2
     print(summary_table(summary))
-    print(f"\nsaved to {summary['out']}/ (compression.json, model.safetensors, summary.json"
+    print(f"\nsaved to {summary['out']}/ (compression.json, manifest.json, model.safetensors, "
+          f"summary.json"
           f"{'' if args.no_plot else ', masks.png'}"
           f"{', curve.png' if summary['curve'] and not args.no_plot else ''}) "
           f"in {time.perf_counter() - start:.0f} s")

@@ -1,11 +1,23 @@
 """Save a compressed model and rebuild it exactly from its base architecture.
 
 A saved directory holds ``compression.json`` (the config, a fingerprint of the base
-model's architecture, and for every structured layer its structure and constructor
-arguments), ``model.safetensors`` (every tensor of the compressed model, widths and
-locations included, with its SHA-256 recorded in the JSON) and ``manifest.json`` (the
-SHA-256 of both files: configuration and weights are checked before anything is built;
-it also marks the directory as one gblr wrote, which ``overwrite=True`` may replace).
+model's architecture, the form saved, and for every structured layer its structure,
+constructor arguments and form), ``model.safetensors`` (every tensor of the compressed
+model, widths and locations included, with its SHA-256 recorded in the JSON) and
+``manifest.json`` (the SHA-256 of both files: configuration and weights are checked
+before anything is built; it also marks the directory as one gblr wrote, which
+``overwrite=True`` may replace).
+
+Two forms (:data:`FORMS`). ``"compact"`` (the default) saves what the evaluation-mode
+model uses: a GBLR layer with sharp masks (``sigma=None``) keeps only its active
+components, and of each only the rows of ``U_c`` inside its output box and the columns
+of ``V_c`` inside its input box, stored as ``U (sum of box heights, r)`` and
+``V (r, sum of box widths)``; loading puts them back in place (zeros outside the boxes),
+so the evaluation-mode outputs and ``macs()`` are those of the saved model. A GBLR
+layer with smooth masks (``sigma`` set) is saved whole in both forms. In a GBLR conv
+every component slot is kept (its matrices share one component count) but an inactive
+one is stored with zero widths and no factor entries. ``"trainable"`` saves every
+tensor whole, as needed to resume training (boxes can grow again).
 
 Loading is all-or-nothing: every check runs and every new layer is built and filled
 before the caller's model is touched. Tensors holding NaN or Inf are refused when saving
@@ -32,24 +44,36 @@ from torch import nn
 from gblr.convert.fingerprint import architecture_fingerprint
 from gblr.convert.replace import COMPRESSION_ATTR, dense_weight
 from gblr.convert.select import layer_kind
+from gblr.core.boxes import integer_boxes
 from gblr.core.surgery import replace_modules
 from gblr.core.validate import check_finite
 from gblr.layers.base import StructuredLinear, get_structure
 from gblr.layers.conv import GBLRConv2d
+from gblr.layers.gblr import GBLRLinear
 
 __all__ = [
-    "save_compressed", "load_compressed", "written_by_gblr",
-    "CONFIG_FILE", "WEIGHTS_FILE", "MANIFEST_FILE", "FORMAT",
+    "save_compressed", "load_compressed", "written_by_gblr", "saved_size",
+    "CONFIG_FILE", "WEIGHTS_FILE", "MANIFEST_FILE", "FORMAT", "FORMS",
 ]
 
 CONFIG_FILE = "compression.json"
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
-#: Format of the directories written now: v2 adds ``manifest.json``.
-FORMAT = "gblr-compressed-v2"
+#: Format of the directories written now: v3 records the form saved (and may hold
+#: compact layers), v2 added ``manifest.json``.
+FORMAT = "gblr-compressed-v3"
+#: Format of directories written with a manifest, before the compact form: still read.
+FORMAT_V2 = "gblr-compressed-v2"
 #: Format of directories written before the manifest (weights checksum only): still read.
 FORMAT_V1 = "gblr-compressed-v1"
+#: Formats whose directories carry a manifest, which must then be present.
+_MANIFEST_FORMATS = (FORMAT, FORMAT_V2)
+_READ_FORMATS = (FORMAT, FORMAT_V2, FORMAT_V1)
 MANIFEST_FORMAT = "gblr-manifest-v1"
+#: Forms of a save: ``"compact"`` (what evaluation uses) or ``"trainable"`` (everything).
+FORMS = ("compact", "trainable")
+#: A layer's form in the record: ``"compact"`` or ``"full"`` (every tensor whole).
+_LAYER_FORMS = ("compact", "full")
 _SKIP_ARGS = ("self", "device", "dtype")
 
 
@@ -159,7 +183,7 @@ def written_by_gblr(directory: str | Path) -> bool:
     if not directory.is_dir():
         return False
     for name, key, accepted in ((MANIFEST_FILE, "format", (MANIFEST_FORMAT,)),
-                                (CONFIG_FILE, "format", (FORMAT, FORMAT_V1))):
+                                (CONFIG_FILE, "format", _READ_FORMATS)):
         path = directory / name
         if path.is_file():
             try:
@@ -182,8 +206,197 @@ def _finite_names(model: nn.Module, layers: list[str]) -> set[str]:
     return names
 
 
-def save_compressed(model: nn.Module, directory: str | Path, overwrite: bool = False) -> Path:
+# -- the compact form ---------------------------------------------------------------------------
+def _box_index(lengths: torch.Tensor, starts: torch.Tensor,
+               n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(index along the axis, component)`` of every entry inside the cyclic boxes, the
+    components one after the other, each box from its start (``(sum of lengths,)`` each)."""
+    lengths = lengths.cpu()
+    comp = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+    first = torch.cumsum(lengths, 0) - lengths
+    within = torch.arange(int(lengths.sum())) - first[comp] if comp.numel() else comp
+    return (starts.cpu()[comp] + within) % n, comp
+
+
+def _factor_columns(comp: torch.Tensor, rank: int) -> torch.Tensor:
+    """Columns of ``U`` (rows of ``V``) of each entry's component: ``(entries, rank)``."""
+    return comp[:, None] * rank + torch.arange(rank)
+
+
+@torch.no_grad()
+def _compact_factors(layer: GBLRLinear, widths: torch.Tensor, locations: torch.Tensor,
+                     columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The box parts of the factor columns ``columns`` (``(K', r)``, one row per kept
+    component), whose boxes are ``widths`` and ``locations`` (``(2, K')``):
+    ``U (sum of box heights, r)`` and ``V (r, sum of box widths)``."""
+    n_in, n_out, r = layer.in_features, layer.out_features, layer.rank_per_component
+    in_len, in_start, out_len, out_start = integer_boxes(widths, locations, n_in, n_out)
+    rows, comp = _box_index(out_len, out_start, n_out)
+    u = layer.U.detach()[rows[:, None].to(layer.U.device), columns[comp].to(layer.U.device)]
+    cols, comp = _box_index(in_len, in_start, n_in)
+    v = layer.V.detach()[columns[comp].to(layer.V.device), cols[:, None].to(layer.V.device)]
+    return u.reshape(-1, r), v.reshape(-1, r).t()
+
+
+def _expand_factors(u: torch.Tensor, v: torch.Tensor, widths: torch.Tensor,
+                    locations: torch.Tensor, n_in: int, n_out: int,
+                    rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`_compact_factors`: full ``U (out, K r)`` and ``V (K r, in)``,
+    zero outside the boxes."""
+    k = widths.shape[1]
+    in_len, in_start, out_len, out_start = integer_boxes(widths, locations, n_in, n_out)
+    full_u = u.new_zeros(n_out, k * rank)
+    rows, comp = _box_index(out_len, out_start, n_out)
+    full_u[rows[:, None], _factor_columns(comp, rank)] = u
+    full_v = v.new_zeros(k * rank, n_in)
+    cols, comp = _box_index(in_len, in_start, n_in)
+    full_v[_factor_columns(comp, rank), cols[:, None]] = v.t()
+    return full_u, full_v
+
+
+def _compact_shapes(widths: torch.Tensor, locations: torch.Tensor, n_in: int, n_out: int,
+                    rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    in_len, _, out_len, _ = integer_boxes(widths, locations, n_in, n_out)
+    return (int(out_len.sum()), rank), (rank, int(in_len.sum()))
+
+
+@torch.no_grad()
+def _boxes_are_supports(layer: GBLRLinear, keep: torch.Tensor) -> bool:
+    """Whether the evaluation-mode masks of the components ``keep`` are exactly their
+    integer boxes (they are with sharp masks; checked, never assumed)."""
+    m_in, m_out = layer.eval_masks()
+    in_len, in_start, out_len, out_start = integer_boxes(
+        layer.widths[:, keep], layer.locations[:, keep], layer.in_features, layer.out_features)
+    for mask, lengths, starts, n in ((m_in[keep], in_len, in_start, layer.in_features),
+                                     (m_out[keep], out_len, out_start, layer.out_features)):
+        box = torch.zeros(mask.shape, dtype=torch.bool)
+        index, comp = _box_index(lengths, starts, n)
+        box[comp, index] = True
+        if not torch.equal(mask.cpu() != 0, box):
+            return False
+    return True
+
+
+@torch.no_grad()
+def _compact_linear(layer: GBLRLinear, drop: bool) -> dict[str, torch.Tensor] | None:
+    """The compact tensors of a GBLR matrix, ``{"U", "V", "widths", "locations"}``, or
+    None when it is kept whole (smooth masks, or masks that are not exactly the boxes).
+
+    With ``drop`` the inactive components are left out (a placeholder of zero width
+    stands in when none is active: a layer has at least one component); without, they
+    stay as components of zero width (a GBLR conv's matrices share one count)."""
+    if layer.sigma is not None:
+        return None
+    active = layer.active_components().cpu()
+    keep = active.nonzero().squeeze(1) if drop else torch.arange(layer.num_components)
+    if not _boxes_are_supports(layer, active.nonzero().squeeze(1)):
+        return None
+    widths = layer.widths.detach()[:, keep.to(layer.widths.device)].clone()
+    locations = layer.locations.detach()[:, keep.to(layer.widths.device)].clone()
+    if not drop:
+        widths[:, ~active.to(widths.device)] = 0.0
+    if keep.numel() == 0:
+        widths = layer.widths.new_zeros(2, 1)
+        locations = layer.locations.new_zeros(2, 1)
+    columns = _factor_columns(keep, layer.rank_per_component)
+    if keep.numel() == 0:
+        columns = _factor_columns(torch.zeros(1, dtype=torch.long), layer.rank_per_component)
+    u, v = _compact_factors(layer, widths, locations, columns)
+    return {"U": u, "V": v, "widths": widths, "locations": locations}
+
+
+def _compact_layer(module: nn.Module) -> dict[str, torch.Tensor] | None:
+    """State-dict tensors (names relative to ``module``) that replace its own in the
+    compact form, or None when the layer is saved whole."""
+    if isinstance(module, GBLRLinear):
+        return _compact_linear(module, drop=True)
+    if isinstance(module, GBLRConv2d):
+        tensors: dict[str, torch.Tensor] = {}
+        for t, linear in enumerate(module.linears):
+            part = _compact_linear(linear, drop=False)
+            if part is None:
+                return None
+            tensors.update({f"linears.{t}.{name}": x for name, x in part.items()})
+        return tensors
+    return None
+
+
+def _compact_matrices(name: str, module: nn.Module) -> list[tuple[str, GBLRLinear]]:
+    """``(state-dict prefix, GBLR matrix)`` of a layer saved in the compact form."""
+    if isinstance(module, GBLRConv2d):
+        return [(f"{name}.linears.{t}", lin) for t, lin in enumerate(module.linears)]
+    if isinstance(module, GBLRLinear):
+        return [(name, module)]
+    raise ValueError(f"layer {name!r}: the compact form is for GBLR layers, not "
+                     f"{type(module).__name__}")
+
+
+def _expand_compact(weights: Path, name: str, module: nn.Module,
+                    state: dict[str, torch.Tensor]) -> None:
+    """Replace, in ``state``, the compact factors of the layer ``name`` (rebuilt as
+    ``module``, unattached) by full ones; every tensor they depend on is checked first."""
+    for prefix, linear in _compact_matrices(name, module):
+        k, r = linear.num_components, linear.rank_per_component
+        tensors = {}
+        for part in ("U", "V", "widths", "locations"):
+            key = f"{prefix}.{part}"
+            tensor = state[key]
+            if not tensor.is_floating_point():
+                raise ValueError(f"{weights}: tensor {key} is {tensor.dtype}, not floating point")
+            try:
+                check_finite(key, tensor)
+            except ValueError as err:
+                raise ValueError(f"{weights}: {err}") from None
+            tensors[part] = tensor
+        for part in ("widths", "locations"):
+            if tuple(tensors[part].shape) != (2, k):
+                raise ValueError(
+                    f"{weights} does not fit the rebuilt model: tensor {prefix}.{part} has "
+                    f"shape {tuple(tensors[part].shape)}, the model's is {(2, k)}")
+        shapes = _compact_shapes(tensors["widths"], tensors["locations"], linear.in_features,
+                                 linear.out_features, r)
+        for part, shape in zip(("U", "V"), shapes, strict=True):
+            if tuple(tensors[part].shape) != shape:
+                raise ValueError(
+                    f"{weights} does not fit the rebuilt model: compact tensor {prefix}.{part} "
+                    f"has shape {tuple(tensors[part].shape)}, its boxes need {shape}")
+        state[f"{prefix}.U"], state[f"{prefix}.V"] = _expand_factors(
+            tensors["U"], tensors["V"], tensors["widths"], tensors["locations"],
+            linear.in_features, linear.out_features, r)
+
+
+def saved_size(directory: str | Path) -> dict[str, Any]:
+    """What a saved directory holds: ``{"file_bytes", "file_mb", "values", "form"}``, the
+    size of its ``model.safetensors`` (MB = 10^6 bytes), the number of tensor values in it
+    (parameters and saved buffers, shared tensors once) and the form saved (``"trainable"``
+    for directories written before the compact form). Reads only the file's header."""
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    weights = directory / WEIGHTS_FILE
+    values = 0
+    with safe_open(str(weights), framework="pt") as f:
+        for key in f.keys():
+            shape = f.get_slice(key).get_shape()
+            count = 1
+            for s in shape:
+                count *= int(s)
+            values += count
+    record = _read_json(directory / CONFIG_FILE, "a compression record")
+    size = weights.stat().st_size
+    return {"file_bytes": size, "file_mb": size / 1e6, "values": values,
+            "form": record.get("form", "trainable") if isinstance(record, dict) else None}
+
+
+def save_compressed(model: nn.Module, directory: str | Path, overwrite: bool = False, *,
+                    trainable: bool = False) -> Path:
     """Write ``model`` (the output of ``gblr.compress``) to ``directory``.
+
+    By default the compact form is saved: what the evaluation-mode model uses (see the
+    module's docstring; GBLR layers with smooth masks, ``sigma`` set, are saved whole).
+    The model loaded from it computes the same evaluation-mode outputs with the same
+    ``macs()``, but has lost the factor entries outside its boxes, so training it can no
+    longer grow them back; ``trainable=True`` saves every tensor whole, to resume training.
 
     An existing ``directory`` is an error unless ``overwrite=True``, and even then only a
     directory gblr wrote (see :func:`written_by_gblr`) is replaced: anything else is
@@ -214,13 +427,22 @@ def save_compressed(model: nn.Module, directory: str | Path, overwrite: bool = F
             "model carries no compression record; save a model returned by gblr.compress "
             "or gblr.load_compressed"
         )
+    form = "trainable" if trainable else "compact"
     layers = {}
+    compact: dict[str, dict[str, torch.Tensor]] = {}
     for name, module in _replaced_layers(model).items():
+        args = constructor_args(module, f"layer {name!r}")
+        tensors = None if trainable else _compact_layer(module)
+        if tensors is not None:
+            compact[name] = tensors
+            if isinstance(module, GBLRLinear):
+                args["num_components"] = int(tensors["widths"].shape[1])
         layers[name] = {
             "structure": module.structure_name,
             "class": f"{type(module).__module__}.{type(module).__qualname__}",
             "kind": info["layers"].get(name),
-            "args": constructor_args(module, f"layer {name!r}"),
+            "args": args,
+            "form": "compact" if tensors is not None else "full",
         }
     missing = sorted(set(info["layers"]) - set(layers))
     if missing or not layers:
@@ -236,10 +458,17 @@ def save_compressed(model: nn.Module, directory: str | Path, overwrite: bool = F
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         tensors, aliases = _tensors_and_aliases(model)
+        for layer, parts in compact.items():
+            for name, tensor in parts.items():
+                key = f"{layer}.{name}"
+                if key not in tensors or key in aliases:
+                    raise ValueError(f"layer {layer!r}: its tensor {key} is not saved on its own")
+                tensors[key] = tensor.detach().to("cpu", copy=True).contiguous()
         save_file(tensors, str(tmp / WEIGHTS_FILE),
-                  metadata={"format": FORMAT, "fingerprint": info["fingerprint"]})
+                  metadata={"format": FORMAT, "form": form, "fingerprint": info["fingerprint"]})
         record = {
             "format": FORMAT,
+            "form": form,
             "config": info["config"],
             "base_fingerprint": info["fingerprint"],
             "base_name": str(getattr(getattr(model, "config", None), "_name_or_path", "") or ""),
@@ -250,6 +479,7 @@ def save_compressed(model: nn.Module, directory: str | Path, overwrite: bool = F
         (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         manifest = {
             "format": MANIFEST_FORMAT,
+            "form": form,
             "files": {name: _sha256(tmp / name) for name in (CONFIG_FILE, WEIGHTS_FILE)},
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n",
@@ -307,15 +537,19 @@ def _read_record(directory: Path) -> dict[str, Any]:
     record = _read_json(path, "a compression record")
     if not isinstance(record, dict):
         raise ValueError(f"{path} is not a JSON object")
-    if record.get("format") not in (FORMAT, FORMAT_V1):
-        raise ValueError(f"{path} is not a {FORMAT} record (format={record.get('format')!r})")
+    if record.get("format") not in _READ_FORMATS:
+        raise ValueError(f"{path} is not a {FORMAT} record (format={record.get('format')!r}); "
+                         f"this gblr reads {', '.join(_READ_FORMATS)}")
     for key in ("base_fingerprint", "layers", "weights_sha256"):
         if key not in record:
             raise ValueError(f"{path} is corrupted: key {key!r} is missing")
-    if record["format"] == FORMAT and not has_manifest:
+    if record.get("form", "trainable") not in FORMS:
+        raise ValueError(f"{path} is corrupted: 'form' is {record.get('form')!r}, not one of "
+                         f"{FORMS}")
+    if record["format"] in _MANIFEST_FORMATS and not has_manifest:
         raise ValueError(
-            f"{str(directory)!r} lacks its {MANIFEST_FILE} (written by {FORMAT}, whose "
-            "configuration and weights it checksums); refusing to load it unchecked"
+            f"{str(directory)!r} lacks its {MANIFEST_FILE} (written by {record['format']}, "
+            "whose configuration and weights it checksums); refusing to load it unchecked"
         )
     if not has_manifest:
         warnings.warn(
@@ -336,6 +570,9 @@ def _read_record(directory: Path) -> dict[str, Any]:
                 f"{path} is corrupted: layer {name!r} lacks a 'structure', 'class' or "
                 "'args' of the right type"
             )
+        if entry.get("form", "full") not in _LAYER_FORMS:
+            raise ValueError(f"{path} is corrupted: layer {name!r} has form "
+                             f"{entry.get('form')!r}, not one of {_LAYER_FORMS}")
     aliases = record.get("aliases", {})
     if not isinstance(aliases, dict) or any(
         not isinstance(k, str) or not isinstance(v, str) for k, v in aliases.items()
@@ -408,7 +645,10 @@ def load_compressed(
 
     ``base_model_or_factory`` is the dense model it was compressed from (or a model of the
     same architecture, or a function returning one); it is changed in place and returned.
-    Its outputs equal the saved model's bit for bit on CPU. A file from another model, a
+    Its outputs equal the saved model's bit for bit on CPU (in evaluation mode for a
+    compact save, whose GBLR layers come back with their active components only, zeros
+    outside their boxes; a trainable save or a directory of format v1/v2 gives back every
+    tensor as it was). A file from another model, a
     corrupted, truncated or edited file (configuration or weights), a changed layer, or a
     tensor holding NaN or Inf raise a ``ValueError``.
 
@@ -432,8 +672,8 @@ def load_compressed(
         state = load_file(str(weights))
     except SafetensorError as err:
         raise ValueError(f"{weights} is corrupted: {err}") from None
-    if file_format not in (None, FORMAT_V1, FORMAT) or (
-        file_format == FORMAT and record["format"] != FORMAT
+    if file_format not in (None, *_READ_FORMATS) or (
+        file_format in _MANIFEST_FORMATS and record["format"] != file_format
     ):
         raise ValueError(f"{weights} (format {file_format!r}) does not belong to a "
                          f"{record['format']} {CONFIG_FILE}")
@@ -479,6 +719,9 @@ def load_compressed(
                         (("missing tensors", missing), ("unexpected tensors", unexpected))
                         if names)
         )
+    for layer, new in created.items():  # compact factors back in place, zeros outside
+        if record["layers"][layer].get("form", "full") == "compact":
+            _expand_compact(weights, layer, new, state)
     for name, ref in expected.items():
         tensor = state[name]
         if tuple(tensor.shape) != tuple(ref.shape):
