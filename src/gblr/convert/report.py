@@ -34,6 +34,8 @@ class CompressionReport:
     budget: float = 1.0
     #: ``gblr.flops_report`` of the whole compressed model (dense layers included)
     flops: Any = None
+    #: layers left dense on purpose, with the reason (a weight tied to one that stays dense)
+    skipped: dict[str, str] = field(default_factory=dict)
 
     @property
     def dense_cost(self) -> int:
@@ -63,6 +65,7 @@ class CompressionReport:
             "cost_fraction": self.cost_fraction,
             "mean_rel_error": self.mean_rel_error,
             "layers": [asdict(r) for r in self.layers],
+            "skipped": dict(self.skipped),
             "flops": self.flops.to_dict() if hasattr(self.flops, "to_dict") else None,
         }
 
@@ -87,6 +90,8 @@ class CompressionReport:
             f"{self.dense_cost:>10,}  {self.cost:>9,}  {self.cost_fraction:>5.3f}  "
             f"{self.mean_rel_error:>7.4f}"
         )
+        for name, why in self.skipped.items():
+            lines.append(f"left dense: {name} ({why})")
         return "\n".join(lines)
 
     def __str__(self) -> str:
