@@ -313,3 +313,15 @@ def test_cli_reports_parameters_and_file_size(tmp_path, capsys, monkeypatch):
     assert compact["compressed"]["parameters"] < full["compressed"]["parameters"]
     assert compact["compressed"]["file_mb"] < full["compressed"]["file_mb"]
     assert compact["linear"]["saved"] < full["linear"]["saved"]
+
+
+def test_saving_a_deployed_model_says_what_to_do(tmp_path):
+    import gblr
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    gblr.compress(model, gblr.CompressionConfig.preset("weights-only", budget=0.5),
+                  progress=False)
+    gblr.deploy(model.eval())
+    with pytest.raises(ValueError, match="before gblr.deploy.*save_packed"):
+        gblr.save_compressed(model, tmp_path / "m")
+    assert not (tmp_path / "m").exists()

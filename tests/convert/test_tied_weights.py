@@ -201,3 +201,22 @@ def test_a_failing_layer_leaves_the_model_as_it_was():
     with pytest.raises(ValueError, match="layer '2'.*too small"):
         compress(model, cfg, progress=False)
     assert model[0] is first and isinstance(model[2], nn.Linear)
+
+
+# -- ties survive save and load ----------------------------------------------------------------
+@pytest.mark.parametrize("trainable", [False, True])
+@pytest.mark.parametrize("make", [Twice, SharedWeight])
+def test_ties_survive_save_and_load(make, trainable, tmp_path):
+    from gblr.convert import load_compressed, save_compressed
+
+    model = make()
+    compress(model, plain_config(budget=0.5), progress=False)
+    model.eval()
+    x = torch.randn(5, 16)
+    save_compressed(model, tmp_path / "m", trainable=trainable)
+    again = load_compressed(make(), tmp_path / "m").eval()
+    assert torch.equal(again(x), model(x))
+    if make is Twice:
+        assert again.a is again.b and isinstance(again.a, StructuredLinear)
+    else:
+        assert _shared(again.a, again.b)  # the factorisation is still one set of tensors

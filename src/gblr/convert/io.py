@@ -43,10 +43,12 @@ from torch import nn
 
 from gblr.convert.fingerprint import architecture_fingerprint
 from gblr.convert.replace import COMPRESSION_ATTR, dense_weight
-from gblr.convert.select import layer_kind
+from gblr.convert.select import layer_kind, module_paths
 from gblr.core.boxes import integer_boxes
-from gblr.core.surgery import replace_modules
+from gblr.core.surgery import replace_modules, tie_tensor
 from gblr.core.validate import check_finite
+from gblr.deploy.packed import PackedGBLRLinear
+from gblr.deploy.tiled import TiledGBLRLinear
 from gblr.layers.base import StructuredLinear, get_structure
 from gblr.layers.conv import GBLRConv2d
 from gblr.layers.gblr import GBLRLinear
@@ -421,6 +423,14 @@ def save_compressed(model: nn.Module, directory: str | Path, overwrite: bool = F
                 f"{MANIFEST_FILE} or {CONFIG_FILE}); refusing to replace it even with "
                 "overwrite=True: choose another directory or remove it yourself"
             )
+    deployed = [n for n, m in model.named_modules()
+                if isinstance(m, PackedGBLRLinear | TiledGBLRLinear)]
+    if deployed:
+        raise ValueError(
+            f"the model is deployed (packed layers such as {deployed[0]!r}): save_compressed "
+            "keeps the trainable structure, so call it before gblr.deploy, or save the "
+            "deployed layers with gblr.save_packed"
+        )
     info = getattr(model, COMPRESSION_ATTR, None)
     if not isinstance(info, dict):
         raise ValueError(
@@ -430,9 +440,12 @@ def save_compressed(model: nn.Module, directory: str | Path, overwrite: bool = F
     form = "trainable" if trainable else "compact"
     layers = {}
     compact: dict[str, dict[str, torch.Tensor]] = {}
+    _, shared = _tensors_and_aliases(model)
+    shared_layers = {n.rsplit(".", 1)[0] for pair in shared.items() for n in pair}
     for name, module in _replaced_layers(model).items():
         args = constructor_args(module, f"layer {name!r}")
-        tensors = None if trainable else _compact_layer(module)
+        # a layer sharing its tensors with another (tied linears) is saved whole, once
+        tensors = None if trainable or name in shared_layers else _compact_layer(module)
         if tensors is not None:
             compact[name] = tensors
             if isinstance(module, GBLRLinear):
@@ -638,6 +651,15 @@ def _build_layer(name: str, entry: dict[str, Any], old: nn.Module | None) -> tup
     return new, kind
 
 
+def _retie(model: nn.Module, aliases: dict[str, str]) -> None:
+    """Make every saved alias one tensor again: the parameter ``alias`` becomes the very
+    parameter ``name`` (tied linears share their compressed factors after a load too)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for alias, name in aliases.items():
+        if alias in params and name in params and params[alias] is not params[name]:
+            tie_tensor(model, alias, params[name])
+
+
 def load_compressed(
     base_model_or_factory: nn.Module | Callable[[], nn.Module], directory: str | Path
 ) -> nn.Module:
@@ -693,6 +715,9 @@ def load_compressed(
     kinds: dict[str, str] = {}
     for name, entry in record["layers"].items():
         created[name], kinds[name] = _build_layer(name, entry, modules.get(name))
+    # a base module registered under several names is replaced under all of them
+    paths = module_paths(base)
+    every_name = {name: paths.get(name, [name]) for name in created}
 
     # check: the file's tensors against the rebuilt model's, name by name
     aliases = record.get("aliases", {})
@@ -701,15 +726,17 @@ def load_compressed(
     state.update({alias: state[name] for alias, name in aliases.items()})
     expected: dict[str, torch.Tensor] = {}
     finite: set[str] = set()
+    replaced = [alias for names in every_name.values() for alias in names]
     for name, tensor in base.state_dict(keep_vars=True).items():
-        if not any(name.startswith(f"{layer}.") for layer in created):
+        if not any(name.startswith(f"{layer}.") for layer in replaced):
             expected[name] = tensor
     finite |= {n for n, _ in base.named_parameters(remove_duplicate=False)
-               if not any(n.startswith(f"{layer}.") for layer in created)}
+               if not any(n.startswith(f"{layer}.") for layer in replaced)}
     for layer, new in created.items():
         for name, tensor in new.state_dict(keep_vars=True).items():
-            expected[f"{layer}.{name}"] = tensor
-            finite.add(f"{layer}.{name}")
+            for alias in every_name[layer]:
+                expected[f"{alias}.{name}"] = tensor
+                finite.add(f"{alias}.{name}")
     missing = [n for n in expected if n not in state]
     unexpected = [n for n in state if n not in expected]
     if missing or unexpected:
@@ -746,13 +773,16 @@ def load_compressed(
             raise ValueError(f"{weights} does not fit layer {layer!r}: {err}") from None
 
     # replace: nothing below can fail on a checked file
-    old_modules = {name: modules[name] for name in created}
-    replace_modules(base, list(old_modules.items()), lambda name, _: created[name])
+    old_modules = {alias: modules[name] for name in created for alias in every_name[name]}
+    owner = {alias: name for name in created for alias in every_name[name]}
+    replace_modules(base, list(old_modules.items()), lambda alias, _: created[owner[alias]])
     try:
         base.load_state_dict(state, strict=True)
     except RuntimeError as err:  # not expected after the checks above: undo the replacement
-        replace_modules(base, list(created.items()), lambda name, _: old_modules[name])
+        replace_modules(base, [(a, created[owner[a]]) for a in old_modules],
+                        lambda alias, _: old_modules[alias])
         raise ValueError(f"{weights} does not fit the rebuilt model: {err}") from None
+    _retie(base, aliases)
     setattr(base, COMPRESSION_ATTR, {
         "config": record.get("config"),
         "fingerprint": record["base_fingerprint"],

@@ -12,7 +12,6 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from gblr.accounting import flops_report
 from gblr.convert.calibrate import (
@@ -33,7 +32,8 @@ from gblr.convert.select import (
     weight_ties,
 )
 from gblr.convert.sensitivity import sensitivity_budgets
-from gblr.core.surgery import set_submodule
+from gblr.core.progress import progress as show_progress
+from gblr.core.surgery import set_submodule, tie_tensor
 from gblr.layers.base import StructuredLinear, get_structure
 from gblr.layers.conv import GBLRConv2d
 from gblr.projection import Calibration, allocate
@@ -130,10 +130,7 @@ def _tied_copy(
     for name, tensor in tensors:
         if name == "bias":
             continue
-        owner_name, _, leaf = name.rpartition(".")
-        owner = new.get_submodule(owner_name)
-        table = owner._parameters if leaf in owner._parameters else owner._buffers
-        table[leaf] = tensor
+        tie_tensor(new, name, tensor)
     bias, lead_bias = getattr(old, "bias", None), getattr(old_leader, "bias", None)
     if bias is None:
         new.bias = None
@@ -322,7 +319,8 @@ def _replace_layers(
     """Project each layer in order and put it in place under all its names (recorded in
     ``replaced``, so that the caller can undo them), with a record in ``report``."""
     created: dict[str, nn.Module] = {}
-    bar = tqdm(layers.items(), desc="project", unit="layer", disable=not progress)
+    bar = show_progress(layers.items(), total=len(layers), desc="project", unit="layer",
+                        disable=not progress)
     for name, kind in bar:
         bar.set_postfix_str(name[-40:])
         old = modules[name]

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 
 from torch import nn
 
-__all__ = ["set_submodule", "replace_modules"]
+__all__ = ["set_submodule", "replace_modules", "tie_tensor"]
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
@@ -36,3 +36,17 @@ def replace_modules(
     for name, new in created.items():
         set_submodule(model, name, new)
     return created
+
+
+def tie_tensor(model: nn.Module, name: str, tensor) -> bool:
+    """Make the parameter or buffer at the dotted path ``name`` the very object ``tensor``
+    (a tie: both names then hold one tensor). Returns False when ``name`` is neither."""
+    owner_name, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = tensor
+    elif leaf in owner._buffers:
+        owner._buffers[leaf] = tensor
+    else:
+        return False
+    return True
