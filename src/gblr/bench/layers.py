@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
+from gblr.core.progress import progress as show_progress
 from gblr.layers.gblr import GBLRLinear
 
 FULL_SHAPES = [(768, 3072), (3072, 768)]
@@ -89,7 +89,7 @@ def run(
                 step()
         times: dict[str, list[float]] = {"gblr": [], "dense": []}
         order = ["dense", "gblr"]
-        for _ in tqdm(range(reps), desc=f"{n_in}->{n_out}", leave=False):
+        for _ in show_progress(range(reps), desc=f"{n_in}->{n_out}", unit="rep", leave=False):
             for name in order:
                 times[name].append(_timed(steps[name], device))
             order.reverse()  # alternate which layer runs first

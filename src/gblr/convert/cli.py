@@ -41,6 +41,7 @@ from gblr.convert.options import (
     preset_epilog,
     time_bound_warning,
 )
+from gblr.core.progress import progress as show_progress
 
 __all__ = [
     "main",
@@ -311,8 +312,6 @@ def summary_table(summary: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Do the whole job; return the summary written to ``summary.json``."""
-    from tqdm.auto import tqdm
-
     from gblr.convert.distill import distill
     from gblr.convert.evaluate import compare_embeddings, pooled_embeddings, sentence_embeddings
     from gblr.convert.hf import DEFAULT_MODEL_NAME, default_model_path, load_hf_model
@@ -329,6 +328,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     progress = not args.quiet
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(f"gblr compress: {torch.get_num_threads()} CPU thread(s) of {os.cpu_count()} cores "
+          "(--threads N to change)", flush=True)
     torch.manual_seed(args.seed)
     steps, minutes = distill_limits(args.steps, args.minutes)
     calibration_items = args.calibration_batches * args.calibration_batch_size
@@ -340,7 +341,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model_name = model_dir.name if args.model else DEFAULT_MODEL_NAME
     out = Path(args.out)  # settled and checked by check()
 
-    phases = tqdm(total=5, desc="gblr compress", unit="phase", disable=not progress)
+    phases = show_progress(total=5, desc="gblr compress", unit="phase", disable=not progress)
     phases.set_postfix_str("load")
     model, tokenizer = load_hf_model(model_dir)
     device = resolve_device(args.device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,9 @@ def load_hf_model(directory: str | Path) -> tuple[nn.Module, Any]:
         )
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    bars = hf_logging.is_progress_bar_enabled()
+    if bars and not sys.stderr.isatty():  # its carriage-return bar would fill a redirected log
+        hf_logging.disable_progress_bar()
     try:
         try:
             AutoConfig.from_pretrained(directory, local_files_only=True)
@@ -72,6 +76,8 @@ def load_hf_model(directory: str | Path) -> tuple[nn.Module, Any]:
             ) from None
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     if getattr(tokenizer, "pad_token", None) is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return model.eval(), tokenizer

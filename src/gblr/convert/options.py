@@ -160,8 +160,8 @@ RUN_OPTIONS: tuple[Option, ...] = (
     Option("--seed", "random seed of data order and initialisation", type=int, default=0),
     Option("--device", "torch device: auto (cuda when present, else cpu), cpu, cuda, "
            "cuda:1...", default="auto"),
-    Option("--threads", "torch CPU threads", type=int, minimum=1,
-           default_text="torch's choice"),
+    Option("--threads", "torch CPU threads (1 by default: many small operations hold up best "
+           "on one thread when other jobs share the cores)", type=int, minimum=1, default=1),
     Option("--no-plot", "skip the pictures", action="store_true", default=False),
     Option("--quiet", "no progress bars", action="store_true", default=False),
 )

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from gblr.core.budget import check_budget, max_rank_for_budget
+from gblr.core.progress import progress as show_progress
 from gblr.layers.base import check_matrix
 from gblr.projection.calibration import Calibration, as_calibration
 from gblr.projection.project import project
@@ -146,11 +147,8 @@ def allocate(
     budget = check_budget(budget)
     names = list(weights)
     sizes = {n: int(check_matrix(weights[n], f"weights[{n!r}]").numel()) for n in names}
-    iterator: Any = names
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(names, desc=f"error curves ({structure})")
+    iterator: Any = show_progress(names, desc=f"error curves ({structure})", unit="layer",
+                                  disable=not progress)
     curves = {}
     reasons: dict[str, str] = {}
     for n in iterator:
