@@ -1,6 +1,7 @@
 """Deployment: pack trained GBLR layers into fast, exact inference modules."""
 
 from gblr.deploy.bands import cyclic_band
+from gblr.deploy.export import ExportReport, export_onnx, onnx_gemms
 from gblr.deploy.io import load_packed, save_packed
 from gblr.deploy.model import FORMS, DeployReport, deploy
 from gblr.deploy.packed import PackedGBLRLinear
@@ -23,4 +24,7 @@ __all__ = [
     "group_bands",
     "save_packed",
     "load_packed",
+    "export_onnx",
+    "onnx_gemms",
+    "ExportReport",
 ]

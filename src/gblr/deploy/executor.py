@@ -23,7 +23,7 @@ from torch import nn
 
 from gblr.deploy.bands import ALIGN
 
-__all__ = ["CHUNK_TOKENS", "VIEW_TOKENS", "SPARSE_BUFFERS"]
+__all__ = ["CHUNK_TOKENS", "VIEW_TOKENS", "SPARSE_BUFFERS", "exporting"]
 
 #: Buffer names of the sparse part of a packing.
 SPARSE_BUFFERS = ("sp_idx", "sp_crow", "sp_col", "sp_val")
@@ -35,6 +35,33 @@ CHUNK_TOKENS = 512
 #: intermediate prepared once (see :meth:`_Plan._gemm_scratch`); one token always does
 #: (:meth:`_Plan._vector_steps`). Larger intermediates are not kept between calls.
 VIEW_TOKENS = 64
+
+
+def exporting() -> bool:
+    """Whether a graph exporter is tracing (``torch.export``, the ONNX exporters): packed
+    layers then run :meth:`_Plan.forward_plain`, the same GEMMs with plain ops."""
+    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+
+
+def _join_columns(
+    parts: Sequence[tuple[int, int, torch.Tensor]], width: int, x: torch.Tensor, t: int
+) -> torch.Tensor:
+    """The ``(t, width)`` matrix whose columns ``[a, b)`` are the sum of the ``(a, b, block)``
+    parts covering them (zero where none does): slices, additions and one concatenation."""
+    if len(parts) == 1 and parts[0][:2] == (0, width):
+        return parts[0][2]
+    if width == 0:
+        return x.new_zeros((t, 0))
+    cuts = sorted({0, width, *(a for a, _, _ in parts), *(b for _, b, _ in parts)})
+    pieces = []
+    for s, e in itertools.pairwise(cuts):
+        acc = None
+        for a, b, block in parts:
+            if a <= s and e <= b:
+                piece = block if (s, e) == (a, b) else block[:, s - a: e - a]
+                acc = piece if acc is None else acc + piece
+        pieces.append(x.new_zeros((t, e - s)) if acc is None else acc)
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
 
 class _Slot(dict):
@@ -186,6 +213,8 @@ class _Plan(nn.Module):
         return len(self._s1) + len(self._s2) + len(self._dense) + (self.sp_val is not None)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if exporting():
+            return self.forward_plain(x, bias)
         if self._full is not None:
             return F.linear(x, self._full, bias)
         t = x.shape[0]
@@ -213,6 +242,45 @@ class _Plan(nn.Module):
                 steps = self._gemm_steps(h[: e - s])
             self._run(x[s:e], bias, y[s:e], steps)
         return y
+
+    def forward_plain(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``y = x W^T + bias`` for a 2-D ``x`` with plain, functional ops: the same GEMMs as
+        :meth:`forward`, without scratch buffers, ``out=`` or in-place writes, chunks or
+        cached views (what graph exporters can trace; chosen while :func:`exporting`).
+
+        Each GEMM's output is a block of columns of ``h`` (stage 1) or ``y`` (stage 2 and
+        dense blocks); blocks that overlap are added, uncovered columns are zero, and the
+        columns are joined by one concatenation. The permutation of ``h`` is a gather and
+        the sparse part one gather, product and scatter-add of its entries.
+        """
+        w = self.weights()  # looked up now: an exporter substitutes the buffers
+        if self.spec.get("full"):
+            return F.linear(x, w[0], bias)
+        t = x.shape[0]
+
+        def cols(a: int, b: int) -> torch.Tensor:
+            return x if (a, b) == (0, self.in_features) else x[:, a:b]
+
+        h_parts = [(lo, hi, F.linear(cols(a, b), w[i])) for a, b, lo, hi, i, _ in self._s1]
+        h = _join_columns(h_parts, self._h_width, x, t)
+        if self.perm is not None:
+            h = h.index_select(1, self.perm)
+        width = h.shape[1]
+        y_parts = [(a, b, (h if (lo, hi) == (0, width) else h[:, lo:hi]) @ w[i])
+                   for a, b, lo, hi, i in self._s2]
+        y_parts += [(ra, rb, cols(ca, cb) @ w[i]) for ca, cb, ra, rb, i in self._dense]
+        y = _join_columns(y_parts, self.out_features, x, t)
+        if self.sp_val is not None:
+            if self.sp_crow is not None:
+                # entry k lies in row r where crow[r] <= k < crow[r + 1] (no data-dependent
+                # shapes, unlike repeat_interleave)
+                k = torch.arange(self.sp_col.shape[0], device=self.sp_col.device)
+                rows = (k[:, None] >= self.sp_crow[None, 1:]).sum(1)
+                col = self.sp_col
+            else:
+                rows, col = self.sp_idx[0], self.sp_idx[1]
+            y = y.index_add(1, rows, x.index_select(1, col) * self.sp_val.to(x.dtype))
+        return y if bias is None else y + bias
 
     #: Attributes derived from the weight buffers by :meth:`_refresh` (views, scratch).
     _DERIVED = ("_ops1", "_ops2", "_ops_dense", "_full", "_mv1", "_mv2", "_mv_dense",

@@ -178,6 +178,38 @@ class PackedGBLRLinear(FlopsAliases, nn.Module):
         x2 = x.reshape(-1, self.in_features)
         return self.plan_for(x2.shape[0]).forward(x2, bias).reshape(*shape[:-1], self.out_features)
 
+    def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
+        """The same outputs as :meth:`forward` through plain, functional ops: the path a
+        graph exporter traces (``torch.onnx.export``, ``torch.export``), where
+        :meth:`forward` takes it by itself (see :meth:`_Plan.forward_plain`).
+
+        Args:
+            x: inputs of shape ``(..., in_features)``.
+
+        Returns:
+            The outputs, ``(..., out_features)``.
+
+        Example:
+            >>> import gblr, torch
+            >>> layer = gblr.GBLRLinear.from_dense(torch.randn(64, 32), 0.5, steps=0)
+            >>> packed = layer.packed(tokens=8)
+            >>> x = torch.randn(8, 32)
+            >>> torch.allclose(packed.forward_plain(x), packed(x), atol=1e-5)
+            True
+        """
+        shape = x.shape
+        if len(shape) == 0 or shape[-1] != self.in_features:
+            raise ValueError(
+                f"PackedGBLRLinear expects inputs of shape (..., {self.in_features}), "
+                f"got {tuple(shape)}"
+            )
+        bias = self.bias
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        x2 = x.reshape(-1, self.in_features)
+        y = self.plan_for(x2.shape[0]).forward_plain(x2, bias)
+        return y.reshape(*shape[:-1], self.out_features)
+
     def macs(self, tokens: int | None = None) -> int:
         """MACs per token this module computes (for the packing used at ``tokens``)."""
         plan = self.plans[0] if tokens is None else self.plan_for(tokens)
