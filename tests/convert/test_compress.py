@@ -588,6 +588,13 @@ def test_cli_tiny_bert_and_gpt2(tmp_path, capsys):
     assert summary["curve"][-1]["cosine"] == summary["quality"]["distilled"]["cosine"]
     assert "during distillation" in text and (tmp_path / "out" / "curve.png").stat().st_size
     assert "pooler.dense" not in {r["name"] for r in summary["layers"]}
+    # the deployed model timed against the dense one, on one thread, and printed
+    speed = summary["speed"]
+    assert speed["threads"] == 1 and [r["setting"] for r in speed["rows"]] == ["1x32", "32x32"]
+    for row in speed["rows"]:
+        assert row["dense_ms"] > 0 and row["deployed_ms"] > 0
+        assert row["speedup"] == pytest.approx(row["dense_ms"] / row["deployed_ms"])
+    assert "deployed (gblr.deploy) against dense" in text
     # the default allocation gives layers different shares of their dense cost
     assert summary["allocation"] == "sensitivity"
     assert len({round(r["projected"] / r["dense"], 2) for r in summary["layers"]}) > 1

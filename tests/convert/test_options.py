@@ -118,7 +118,8 @@ def test_bench_takes_the_shared_options():
     shared = [*CONFIG_OPTIONS, *RUN_OPTIONS]
     for o in shared:
         if o.flag not in bench:
-            assert o.dest in ("structure", "budget"), o.flag  # the bench's sweeps
+            # the bench's sweeps, and --no-speed (only gblr compress times the deployed model)
+            assert o.dest in ("structure", "budget", "no_speed"), o.flag
             continue
         default = config_defaults[o.field] if o.field else o.default
         wanted = BENCH_DEFAULTS.get(o.dest, default)

@@ -300,7 +300,7 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     add_options(p.add_argument_group("layers, distillation, data and run (as gblr compress; "
                                      "with --minutes, the first structure distils for that "
                                      "long and the others for the steps it reached)"),
-                RUN_OPTIONS, defaults=BENCH_DEFAULTS)
+                RUN_OPTIONS, defaults=BENCH_DEFAULTS, skip=("no_speed",))
     p.add_argument("--train-text", help="default: ../shared/data/shakespeare/train.txt")
     p.add_argument("--test-text", help="default: ../shared/data/shakespeare/test.txt")
     p.add_argument("--out", default=str(REPO / "results" / "compress"))

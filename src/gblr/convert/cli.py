@@ -41,6 +41,7 @@ from gblr.convert.options import (
     preset_epilog,
     time_bound_warning,
 )
+from gblr.convert.speedup import measured_speedup, text_inputs
 from gblr.core.progress import progress as show_progress
 
 __all__ = [
@@ -255,6 +256,17 @@ def _size_summary(model: torch.nn.Module, model_dir: Path, out: Path,
     }
 
 
+def _speed_settings(model: torch.nn.Module, tokenizer: Any, max_length: int,
+                    images: torch.Tensor | None) -> dict[str, dict[str, torch.Tensor]]:
+    """The inputs the deployed model is timed on: one passage and a batch of 32 passages
+    of up to 128 tokens, or a batch of up to 8 images."""
+    if images is not None:
+        return {f"{min(8, len(images))} images": {"pixel_values": images[:8]}}
+    length = min(128, max_length)
+    vocab = int(getattr(model.config, "vocab_size", None) or len(tokenizer))
+    return {f"{b}x{length}": text_inputs(b, length, vocab) for b in (1, 32)}
+
+
 def summary_table(summary: dict[str, Any]) -> str:
     """The text the command prints: cost, per-layer split, quality before/after distillation."""
     lines = []
@@ -281,6 +293,12 @@ def summary_table(summary: dict[str, Any]) -> str:
                      f"{size['linear']['saved']:,} "
                      f"({size['linear']['saved'] / size['linear']['dense']:.3f}); "
                      f"{size['other']:,} in other layers (embeddings, norms), not compressed")
+    speed = summary.get("speed")
+    if speed:
+        shown = ", ".join(f"{r['speedup']:.2f}x at {r['setting']} ({r['dense_ms']:.1f} -> "
+                          f"{r['deployed_ms']:.1f} ms)" for r in speed["rows"])
+        lines.append(f"deployed (gblr.deploy) against dense, measured on {speed['threads']} CPU "
+                     f"thread: {shown}")
     lines.append("")
     rows = summary["layers"]
     width = max(len("layer"), *(len(r["name"]) for r in rows))
@@ -435,6 +453,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     save_compressed(model, out, overwrite=args.overwrite, trainable=args.trainable)
     if tokenizer is not None:
         tokenizer.save_pretrained(out / "tokenizer")
+    speed = None
+    if not args.no_speed and device.type == "cpu":
+        phases.set_postfix_str("time")
+        timed_on = _speed_settings(model, tokenizer, max_length,
+                                   None if tokenizer is not None else held_images)
+        speed = measured_speedup(teacher, model, timed_on)
     rows = [
         {"name": r.name, "shape": f"{r.out_features}x{r.in_features}", "dense": r.dense_cost,
          "projected": projected_costs[r.name], "distilled": distilled_costs[r.name]}
@@ -457,6 +481,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "warnings": warnings,
         "curve": curve,
         "size": _size_summary(model, model_dir, out, original_parameters),
+        "speed": speed,
         "out": str(out),
     }
     if not args.no_plot:

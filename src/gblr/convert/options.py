@@ -162,6 +162,9 @@ RUN_OPTIONS: tuple[Option, ...] = (
            "cuda:1...", default="auto"),
     Option("--threads", "torch CPU threads (1 by default: many small operations hold up best "
            "on one thread when other jobs share the cores)", type=int, minimum=1, default=1),
+    Option("--no-speed", "skip timing the deployed model against the dense one (one thread, "
+           "1x128 and 32x128 tokens; images: a batch of 8)", action="store_true",
+           default=False),
     Option("--no-plot", "skip the pictures", action="store_true", default=False),
     Option("--quiet", "no progress bars", action="store_true", default=False),
 )
