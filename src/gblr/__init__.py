@@ -5,8 +5,10 @@ from gblr.accounting import FlopsReport, count_flops, flops_report
 from gblr.convert import (
     CompressionConfig,
     compress,
+    from_pretrained,
     load_compressed,
     save_compressed,
+    save_sentence_transformer,
 )
 from gblr.deploy import PackedGBLRLinear, TiledGBLRLinear, deploy, load_packed, save_packed
 from gblr.layers import (
@@ -60,4 +62,6 @@ __all__ = [
     "compress",
     "save_compressed",
     "load_compressed",
+    "from_pretrained",
+    "save_sentence_transformer",
 ]

@@ -337,6 +337,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from gblr.convert.io import save_compressed
     from gblr.convert.replace import compress
     from gblr.convert.select import layer_kind, layer_settings, select_layers
+    from gblr.convert.sentence import is_sentence_transformer, save_sentence_transformer
     from gblr.convert.text import encode, read_passages, split_passages, token_batches
     from gblr.data.corpus import default_corpus_path
 
@@ -450,7 +451,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     distilled_costs = _layer_costs(model)
     phases.update(1)
     phases.set_postfix_str("save")
-    save_compressed(model, out, overwrite=args.overwrite, trainable=args.trainable)
+    if is_sentence_transformer(model_dir):  # the ST files beside gblr's: SentenceTransformer(out)
+        save_sentence_transformer(model, model_dir, out, overwrite=args.overwrite,
+                                  trainable=args.trainable)
+    else:
+        save_compressed(model, out, overwrite=args.overwrite, trainable=args.trainable)
     if tokenizer is not None:
         tokenizer.save_pretrained(out / "tokenizer")
     speed = None
@@ -483,6 +488,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "size": _size_summary(model, model_dir, out, original_parameters),
         "speed": speed,
         "out": str(out),
+        "sentence_transformers": is_sentence_transformer(out),
     }
     if not args.no_plot:
         from gblr.convert.plot import plot_curves, plot_masks
@@ -519,8 +525,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{'' if args.no_plot else ', masks.png'}"
           f"{', curve.png' if summary['curve'] and not args.no_plot else ''}) "
           f"in {time.perf_counter() - start:.0f} s")
-    print(f"reload: gblr.load_compressed(AutoModel.from_pretrained({summary['model']!r}), "
-          f"{summary['out']!r})")
+    print(f"reload: gblr.from_pretrained({summary['out']!r})"
+          + (f" or SentenceTransformer({summary['out']!r}, trust_remote_code=True)"
+             if summary.get("sentence_transformers") else ""))
     for warning in summary.get("warnings", []):
         print(f"gblr compress: warning: {warning}", file=sys.stderr)
     return 0

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from gblr.convert.fingerprint import architecture_fingerprint
+from gblr.convert.hub import HF_CONFIG_FILE, base_record, build_base, check_base_entry
 from gblr.convert.replace import COMPRESSION_ATTR, dense_weight
 from gblr.convert.select import layer_kind, module_paths
 from gblr.core.boxes import integer_boxes
@@ -55,7 +56,7 @@ from gblr.layers.gblr import GBLRLinear
 
 __all__ = [
     "save_compressed", "load_compressed", "written_by_gblr", "saved_size",
-    "CONFIG_FILE", "WEIGHTS_FILE", "MANIFEST_FILE", "FORMAT", "FORMS",
+    "CONFIG_FILE", "WEIGHTS_FILE", "MANIFEST_FILE", "HF_CONFIG_FILE", "FORMAT", "FORMS",
 ]
 
 CONFIG_FILE = "compression.json"
@@ -391,7 +392,8 @@ def saved_size(directory: str | Path) -> dict[str, Any]:
 
 
 def save_compressed(model: nn.Module, directory: str | Path, overwrite: bool = False, *,
-                    trainable: bool = False) -> Path:
+                    trainable: bool = False,
+                    extra: Callable[[Path], None] | None = None) -> Path:
     """Write ``model`` (the output of ``gblr.compress``) to ``directory``.
 
     By default the compact form is saved: what the evaluation-mode model uses (see the
@@ -406,6 +408,14 @@ def save_compressed(model: nn.Module, directory: str | Path, overwrite: bool = F
     target and moved into place once complete, so a failure never leaves a half-written
     save or destroys the previous one. A tensor holding NaN or Inf (a factor, a width, a
     location, any parameter) is refused, naming it.
+
+    A model whose class is one of ``transformers``' own also gets its configuration saved
+    (``hf_config.json``, checksummed in the manifest), so that ``load_compressed(directory)``
+    rebuilds it without the base model (see :mod:`gblr.convert.hub`).
+
+    ``extra``, if given, is called with the temporary directory once gblr's files are in
+    it, to add files of its own that move into place with them (the files of a
+    sentence-transformers model, say: :func:`gblr.save_sentence_transformer`).
     """
     from safetensors.torch import save_file
 
@@ -479,12 +489,16 @@ def save_compressed(model: nn.Module, directory: str | Path, overwrite: bool = F
                 tensors[key] = tensor.detach().to("cpu", copy=True).contiguous()
         save_file(tensors, str(tmp / WEIGHTS_FILE),
                   metadata={"format": FORMAT, "form": form, "fingerprint": info["fingerprint"]})
+        base = base_record(model)
+        if base is not None:
+            (tmp / HF_CONFIG_FILE).write_text(base[1], encoding="utf-8")
         record = {
             "format": FORMAT,
             "form": form,
             "config": info["config"],
             "base_fingerprint": info["fingerprint"],
             "base_name": str(getattr(getattr(model, "config", None), "_name_or_path", "") or ""),
+            "base": None if base is None else base[0],
             "layers": layers,
             "aliases": aliases,
             "weights_sha256": _sha256(tmp / WEIGHTS_FILE),
@@ -493,10 +507,13 @@ def save_compressed(model: nn.Module, directory: str | Path, overwrite: bool = F
         manifest = {
             "format": MANIFEST_FORMAT,
             "form": form,
-            "files": {name: _sha256(tmp / name) for name in (CONFIG_FILE, WEIGHTS_FILE)},
+            "files": {name: _sha256(tmp / name) for name in (CONFIG_FILE, WEIGHTS_FILE)
+                      + ((HF_CONFIG_FILE,) if base is not None else ())},
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n",
                                          encoding="utf-8")
+        if extra is not None:
+            extra(tmp)
         if directory.exists():
             backup = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
             os.replace(directory, backup / "old")
@@ -515,11 +532,12 @@ def save_compressed(model: nn.Module, directory: str | Path, overwrite: bool = F
     return directory
 
 
-def _check_manifest(directory: Path) -> bool:
-    """Check the files of ``directory`` against its manifest; ``False`` where it has none."""
+def _check_manifest(directory: Path) -> dict[str, str] | None:
+    """Check the files of ``directory`` against its manifest (every file it lists, the
+    configuration and weights at least); return ``{file: SHA-256}``, None where it has none."""
     path = directory / MANIFEST_FILE
     if not path.exists():
-        return False
+        return None
     manifest = _read_json(path, "a manifest")
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if (not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT
@@ -529,6 +547,9 @@ def _check_manifest(directory: Path) -> bool:
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if name not in files:
             raise ValueError(f"{path} is corrupted: it records no checksum for {name}")
+    for name in files:
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise ValueError(f"{path} is corrupted: {name!r} is not a file name")
         target = directory / name
         if not target.is_file():
             raise ValueError(f"{str(directory)!r} has no {name}")
@@ -537,7 +558,7 @@ def _check_manifest(directory: Path) -> bool:
                 f"{target} is corrupted or was edited: its SHA-256 checksum differs from "
                 f"the one recorded in {MANIFEST_FILE}"
             )
-    return True
+    return files
 
 
 def _read_record(directory: Path) -> dict[str, Any]:
@@ -546,7 +567,8 @@ def _read_record(directory: Path) -> dict[str, Any]:
         raise ValueError(f"{str(directory)!r} is not a directory written by gblr.save_compressed")
     if not path.is_file():
         raise ValueError(f"{str(directory)!r} has no {CONFIG_FILE}; not a gblr compressed model")
-    has_manifest = _check_manifest(directory)
+    checked = _check_manifest(directory)
+    has_manifest = checked is not None
     record = _read_json(path, "a compression record")
     if not isinstance(record, dict):
         raise ValueError(f"{path} is not a JSON object")
@@ -591,7 +613,23 @@ def _read_record(directory: Path) -> dict[str, Any]:
         not isinstance(k, str) or not isinstance(v, str) for k, v in aliases.items()
     ):
         raise ValueError(f"{path} is corrupted: bad 'aliases'")
+    base = check_base_entry(record.get("base"), str(path))
+    if base is not None and base["config"] not in (checked or {}):
+        raise ValueError(f"{path} is corrupted: its {base['config']} is not checksummed in "
+                         f"{MANIFEST_FILE}")
     return record
+
+
+def _rebuild_base(directory: Path, record: dict[str, Any]) -> nn.Module:
+    """The base model of a save that recorded its ``transformers`` class and config."""
+    base = record.get("base")
+    if base is None:
+        raise ValueError(
+            f"{str(directory)!r} does not record the Hugging Face configuration of its base "
+            "model (saved from a model that is not a transformers model, or by an older gblr): "
+            "pass the base model: gblr.load_compressed(base_model, directory)")
+    config = _read_json(directory / base["config"], "a Hugging Face configuration")
+    return build_base(base, config, str(directory))
 
 
 def _resolve_base(base: nn.Module | Callable[[], nn.Module]) -> nn.Module:
@@ -661,10 +699,17 @@ def _retie(model: nn.Module, aliases: dict[str, str]) -> None:
 
 
 def load_compressed(
-    base_model_or_factory: nn.Module | Callable[[], nn.Module], directory: str | Path
+    base_model_or_factory: nn.Module | Callable[[], nn.Module] | str | os.PathLike[str],
+    directory: str | Path | None = None,
 ) -> nn.Module:
     """Rebuild a model saved by :func:`save_compressed` on top of its base architecture.
 
+    ``load_compressed(directory)`` rebuilds the base from the Hugging Face configuration
+    saved beside the weights (a model compressed from a ``transformers`` model; only a class
+    of the ``transformers`` namespace is built, never code from the directory or the Hub,
+    nothing is downloaded: see :mod:`gblr.convert.hub`) and returns it in evaluation mode.
+    A save without that configuration (another kind of model, or an older gblr) needs
+    its base: ``load_compressed(base_model_or_factory, directory)``, where
     ``base_model_or_factory`` is the dense model it was compressed from (or a model of the
     same architecture, or a function returning one); it is changed in place and returned.
     Its outputs equal the saved model's bit for bit on CPU (in evaluation mode for a
@@ -677,10 +722,24 @@ def load_compressed(
     Loading is all-or-nothing: the files are checked, every new layer is built and filled
     and every tensor is checked before the first change to the base model, so a refused
     load leaves it exactly as it was (same modules, same tensors).
+
+    Example::
+
+        model = gblr.load_compressed("minilm-compressed")               # base rebuilt
+        model = gblr.load_compressed(AutoModel.from_pretrained(src), "minilm-compressed")
     """
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
+    if directory is None:
+        if not isinstance(base_model_or_factory, str | os.PathLike):
+            raise TypeError("load_compressed(directory) takes the saved directory (a str or "
+                            f"path), got {type(base_model_or_factory).__name__}")
+        base_model_or_factory, directory = None, base_model_or_factory
+    elif isinstance(base_model_or_factory, str | os.PathLike):
+        raise TypeError("load_compressed(base_model_or_factory, directory): the first argument "
+                        "is the base model; to rebuild it from the save, pass the directory "
+                        "alone: load_compressed(directory)")
     directory = Path(directory)
     record = _read_record(directory)
     weights = directory / WEIGHTS_FILE
@@ -700,7 +759,10 @@ def load_compressed(
         raise ValueError(f"{weights} (format {file_format!r}) does not belong to a "
                          f"{record['format']} {CONFIG_FILE}")
 
-    base = _resolve_base(base_model_or_factory)
+    if base_model_or_factory is None:
+        base = _rebuild_base(directory, record)
+    else:
+        base = _resolve_base(base_model_or_factory)
     if any(isinstance(m, StructuredLinear) for m in base.modules()):
         raise ValueError("the base model already holds structured layers; pass the dense model")
     if architecture_fingerprint(base) != record["base_fingerprint"]:
