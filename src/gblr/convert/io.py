@@ -6,7 +6,9 @@ constructor arguments and form), ``model.safetensors`` (every tensor of the comp
 model, widths and locations included, with its SHA-256 recorded in the JSON) and
 ``manifest.json`` (the SHA-256 of both files: configuration and weights are checked
 before anything is built; it also marks the directory as one gblr wrote, which
-``overwrite=True`` may replace).
+``overwrite=True`` may replace). A model of a ``transformers`` class also gets its
+Hugging Face configuration, ``hf_config.json`` (checksummed in the manifest too), from
+which ``load_compressed(directory)`` rebuilds the base without it (:mod:`gblr.convert.hub`).
 
 Two forms (:data:`FORMS`). ``"compact"`` (the default) saves what the evaluation-mode
 model uses: a GBLR layer with sharp masks (``sigma=None``) keeps only its active
