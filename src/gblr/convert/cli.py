@@ -521,7 +521,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(summary_table(summary))
     print(f"\nsaved to {summary['out']}/ (compression.json, manifest.json, model.safetensors, "
+          f"{'hf_config.json, ' if (Path(summary['out']) / 'hf_config.json').is_file() else ''}"
           f"summary.json"
+          f"{', the sentence-transformers files' if summary['sentence_transformers'] else ''}"
           f"{'' if args.no_plot else ', masks.png'}"
           f"{', curve.png' if summary['curve'] and not args.no_plot else ''}) "
           f"in {time.perf_counter() - start:.0f} s")
