@@ -197,18 +197,12 @@ class PackedGBLRLinear(FlopsAliases, nn.Module):
             >>> torch.allclose(packed.forward_plain(x), packed(x), atol=1e-5)
             True
         """
-        shape = x.shape
-        if len(shape) == 0 or shape[-1] != self.in_features:
-            raise ValueError(
-                f"PackedGBLRLinear expects inputs of shape (..., {self.in_features}), "
-                f"got {tuple(shape)}"
-            )
-        bias = self.bias
-        if bias is not None and bias.dtype != x.dtype:
-            bias = bias.to(x.dtype)
+        if x.ndim == 0 or x.shape[-1] != self.in_features:
+            return self(x)  # its error names the expected shape
+        bias = None if self.bias is None else self.bias.to(x.dtype)
         x2 = x.reshape(-1, self.in_features)
         y = self.plan_for(x2.shape[0]).forward_plain(x2, bias)
-        return y.reshape(*shape[:-1], self.out_features)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def macs(self, tokens: int | None = None) -> int:
         """MACs per token this module computes (for the packing used at ``tokens``)."""
