@@ -47,6 +47,7 @@ BENCHMARKS: dict[str, BenchSpec] = {
     "approx": BenchSpec("gblr.bench.approx", "Projecting MiniLM-L6's weights onto each structure"),
     "train": BenchSpec("gblr.bench.train", "Training with learned structure vs baselines"),
     "compress": BenchSpec("gblr.bench.compress", "Compressing all-MiniLM-L6-v2", cuda=True),
+    "serve": BenchSpec("gblr.bench.serve", "Served: ONNX Runtime vs PyTorch (MiniLM-L6)"),
     "contention": BenchSpec("gblr.bench.contention",
                             "Wall time on an idle CPU and beside busy processes"),
 }
