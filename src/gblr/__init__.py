@@ -10,7 +10,14 @@ from gblr.convert import (
     save_compressed,
     save_sentence_transformer,
 )
-from gblr.deploy import PackedGBLRLinear, TiledGBLRLinear, deploy, load_packed, save_packed
+from gblr.deploy import (
+    PackedGBLRLinear,
+    TiledGBLRLinear,
+    deploy,
+    export_onnx,
+    load_packed,
+    save_packed,
+)
 from gblr.layers import (
     STRUCTURES,
     BlockDiagLinear,
@@ -47,6 +54,7 @@ __all__ = [
     "TiledGBLRLinear",
     "save_packed",
     "load_packed",
+    "export_onnx",
     "param_groups",
     "BudgetController",
     "SigmaSchedule",
