@@ -453,11 +453,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     phases.set_postfix_str("save")
     if is_sentence_transformer(model_dir):  # the ST files beside gblr's: SentenceTransformer(out)
         save_sentence_transformer(model, model_dir, out, overwrite=args.overwrite,
-                                  trainable=args.trainable)
+                                  trainable=args.trainable)  # its tokenizer among them
     else:
         save_compressed(model, out, overwrite=args.overwrite, trainable=args.trainable)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out / "tokenizer")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out / "tokenizer")
     speed = None
     if not args.no_speed and device.type == "cpu":
         phases.set_postfix_str("time")
