@@ -215,16 +215,31 @@ def _outputs(model: nn.Module, batch: dict[str, torch.Tensor], hidden: bool,
         return model(**batch, **extra)
 
 
+def _matching_depths(states: Sequence[torch.Tensor], n: int) -> Sequence[torch.Tensor]:
+    """The teacher's layer outputs that a student with ``n`` layers matches: all of them at
+    equal depth; for a shallower student (layers dropped), ``n`` evenly spaced ones ending
+    at the last (student layer ``j`` of ``n`` matches teacher layer ``j * m // n`` of ``m``)."""
+    m = len(states)
+    if n == m:
+        return states
+    if not 0 < n < m:
+        raise ValueError(f"the student has {n} hidden states to match and the teacher {m}: "
+                         "a student may have fewer layers than its teacher, not more")
+    return [states[(j * m) // n - 1] for j in range(1, n + 1)]
+
+
 def _loss(student: Any, teacher: Any, mask: torch.Tensor, kind: str) -> torch.Tensor:
     terms = []
     if kind in ("hidden", "both"):
         s_states = getattr(student, "hidden_states", None) or (last_hidden(student),)
         t_states = getattr(teacher, "hidden_states", None) or (last_hidden(teacher),)
         m = mask.unsqueeze(-1).float()
+        s_states = s_states[1:] or s_states  # the layers' outputs, not the embeddings
+        t_states = _matching_depths(t_states[1:] or t_states, len(s_states))
         per_layer = [
             (((s.float() - t.float()) ** 2) * m).sum()
             / (((t.float() ** 2) * m).sum().clamp_min(1e-12))
-            for s, t in zip(s_states[1:] or s_states, t_states[1:] or t_states, strict=True)
+            for s, t in zip(s_states, t_states, strict=True)
         ]
         terms.append(torch.stack(per_layer).mean())
     if kind in ("embedding", "both"):
@@ -281,7 +296,8 @@ def distill(
     "cosine"``); GBLR widths and locations in their own group (Adam betas ``(0, 0.999)``,
     no weight decay, ``structure_lr``; ``structure_lr=0`` keeps the structure fixed).
     ``budget`` (default: the student's cost fraction at the start) covers all structured
-    layers; the GBLR layers' share of it is held after every step by a
+    layers (a student without any, such as a dense model with fewer layers, trains all its
+    parameters and takes no budget); the GBLR layers' share of it is held after every step by a
     :class:`gblr.BudgetController` and met exactly at the end (a student above it is first
     shrunk onto it). ``precision`` (see :func:`autocast_dtype`) sets the arithmetic of the
     forward passes; with bfloat16, Hugging Face models use eager attention while they train.
@@ -312,12 +328,15 @@ def distill(
     if not float(structure_lr) >= 0:
         raise ValueError(f"structure_lr must be >= 0, got {structure_lr!r}")
     structured = [m for m in student.modules() if isinstance(m, StructuredLinear)]
-    if not structured:
-        raise ValueError("student has no structured layers; compress it first")
-    cost0, dense = structured_cost(student)
-    budget = cost0 / dense if budget is None else check_budget(budget)
-    fixed_cost = sum(int(m.macs()) for m in structured if not isinstance(m, GBLRLinear))
-    controller = _controller(student, budget, dense, fixed_cost, steps)
+    controller = None
+    if structured:
+        cost0, dense = structured_cost(student)
+        budget = cost0 / dense if budget is None else check_budget(budget)
+        fixed_cost = sum(int(m.macs()) for m in structured if not isinstance(m, GBLRLinear))
+        controller = _controller(student, budget, dense, fixed_cost, steps)
+    elif budget is not None:
+        raise ValueError("student has no structured layers, so there is no budget to hold: "
+                         "compress it first, or distil a dense student with budget=None")
     if controller is not None:
         controller.enforce()
     learn_structure = controller is not None and float(structure_lr) > 0
@@ -407,7 +426,7 @@ def distill(
     if controller is not None:
         controller.enforce()
     cost, dense = structured_cost(student)
-    if not fits(cost, budget * dense):
+    if structured and not fits(cost, budget * dense):
         raise RuntimeError(f"budget not held: cost {cost} > {budget} * {dense}")
     if evaluate is not None:
         if curve and curve[-1]["step"] == step:
