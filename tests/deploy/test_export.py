@@ -170,3 +170,15 @@ def test_missing_extra_names_it(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "onnxscript", None)
     with pytest.raises(ImportError, match=r"gblr\[onnx\]"):
         export_onnx(nn.Linear(2, 2).eval(), torch.randn(1, 2), tmp_path / "m.onnx")
+
+
+def test_torchscript_exporter_takes_the_plain_path_too(tmp_path):
+    _ort()
+    layer, tokens = _layers()["perm_hzero"]
+    model = nn.Sequential(_packed(layer.float(), tokens)).eval()
+    report = export_onnx(model, torch.randn(16, 256), tmp_path / "ts.onnx", dynamo=False)
+    assert len(report.weight_gemms) == len(model[0].plans[0].gemms())
+    assert report.max_rel_error < 1e-5
+    with pytest.raises(ValueError, match="dynamo=True"):
+        export_onnx(model, torch.randn(16, 256), tmp_path / "ts2.onnx", dynamo=False,
+                    dynamic_shapes=({0: torch.export.Dim("t")},))
