@@ -44,6 +44,9 @@ TARGET = 0.9
 #: A row whose per-repetition speed-ups (dense / deployed, interleaved) spread over more
 #: than this fraction of their median was measured on a busy machine: shown, not counted.
 NOISY = 0.2
+#: A row at several threads where a contender is this many times slower than at one
+#: thread ran on cores taken by other processes: shown, not counted.
+OVERSUBSCRIBED = 1.5
 #: (batch, tokens per sequence) of the full run and of ``--quick``.
 SETTINGS = ((1, 128), (32, 128))
 QUICK_SETTINGS = ((1, 16),)
@@ -190,12 +193,30 @@ def _noisy(row: dict) -> bool:
                for e in ("torch", "ort"))
 
 
+def _oversubscribed(row: dict, rows: list[dict]) -> bool:
+    """Whether, with more than one thread, a contender takes over :data:`OVERSUBSCRIBED`
+    times its one-thread time at the same setting (the cores were busy elsewhere)."""
+    one = next((r for r in rows if r["threads"] == 1 and r["batch"] == row["batch"]
+                and r["seq"] == row["seq"]), None)
+    if row["threads"] == 1 or one is None:
+        return False
+    keys = ("torch_dense", "torch_deployed", "ort_dense", "ort_deployed")
+    return any(row[f"{k}_ms"] > OVERSUBSCRIBED * one[f"{k}_ms"] for k in keys)
+
+
+def _flag(row: dict, rows: list[dict]) -> str:
+    flags = [f for f, on in (("oversubscribed", _oversubscribed(row, rows)),
+                             ("noisy", _noisy(row))) if on]
+    return f" ({', '.join(flags)})" if flags else ""
+
+
 def serve_markdown(meta: dict, rows: list[dict]) -> str:
     """The results page: one row per setting and thread count, then the verdict."""
     def name(r: dict) -> str:
         return f"{r['batch']}x{r['seq']} at {r['threads']} thread(s)"
 
-    clean = [r for r in rows if not _noisy(r)]
+    over = [r for r in rows if _oversubscribed(r, rows)]
+    clean = [r for r in rows if not _noisy(r) and r not in over]
     met = [r for r in clean if r["ratio"] >= TARGET]
     missed = [name(r) for r in clean if r not in met]
     noisy = [name(r) for r in rows if _noisy(r)]
@@ -221,7 +242,7 @@ def serve_markdown(meta: dict, rows: list[dict]) -> str:
             f"| {r['batch']}x{r['seq']} | {r['threads']} | {_cell(r, 'torch_dense')} | "
             f"{_cell(r, 'torch_deployed')} | {_speedup(r, 'torch')} | "
             f"{_cell(r, 'ort_dense')} | {_cell(r, 'ort_deployed')} | "
-            f"{_speedup(r, 'ort')} | {r['ratio']:.2f}{' (noisy)' if _noisy(r) else ''} | "
+            f"{_speedup(r, 'ort')} | {r['ratio']:.2f}{_flag(r, rows)} | "
             f"{r['ort_max_rel_error_dense']:.1e} / {r['ort_max_rel_error_deployed']:.1e} |"
         )
     if rows:
@@ -239,6 +260,14 @@ def serve_markdown(meta: dict, rows: list[dict]) -> str:
             f"{len(clean)} settings measured cleanly"
             + (f" (not met: {', '.join(missed)})." if missed else "."),
         ]
+        if over:
+            lines += [
+                "",
+                f"Oversubscribed (a contender more than {OVERSUBSCRIBED}x slower with more "
+                "threads than with one: the cores were taken by other processes, so that "
+                f"engine's threads wait on each other; not counted): "
+                f"{', '.join(name(r) for r in over)}.",
+            ]
         if noisy:
             lines += [
                 "",
