@@ -47,7 +47,10 @@ def exporting() -> bool:
     runs) or a TorchScript trace (which the TorchScript ONNX exporter runs). Packed layers
     then run :meth:`_Plan.forward_plain`, the same GEMMs with plain ops. (Not
     ``torch.onnx.is_in_onnx_export()``: it costs ~3 us a call, and both exporters trace.)"""
-    return torch.compiler.is_exporting() or _is_tracing()
+    if torch.compiler.is_exporting():
+        return True
+    # under torch.compile (which cannot call into the C check) nothing traces to TorchScript
+    return not torch.compiler.is_compiling() and _is_tracing()
 
 
 def _join_columns(
