@@ -68,6 +68,8 @@ def test_bench_markdown_judges_at_equal_measured_speed(tmp_path):
             "| 0.8800 / 0.660 (2.00x, 0.5) | gblr | lowrank |") in text.replace("**", "")
     assert "| >= 2x | 32x128 | **0.9000 / 0.700 (2.10x, 0.3)** | - |" in text
     assert "One seed (0)" in text
+    assert "GBLR ahead of every other structure on cosine at 2 of the 4 pairs." in text
+    assert "highest top-10: lowrank (1.5x, 32x128), lowrank (1.5x, 1x128)" in text
     assert plot_tradeoff(rows, tmp_path / "t.png").stat().st_size > 0
 
 

@@ -118,8 +118,8 @@ def test_bench_takes_the_shared_options():
     shared = [*CONFIG_OPTIONS, *RUN_OPTIONS]
     for o in shared:
         if o.flag not in bench:
-            # the bench's sweeps, and --no-speed (only gblr compress times the deployed model)
-            assert o.dest in ("structure", "budget", "no_speed"), o.flag
+            # the bench's sweeps
+            assert o.dest in ("structure", "budget"), o.flag
             continue
         default = config_defaults[o.field] if o.field else o.default
         wanted = BENCH_DEFAULTS.get(o.dest, default)
@@ -133,7 +133,7 @@ def test_bench_takes_the_shared_options():
     # the bench's own flags are its sweeps and its files, nothing the table defines again
     own = set(bench) - {o.flag for o in shared} - {"--no-calibrate"}
     assert own == {"-h", "--help", "--budgets", "--structures", "--preset", "--train-text",
-                   "--test-text", "--out", "--quick"}
+                   "--test-text", "--out", "--quick", "--drop-rule"}
 
 
 def test_default_overrides_must_name_an_option():

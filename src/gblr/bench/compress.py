@@ -435,6 +435,8 @@ def _equal_speed_table(rows: list[dict[str, Any]], settings: list[str],
     if not settings:
         return []
     structures = list(dict.fromkeys(r["structure"] for r in rows))
+    wins: dict[str, list[str]] = {"cosine_distilled": [], "top10_distilled": []}
+    pairs = 0
     lines = ["", "At equal measured speed: each structure's best point (highest distilled "
              "cosine) among those at least as fast as the level; cosine / top-10 "
              "(speed-up, budget). Winner by cosine in bold; `-`: no point that fast.", "",
@@ -458,6 +460,18 @@ def _equal_speed_table(rows: list[dict[str, Any]], settings: list[str],
                 cells.append(f"**{text}**" if name == win else text)
             lines.append(f"| >= {level:g}x | {setting} | " + " | ".join(cells)
                          + f" | {win or '-'} | {win_top or '-'} |")
+            if best:
+                pairs += 1
+                for key, name in (("cosine_distilled", win), ("top10_distilled", win_top)):
+                    wins[key].append(f"{name} ({level:g}x, {setting})")
+    if pairs:
+        lines += ["", f"Highest cosine at each of the {pairs} (speed-up, tokens) pairs: "
+                  + ", ".join(wins["cosine_distilled"]) + "; highest top-10: "
+                  + ", ".join(wins["top10_distilled"]) + "."]
+        if "gblr" in structures:
+            ahead = sum(w.startswith("gblr ") for w in wins["cosine_distilled"])
+            lines += [f"GBLR ahead of every other structure on cosine at {ahead} of the "
+                      f"{pairs} pairs."]
     lines += ["", f"One seed ({seed}) per point: the spread between seeds is not measured here, "
               "so differences of a few thousandths of cosine are not established; timings "
               "come from a shared machine (ratios measured side by side are steadier than "
