@@ -65,7 +65,7 @@ from gblr.convert.options import (
     time_bound_warning,
 )
 from gblr.convert.replace import compress
-from gblr.convert.speedup import measured_speedup, text_inputs
+from gblr.convert.speedup import measured_speedup, token_settings
 from gblr.convert.text import read_passages, token_batches
 from gblr.data.corpus import default_corpus_path
 from gblr.layers.base import STRUCTURES
@@ -166,7 +166,7 @@ def drop_layers(model: nn.Module, keep: list[int]) -> nn.Module:
 def speed_settings(vocab_size: int, quick: bool = False) -> dict[str, dict[str, torch.Tensor]]:
     """The token batches every row is timed on: 32x128 and 1x128 (quick: 4x32 and 1x32)."""
     length, big = (32, 4) if quick else (128, 32)
-    return {f"{b}x{length}": text_inputs(b, length, vocab_size) for b in (big, 1)}
+    return token_settings(vocab_size, length, (big, 1))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

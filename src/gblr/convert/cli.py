@@ -41,7 +41,7 @@ from gblr.convert.options import (
     preset_epilog,
     time_bound_warning,
 )
-from gblr.convert.speedup import measured_speedup, text_inputs
+from gblr.convert.speedup import measured_speedup, token_settings
 from gblr.core.progress import progress as show_progress
 
 __all__ = [
@@ -264,7 +264,7 @@ def _speed_settings(model: torch.nn.Module, tokenizer: Any, max_length: int,
         return {f"{min(8, len(images))} images": {"pixel_values": images[:8]}}
     length = min(128, max_length)
     vocab = int(getattr(model.config, "vocab_size", None) or len(tokenizer))
-    return {f"{b}x{length}": text_inputs(b, length, vocab) for b in (1, 32)}
+    return token_settings(vocab, length, (1, 32))
 
 
 def summary_table(summary: dict[str, Any]) -> str:

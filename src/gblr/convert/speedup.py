@@ -18,7 +18,7 @@ from torch import nn
 from gblr.core.timing import time_side_by_side
 from gblr.deploy import deploy
 
-__all__ = ["measured_speedup", "text_inputs"]
+__all__ = ["measured_speedup", "text_inputs", "token_settings"]
 
 
 def text_inputs(batch: int, length: int, vocab_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -30,6 +30,13 @@ def text_inputs(batch: int, length: int, vocab_size: int, seed: int = 0) -> dict
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (batch, length), generator=gen)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def token_settings(vocab_size: int, length: int = 128,
+                   batches: tuple[int, ...] = (1, 32)) -> dict[str, dict[str, torch.Tensor]]:
+    """Random-token inputs per batch size, labelled ``"{batch}x{length}"`` (such as
+    ``"32x128"``): the settings :func:`measured_speedup` times a text model on."""
+    return {f"{b}x{length}": text_inputs(b, length, vocab_size) for b in batches}
 
 
 def measured_speedup(
