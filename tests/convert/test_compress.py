@@ -296,7 +296,8 @@ def test_save_load_bit_identical(tmp_path):
     out = model(input_ids=IDS).last_hidden_state
     save_compressed(model, tmp_path / "c")
     record = json.loads((tmp_path / "c" / "compression.json").read_text())
-    assert record["config"]["budget"] == 0.4 and len(record["layers"]) == 12
+    assert record["config"]["budget"] == 0.4 and len(record["layers"]) == 13
+    assert record["layers"]["embeddings.word_embeddings"]["kind"] == "embedding"
     again = load_compressed(lambda: tiny_bert(seed=5), tmp_path / "c")
     assert torch.equal(again(input_ids=IDS).last_hidden_state, out)
     q0 = model.encoder.layer[1].attention.self.query
@@ -663,7 +664,7 @@ def test_minilm_first_block_keeps_embeddings():
     model, tokenizer = load_hf_model(Path(gt.get_model_path()))
     texts = read_passages(default_corpus_path())[:24]
     ref = sentence_embeddings(model, tokenizer, texts, max_length=48)
-    _, report = compress(model, plain_config(steps=0, budget=0.5,
+    _, report = compress(model, plain_config(steps=0, budget=0.5, embeddings=False,
                                              target_modules=["layer.0.attention.self"]),
                          progress=False)
     assert len(report.layers) == 3 and report.cost <= 0.5 * report.dense_cost

@@ -131,7 +131,9 @@ def test_bench_takes_the_shared_options():
     table = {o.dest: o.default for o in shared}
     assert all(table[dest] != value for dest, value in BENCH_DEFAULTS.items())
     # the bench's own flags are its sweeps and its files, nothing the table defines again
-    own = set(bench) - {o.flag for o in shared} - {"--no-calibrate"}
+    negated = {"--no-" + o.flag[2:] for o in shared
+               if o.action is argparse.BooleanOptionalAction}
+    own = set(bench) - {o.flag for o in shared} - negated
     assert own == {"-h", "--help", "--budgets", "--structures", "--preset", "--train-text",
                    "--test-text", "--out", "--quick", "--drop-rule"}
 

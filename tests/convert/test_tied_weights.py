@@ -65,7 +65,10 @@ def test_gpt2_all_linear_leaves_the_tied_head_alone():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing to warn about: the head is not targeted
         report = compress(model, plain_config(budget=0.5), progress=False).report
-    assert report.skipped == {}
+    # the token embedding, tied to the head, stays whole too (said in the report)
+    assert report.skipped == {
+        "transformer.wte": "its weight is tied to the output head, which stays dense"}
+    assert isinstance(model.transformer.wte, nn.Embedding)
     assert isinstance(model.lm_head, nn.Linear)
     assert model.lm_head.weight is model.transformer.wte.weight
 
@@ -79,7 +82,7 @@ def test_gpt2_head_tied_to_the_embedding_is_skipped_with_a_reason(target):
     with pytest.warns(UserWarning, match=r"lm_head.*tied.*transformer\.wte"):
         report = compress(model, plain_config(budget=0.5, target_modules=target),
                           progress=False).report
-    assert set(report.skipped) == {"lm_head"}
+    assert set(report.skipped) == {"lm_head", "transformer.wte"}
     assert "transformer.wte" in report.skipped["lm_head"]
     assert "Embedding" in report.skipped["lm_head"]
     assert "lm_head" not in [r.name for r in report.layers]

@@ -550,6 +550,9 @@ BENCH_DEFAULTS = {
     "calibration_batches": 16,  # 16 calibration batches (of 16 passages)
     "eval_passages": 500,  # 500 held-out passages of test.txt (spread evenly over it)
     "threads": 2,  # timings comparable across runs on the 2-core reference machine
+    # structures compared at equal time: the token embedding (a lookup, no time to win)
+    # stays whole in every row, as in the dense and layer-dropping rows
+    "embeddings": False,
 }
 
 
@@ -564,13 +567,15 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
                    help="structures to compare; 'drop' is the layer-dropping baseline "
                    "(keeps round(budget x layers) encoder layers)")
     add_preset_option(p)
+    fields = {o.dest for o in CONFIG_OPTIONS}
     # --structure and --budget are the sweeps above
     add_options(p.add_argument_group("compression (CompressionConfig fields)"), CONFIG_OPTIONS,
-                skip=("structure", "budget"), preset=preset)
+                skip=("structure", "budget"), preset=preset,
+                defaults={k: v for k, v in BENCH_DEFAULTS.items() if k in fields})
     add_options(p.add_argument_group("layers, distillation, data and run (as gblr compress; "
                                      "with --minutes, the first structure distils for that "
                                      "long and the others for the steps it reached)"),
-                RUN_OPTIONS, defaults=BENCH_DEFAULTS)
+                RUN_OPTIONS, defaults={k: v for k, v in BENCH_DEFAULTS.items() if k not in fields})
     p.add_argument("--drop-rule", choices=DROP_RULES, default="spread",
                    help="which encoder layers the 'drop' baseline keeps: evenly spread, "
                    "ending with the last (default), or the first k")

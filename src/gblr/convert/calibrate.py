@@ -12,6 +12,7 @@ __all__ = [
     "calibration_batches",
     "capture_second_moments",
     "capture_teacher_moments",
+    "capture_token_counts",
     "shared_input_groups",
     "teacher_target",
     "run_model",
@@ -122,6 +123,38 @@ def _inputs_of(model: nn.Module, names: list[str], batch: Any) -> dict[str, torc
     if missing:
         raise ValueError(f"calibration_data never reached layer(s) {missing[:4]}")
     return seen
+
+
+@torch.no_grad()
+def capture_token_counts(model: nn.Module, name: str, data: Any) -> torch.Tensor:
+    """How often each token id reaches the embedding ``name`` over the calibration batches:
+    ``(num_embeddings,)`` float64 counts. Each forward stops at the embedding; the padding
+    token (the embedding's ``padding_idx``) is not counted."""
+    embedding = model.get_submodule(name)
+    counts = torch.zeros(embedding.num_embeddings, dtype=torch.float64)
+    seen = 0
+
+    def hook(_module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        nonlocal seen
+        ids = inputs[0].detach().reshape(-1).to("cpu", torch.long)
+        counts.add_(torch.bincount(ids, minlength=counts.numel()).double())
+        seen += 1
+        raise _Captured
+
+    handle = embedding.register_forward_pre_hook(hook)
+    try:
+        for batch in _batches(data):
+            try:
+                run_model(model, batch)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise ValueError(f"calibration_data never reached the embedding {name!r}")
+    if embedding.padding_idx is not None:
+        counts[embedding.padding_idx] = 0.0
+    return counts
 
 
 @torch.no_grad()

@@ -236,15 +236,18 @@ def _original_file_mb(model_dir: Path) -> float | None:
 
 
 def _size_summary(model: torch.nn.Module, model_dir: Path, out: Path,
-                  original_parameters: int) -> dict[str, Any]:
-    """Parameters and file size of the original and of the saved compressed model."""
+                  original_parameters: int, embeddings: list[Any]) -> dict[str, Any]:
+    """Parameters and file size of the original and of the saved compressed model
+    (``embeddings``: the report's records of factorized token embeddings)."""
     from gblr.accounting import flops_report
     from gblr.convert.io import saved_size
 
     saved = saved_size(out)
     report = flops_report(model)
     linear_params = report.parameters
-    other = _parameter_count(model) - linear_params
+    embedding = {"dense": sum(r.dense_params for r in embeddings),
+                 "saved": sum(r.params for r in embeddings)}
+    other = _parameter_count(model) - linear_params - embedding["saved"]
     return {
         "original": {"parameters": original_parameters,
                      "file_mb": _original_file_mb(model_dir)},
@@ -252,6 +255,7 @@ def _size_summary(model: torch.nn.Module, model_dir: Path, out: Path,
                        "form": saved["form"], "parameters_in_memory": _parameter_count(model)},
         "linear": {"dense": report.dense_parameters, "saved": report.eval_parameters
                    if saved["form"] == "compact" else linear_params},
+        "embedding": embedding,
         "other": other,
     }
 
@@ -288,11 +292,16 @@ def summary_table(summary: dict[str, Any]) -> str:
             f"{s['parameters_in_memory']:,} once loaded")
         o_mb = "?" if o["file_mb"] is None else f"{o['file_mb']:.1f}"
         ratio = "" if o["file_mb"] is None else f" ({s['file_mb'] / o['file_mb']:.3f})"
-        lines.append(f"model.safetensors: {o_mb} MB -> {s['file_mb']:.1f} MB{ratio}   "
-                     f"linear layers' parameters: {size['linear']['dense']:,} -> "
-                     f"{size['linear']['saved']:,} "
-                     f"({size['linear']['saved'] / size['linear']['dense']:.3f}); "
-                     f"{size['other']:,} in other layers (embeddings, norms), not compressed")
+        lines.append(f"model.safetensors: {o_mb} MB -> {s['file_mb']:.1f} MB{ratio}")
+        parts = [f"linear layers {size['linear']['dense']:,} -> {size['linear']['saved']:,} "
+                 f"({size['linear']['saved'] / size['linear']['dense']:.3f})"]
+        emb = size.get("embedding") or {}
+        if emb.get("dense"):
+            parts.append(f"token embedding {emb['dense']:,} -> {emb['saved']:,} "
+                         f"({emb['saved'] / emb['dense']:.3f})")
+        parts.append(f"{size['other']:,} in other layers (norms, other embeddings), "
+                     "not compressed")
+        lines.append("parameters by part: " + "; ".join(parts))
     speed = summary.get("speed")
     if speed:
         shown = ", ".join(f"{r['speedup']:.2f}x at {r['setting']} ({r['dense_ms']:.1f} -> "
@@ -485,7 +494,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "precision": precision_name(args.precision, device)},
         "warnings": warnings,
         "curve": curve,
-        "size": _size_summary(model, model_dir, out, original_parameters),
+        "size": _size_summary(model, model_dir, out, original_parameters, report.embeddings),
         "speed": speed,
         "out": str(out),
         "sentence_transformers": is_sentence_transformer(out),

@@ -208,6 +208,15 @@ class CompressionConfig:
             structure search); default 0: GBLR's (whitened) truncated-SVD start. ``None``
             is the structure's own default (30 for GBLR).
         projection: further keyword options of the structure's ``from_dense``.
+        embeddings: also factorize the model's input token embedding (``transformers``
+            models: ``get_input_embeddings()``) into a :class:`~gblr.layers.LowRankEmbedding`
+            holding ``embedding_budget`` of its parameters (default True: in a small
+            encoder the embedding holds about half the parameters, and a file that keeps it
+            whole cannot shrink much). With ``calibration``, each token's row is weighted
+            by how often the calibration text uses it. An embedding tied to an output head
+            that stays dense is left dense (listed in the report's ``skipped``).
+        embedding_budget: fraction in ``(0, 1]`` of the embedding's parameters to keep;
+            ``None`` (default): ``budget``.
     """
 
     structure: str = "gblr"
@@ -220,6 +229,8 @@ class CompressionConfig:
     calibration_mode: str = "inputs"
     steps: int | None = 0
     projection: dict[str, Any] = field(default_factory=dict)
+    embeddings: bool = True
+    embedding_budget: float | None = None
 
     # -- defaults and presets -------------------------------------------------------------------
     @classmethod
@@ -263,6 +274,10 @@ class CompressionConfig:
                 "use; pick one (allocation='uniform' with sequential calibration)"
             )
         projection_kwargs(self.structure, self.steps, self.calibration, self.projection, "")
+        if not isinstance(self.embeddings, bool):
+            raise TypeError(f"embeddings must be True or False, got {self.embeddings!r}")
+        if self.embedding_budget is not None:
+            self.embedding_budget = check_budget(self.embedding_budget, "embedding_budget")
         targets = self.target_modules
         if isinstance(targets, str | re.Pattern):
             _check_pattern(targets, "target_modules")

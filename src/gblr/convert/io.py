@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from gblr.convert.compact import compact_layer, expand_compact
+from gblr.convert.embeddings import EMBEDDING_KIND
 from gblr.convert.fingerprint import architecture_fingerprint
 from gblr.convert.hub import HF_CONFIG_FILE, base_record, build_base, check_base_entry
 from gblr.convert.replace import COMPRESSION_ATTR, dense_weight
@@ -49,6 +50,7 @@ from gblr.deploy.packed import PackedGBLRLinear
 from gblr.deploy.tiled import TiledGBLRLinear
 from gblr.layers.base import StructuredLinear, get_structure
 from gblr.layers.conv import GBLRConv2d
+from gblr.layers.embedding import LowRankEmbedding
 from gblr.layers.gblr import GBLRLinear
 
 __all__ = [
@@ -108,7 +110,7 @@ def _replaced_layers(model: nn.Module) -> dict[str, nn.Module]:
     for name, module in model.named_modules():
         if any(name.startswith(f"{outer}.") for outer in found):
             continue
-        if isinstance(module, StructuredLinear) or (
+        if isinstance(module, StructuredLinear | LowRankEmbedding) or (
             conv_cls is not None and isinstance(module, conv_cls)
         ):
             found[name] = module
@@ -487,10 +489,14 @@ def _resolve_base(base: nn.Module | Callable[[], nn.Module]) -> nn.Module:
 def _build_layer(name: str, entry: dict[str, Any], old: nn.Module | None) -> tuple[nn.Module, str]:
     """A new, unattached layer for the record's ``entry`` at ``name`` (``old`` is the base's)."""
     kind = None if old is None else layer_kind(old)
+    if isinstance(old, nn.Embedding):
+        kind = EMBEDDING_KIND
     if kind is None or kind != entry.get("kind", kind):
         raise ValueError(f"layer {name!r} of the saved model has no matching layer in the base")
     if kind == "conv2d":
         cls = GBLRConv2d
+    elif kind == EMBEDDING_KIND:
+        cls = LowRankEmbedding
     else:
         try:
             cls = get_structure(entry["structure"])
@@ -507,6 +513,10 @@ def _build_layer(name: str, entry: dict[str, Any], old: nn.Module | None) -> tup
         ref = old.weight
         saved = [args.get("out_channels"), args.get("in_channels"), args.get("kernel_size")]
         have = [old.out_channels, old.in_channels, list(old.kernel_size)]
+    elif kind == EMBEDDING_KIND:
+        ref = old.weight
+        saved = [args.get("num_embeddings"), args.get("embedding_dim")]
+        have = list(ref.shape)
     else:
         ref = dense_weight(old, kind)
         saved = [args.get("out_features"), args.get("in_features")]
@@ -601,7 +611,7 @@ def load_compressed(
         base = _rebuild_base(directory, record)
     else:
         base = _resolve_base(base_model_or_factory)
-    if any(isinstance(m, StructuredLinear) for m in base.modules()):
+    if any(isinstance(m, StructuredLinear | LowRankEmbedding) for m in base.modules()):
         raise ValueError("the base model already holds structured layers; pass the dense model")
     if architecture_fingerprint(base) != record["base_fingerprint"]:
         raise ValueError(

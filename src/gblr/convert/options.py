@@ -103,6 +103,11 @@ CONFIG_OPTIONS: tuple[Option, ...] = (
     Option("--search-steps", "steps of GBLR's structure search at projection (0: its "
            "(whitened) SVD start, which distillation then reshapes; e.g. 30 searches, "
            "100-150 s per 384x384 layer on 2 cores)", type=int, field="steps", minimum=0),
+    Option("--embeddings", "factorize the input token embedding too, at --embedding-budget "
+           "of its parameters (--no-embeddings keeps it whole)",
+           action=argparse.BooleanOptionalAction, field="embeddings"),
+    Option("--embedding-budget", "fraction in (0, 1] of the token embedding's parameters to "
+           "keep (default: --budget)", type=float, field="embedding_budget"),
 )
 
 #: :class:`CompressionConfig` fields without a flag whose default is the field's, and why.

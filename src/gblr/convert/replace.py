@@ -18,10 +18,12 @@ from gblr.convert.calibrate import (
     calibration_batches,
     capture_second_moments,
     capture_teacher_moments,
+    capture_token_counts,
     shared_input_groups,
     teacher_target,
 )
 from gblr.convert.config import REGEX_PREFIX, CompressionConfig
+from gblr.convert.embeddings import EMBEDDING_KIND, input_embedding, project_embedding
 from gblr.convert.fingerprint import architecture_fingerprint
 from gblr.convert.report import CompressionReport, LayerRecord
 from gblr.convert.select import (
@@ -36,6 +38,7 @@ from gblr.core.progress import progress as show_progress
 from gblr.core.surgery import set_submodule, tie_tensor
 from gblr.layers.base import StructuredLinear, get_structure
 from gblr.layers.conv import GBLRConv2d
+from gblr.layers.embedding import LowRankEmbedding
 from gblr.projection import Calibration, allocate
 
 __all__ = ["compress", "CompressionResult", "dense_weight", "COMPRESSION_ATTR"]
@@ -190,7 +193,7 @@ def compress(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     config.validate()
-    if any(isinstance(m, StructuredLinear) for m in model.modules()):
+    if any(isinstance(m, StructuredLinear | LowRankEmbedding) for m in model.modules()):
         raise ValueError("model already holds structured layers; compress the dense model")
     fingerprint = architecture_fingerprint(model)
     layers = select_layers(model, config.target_modules, config.exclude_modules)
@@ -289,10 +292,16 @@ def compress(
     report.skipped = dict(skipped)
     paths = module_paths(model)
     replaced: list[tuple[str, nn.Module]] = []  # (name, the module it held), in order
+    kinds = dict(layers)
     try:
         _replace_layers(model, layers, modules, settings, budgets, moments, followers, paths,
                         input_groups, pending, teacher, calibration_data, report, replaced,
                         progress)
+        if config.embeddings:
+            name = _replace_embedding(model, config, calibration_data, modules, paths, report,
+                                      replaced)
+            if name is not None:
+                kinds[name] = EMBEDDING_KIND
     except BaseException:
         # nothing half done: put every replaced module back
         for path, previous in reversed(replaced):
@@ -302,9 +311,33 @@ def compress(
     setattr(model, COMPRESSION_ATTR, {
         "config": _recordable_config(config, layers),
         "fingerprint": fingerprint,
-        "layers": dict(layers),
+        "layers": kinds,
     })
     return CompressionResult(model, report)
+
+
+def _replace_embedding(
+    model: nn.Module, config: CompressionConfig, calibration_data: Any,
+    modules: dict[str, nn.Module], paths: dict[str, list[str]], report: CompressionReport,
+    replaced: list[tuple[str, nn.Module]],
+) -> str | None:
+    """Factorize the model's input token embedding (recorded in ``replaced`` and
+    ``report``); its name, or None when the model has none or it stays dense."""
+    budget = config.budget if config.embedding_budget is None else config.embedding_budget
+    name, why_not = input_embedding(model, budget)
+    if name is None:
+        return None
+    if why_not is not None:
+        report.skipped[name] = why_not
+        return None
+    counts = None
+    if config.calibration and calibration_data is not None:
+        counts = capture_token_counts(model, name, calibration_data)
+    new, record = project_embedding(name, modules[name], budget, counts)
+    report.embeddings.append(record)
+    for path in paths.get(name, [name]):
+        replaced.append((path, set_submodule(model, path, new)))
+    return name
 
 
 def _replace_layers(

@@ -36,6 +36,8 @@ class CompressionReport:
     flops: Any = None
     #: layers left dense on purpose, with the reason (a weight tied to one that stays dense)
     skipped: dict[str, str] = field(default_factory=dict)
+    #: factorized token embeddings (kind "embedding"; their MACs are not in the totals)
+    embeddings: list[LayerRecord] = field(default_factory=list)
 
     @property
     def dense_cost(self) -> int:
@@ -66,6 +68,7 @@ class CompressionReport:
             "mean_rel_error": self.mean_rel_error,
             "layers": [asdict(r) for r in self.layers],
             "skipped": dict(self.skipped),
+            "embeddings": [asdict(r) for r in self.embeddings],
             "flops": self.flops.to_dict() if hasattr(self.flops, "to_dict") else None,
         }
 
@@ -90,6 +93,12 @@ class CompressionReport:
             f"{self.dense_cost:>10,}  {self.cost:>9,}  {self.cost_fraction:>5.3f}  "
             f"{self.mean_rel_error:>7.4f}"
         )
+        for r in self.embeddings:
+            lines.append(
+                f"embedding {r.name}: {r.in_features}x{r.out_features} -> rank "
+                f"{r.cost // max(1, r.out_features)}, {r.params:,} of {r.dense_params:,} "
+                f"parameters ({r.params / max(1, r.dense_params):.3f}), rel.err {r.rel_error:.4f}"
+            )
         for name, why in self.skipped.items():
             lines.append(f"left dense: {name} ({why})")
         return "\n".join(lines)

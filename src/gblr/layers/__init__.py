@@ -5,6 +5,7 @@ from gblr.layers.blockdiag import BlockDiagLinear
 from gblr.layers.blocklowrank import BlockLowRankLinear
 from gblr.layers.blocksparse import BlockSparseLinear
 from gblr.layers.conv import GBLRConv2d
+from gblr.layers.embedding import LowRankEmbedding
 from gblr.layers.gblr import GBLRLinear
 from gblr.layers.lowrank import LowRankLinear
 from gblr.layers.monarch import MonarchLinear
@@ -21,4 +22,5 @@ __all__ = [
     "BlockSparseLinear",
     "BlockLowRankLinear",
     "BlockDiagLinear",
+    "LowRankEmbedding",
 ]

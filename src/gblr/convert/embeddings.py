@@ -1,0 +1,70 @@
+"""The token embedding of a compressed model: which one, whether it may change, its record.
+
+``gblr.compress`` factorizes a model's input token embedding (``get_input_embeddings()`` of
+a ``transformers`` model) into a :class:`~gblr.layers.LowRankEmbedding` at a budget that is
+a fraction of its parameters, weighting each token by how often the calibration text uses
+it. An embedding that must stay as it is (tied to an output head that stays dense, a
+``max_norm`` renormalisation, sparse gradients) is left dense with the reason.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from gblr.convert.report import LayerRecord
+from gblr.layers.embedding import LowRankEmbedding, embedding_rank
+
+__all__ = ["EMBEDDING_KIND", "input_embedding", "project_embedding"]
+
+#: Kind recorded for a factorized embedding (beside "linear", "conv1d" and "conv2d").
+EMBEDDING_KIND = "embedding"
+
+
+def input_embedding(model: nn.Module, budget: float) -> tuple[str | None, str | None]:
+    """``(name, None)`` of the model's input token embedding when it can be factorized at
+    ``budget``, ``(name, why not)`` when it must stay dense, ``(None, None)`` without one."""
+    getter = getattr(model, "get_input_embeddings", None)
+    try:
+        embedding = getter() if callable(getter) else None
+    except NotImplementedError:
+        embedding = None
+    if not isinstance(embedding, nn.Embedding):
+        return None, None
+    name = next(n for n, m in model.named_modules() if m is embedding)
+    out_getter = getattr(model, "get_output_embeddings", None)
+    head = out_getter() if callable(out_getter) else None
+    if head is not None and getattr(head, "weight", None) is embedding.weight:
+        return name, "its weight is tied to the output head, which stays dense"
+    if embedding.max_norm is not None:
+        return name, "it renormalises looked-up rows (max_norm), which factors cannot"
+    if embedding.sparse:
+        return name, "it takes sparse gradients"
+    if embedding_rank(embedding.num_embeddings, embedding.embedding_dim, budget) == 0:
+        return name, f"budget {budget} is too small for rank 1"
+    return name, None
+
+
+def project_embedding(name: str, embedding: nn.Embedding, budget: float,
+                      counts: torch.Tensor | None) -> tuple[LowRankEmbedding, LayerRecord]:
+    """The factorized embedding at ``budget`` (token ``counts`` weight the fit) and its
+    record (``dense_cost`` 0: a lookup; ``cost`` the ``R * d`` MACs per token it adds)."""
+    start = time.perf_counter()
+    weight = embedding.weight.detach()
+    new = LowRankEmbedding.from_dense(weight.float(), budget, frequencies=counts,
+                                      padding_idx=embedding.padding_idx)
+    with torch.no_grad():
+        rel = float(torch.linalg.norm(new.to_dense() - weight.float())
+                    / torch.linalg.norm(weight.float()).clamp_min(1e-30))
+    seconds = time.perf_counter() - start
+    new = new.to(device=weight.device, dtype=weight.dtype).train(embedding.training)
+    record = LayerRecord(
+        name=name, kind=EMBEDDING_KIND, in_features=embedding.num_embeddings,
+        out_features=embedding.embedding_dim, structure=new.structure_name, budget=budget,
+        dense_cost=0, cost=new.macs(), params=new.params(), dense_params=weight.numel(),
+        rel_error=rel, seconds=seconds,
+    )
+    return new, record
+
