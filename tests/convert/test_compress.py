@@ -596,6 +596,13 @@ def test_cli_tiny_bert_and_gpt2(tmp_path, capsys):
         assert row["dense_ms"] > 0 and row["deployed_ms"] > 0
         assert row["speedup"] == pytest.approx(row["dense_ms"] / row["deployed_ms"])
     assert "deployed (gblr.deploy) against dense" in text
+    # the token embedding, factorized by default, is counted and printed on its own
+    size = summary["size"]
+    emb = size["embedding"]
+    assert emb["dense"] == tokenizer.vocab_size * 32 and 0 < emb["saved"] <= 0.4 * emb["dense"]
+    assert size["compressed"]["parameters"] == pytest.approx(
+        size["linear"]["saved"] + emb["saved"] + size["other"], abs=1000)
+    assert f"token embedding {emb['dense']:,} -> {emb['saved']:,}" in text
     # the default allocation gives layers different shares of their dense cost
     assert summary["allocation"] == "sensitivity"
     assert len({round(r["projected"] / r["dense"], 2) for r in summary["layers"]}) > 1

@@ -122,3 +122,79 @@ def test_save_load_and_distillation_train_the_factors(tmp_path):
     # a base whose vocabulary differs is refused
     with pytest.raises(ValueError, match="another architecture"):
         load_compressed(lambda: tiny_bert(vocab=120), tmp_path / "c")
+
+
+class _Scaled(nn.Embedding):
+    def forward(self, ids):
+        return super().forward(ids) * 4.0
+
+
+class _Encoder(nn.Module):
+    """A model with an input embedding (T5-like when ``shared``: a second module holds the
+    same weight and is the one the forward uses)."""
+
+    def __init__(self, embedding: nn.Embedding | None = None, shared: bool = False,
+                 reach: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = embedding if embedding is not None else nn.Embedding(100, 32)
+        self.copy = nn.Embedding(100, 32) if shared else None
+        if shared:
+            self.copy.weight = self.embed.weight
+        self.reach = reach
+        self.fc = nn.Linear(32, 32)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None):
+        if inputs_embeds is None:
+            inputs_embeds = (self.copy or self.embed)(input_ids)
+        return self.fc(inputs_embeds)
+
+
+@pytest.mark.parametrize("model, reason", [
+    (lambda: _Encoder(_Scaled(100, 32)), "changes the lookup"),
+    (lambda: _Encoder(shared=True), "shared with copy"),
+    (lambda: _Encoder(nn.Embedding(100, 32, max_norm=1.0)), "max_norm"),
+    (lambda: _Encoder(nn.Embedding(100, 32, sparse=True)), "sparse"),
+    (lambda: _Encoder(nn.Embedding(100, 32, scale_grad_by_freq=True)), "frequency-scaled"),
+])
+def test_embeddings_that_must_stay_whole_are_left_with_a_reason(model, reason):
+    m = model()
+    before = type(m.embed)
+    report = compress(m, weights_only(), progress=False).report
+    assert type(m.embed) is before and not report.embeddings
+    assert reason in report.skipped["embed"]
+    assert isinstance(m.fc, nn.Module) and len(report.layers) == 1
+
+
+def test_too_small_a_budget_and_unreached_embeddings_are_left_with_a_reason():
+    m = _Encoder()
+    report = compress(m, weights_only(embedding_budget=0.005), progress=False).report
+    assert "too small for rank 1" in report.skipped["embed"]
+    # batches that bypass the embedding: it stays whole, the linear layers are compressed
+    m = _Encoder()
+    feats = [{"inputs_embeds": torch.randn(2, 5, 32)}]
+    report = compress(m, CompressionConfig(allocation="uniform"), calibration_data=feats,
+                      progress=False).report
+    assert "never reach it" in report.skipped["embed"] and len(report.layers) == 1
+    assert isinstance(m.embed, nn.Embedding)
+
+
+def test_token_counts_leave_out_masked_positions():
+    model = tiny_bert()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    batch = {"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 0, 0]])}
+    counts = capture_token_counts(model, "embeddings.word_embeddings", [batch])
+    assert counts[5] == counts[6] == 1 and counts[7] == counts[8] == 0
+
+
+def test_command_flags_reach_the_config():
+    from gblr.convert.cli import parse_args
+    from gblr.convert.options import config_changes
+
+    changes = config_changes(parse_args(["--no-embeddings", "--embedding-budget", "0.3"]))
+    assert changes["embeddings"] is False and changes["embedding_budget"] == 0.3
+    defaults = config_changes(parse_args([]))
+    assert defaults["embeddings"] is True and defaults["embedding_budget"] is None

@@ -13,6 +13,7 @@ __all__ = [
     "capture_second_moments",
     "capture_teacher_moments",
     "capture_token_counts",
+    "NotReached",
     "shared_input_groups",
     "teacher_target",
     "run_model",
@@ -125,18 +126,27 @@ def _inputs_of(model: nn.Module, names: list[str], batch: Any) -> dict[str, torc
     return seen
 
 
+class NotReached(ValueError):
+    """The calibration batches never reached a module they were meant to."""
+
+
 @torch.no_grad()
 def capture_token_counts(model: nn.Module, name: str, data: Any) -> torch.Tensor:
     """How often each token id reaches the embedding ``name`` over the calibration batches:
-    ``(num_embeddings,)`` float64 counts. Each forward stops at the embedding; the padding
-    token (the embedding's ``padding_idx``) is not counted."""
+    ``(num_embeddings,)`` float64 counts. Each forward stops at the embedding. Positions a
+    batch's ``attention_mask`` leaves out, and the embedding's ``padding_idx``, are not
+    counted. Raises :class:`NotReached` when no batch reaches the embedding."""
     embedding = model.get_submodule(name)
     counts = torch.zeros(embedding.num_embeddings, dtype=torch.float64)
     seen = 0
+    mask: torch.Tensor | None = None
 
     def hook(_module: nn.Module, inputs: tuple[Any, ...]) -> None:
         nonlocal seen
-        ids = inputs[0].detach().reshape(-1).to("cpu", torch.long)
+        ids = inputs[0].detach()
+        if mask is not None and mask.shape == ids.shape:
+            ids = ids[mask.to(ids.device).bool()]
+        ids = ids.reshape(-1).to("cpu", torch.long)
         counts.add_(torch.bincount(ids, minlength=counts.numel()).double())
         seen += 1
         raise _Captured
@@ -144,6 +154,7 @@ def capture_token_counts(model: nn.Module, name: str, data: Any) -> torch.Tensor
     handle = embedding.register_forward_pre_hook(hook)
     try:
         for batch in _batches(data):
+            mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
             try:
                 run_model(model, batch)
             except _Captured:
@@ -151,7 +162,7 @@ def capture_token_counts(model: nn.Module, name: str, data: Any) -> torch.Tensor
     finally:
         handle.remove()
     if not seen:
-        raise ValueError(f"calibration_data never reached the embedding {name!r}")
+        raise NotReached(f"calibration_data never reached the embedding {name!r}")
     if embedding.padding_idx is not None:
         counts[embedding.padding_idx] = 0.0
     return counts

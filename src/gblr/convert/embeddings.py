@@ -29,19 +29,31 @@ def input_embedding(model: nn.Module, budget: float) -> tuple[str | None, str | 
     getter = getattr(model, "get_input_embeddings", None)
     try:
         embedding = getter() if callable(getter) else None
-    except NotImplementedError:
+    except (NotImplementedError, AttributeError):
         embedding = None
     if not isinstance(embedding, nn.Embedding):
         return None, None
-    name = next(n for n, m in model.named_modules() if m is embedding)
-    out_getter = getattr(model, "get_output_embeddings", None)
-    head = out_getter() if callable(out_getter) else None
-    if head is not None and getattr(head, "weight", None) is embedding.weight:
-        return name, "its weight is tied to the output head, which stays dense"
+    paths = [n for n, m in model.named_modules(remove_duplicate=False) if m is embedding]
+    if not paths:
+        return None, None
+    name = paths[0]
+    if type(embedding).forward is not nn.Embedding.forward:
+        return name, (f"its class {type(embedding).__name__} changes the lookup (a scale, "
+                      "say), which the factors would not")
+    own = {f"{p}.weight" for p in paths}
+    shared = [n for n, p in model.named_parameters(remove_duplicate=False)
+              if p is embedding.weight and n not in own]
+    if shared:
+        out_getter = getattr(model, "get_output_embeddings", None)
+        head = out_getter() if callable(out_getter) else None
+        if head is not None and getattr(head, "weight", None) is embedding.weight:
+            return name, "its weight is tied to the output head, which stays dense"
+        return name, (f"its weight is shared with {shared[0].removesuffix('.weight')}, "
+                      "which stays as it is")
     if embedding.max_norm is not None:
         return name, "it renormalises looked-up rows (max_norm), which factors cannot"
-    if embedding.sparse:
-        return name, "it takes sparse gradients"
+    if embedding.sparse or embedding.scale_grad_by_freq:
+        return name, "it takes sparse or frequency-scaled gradients"
     if embedding_rank(embedding.num_embeddings, embedding.embedding_dim, budget) == 0:
         return name, f"budget {budget} is too small for rank 1"
     return name, None

@@ -15,6 +15,7 @@ from torch import nn
 
 from gblr.accounting import flops_report
 from gblr.convert.calibrate import (
+    NotReached,
     calibration_batches,
     capture_second_moments,
     capture_teacher_moments,
@@ -290,6 +291,12 @@ def compress(
 
     report = CompressionReport(budget=config.budget)
     report.skipped = dict(skipped)
+    # the token embedding: chosen, and its tokens counted, on the dense model before any
+    # layer is projected (a problem shows before the long part, not after it)
+    embedding_budget = (config.budget if config.embedding_budget is None
+                        else config.embedding_budget)
+    embedding = (_embedding_plan(model, config.calibration, calibration_data, embedding_budget,
+                                 report) if config.embeddings else None)
     paths = module_paths(model)
     replaced: list[tuple[str, nn.Module]] = []  # (name, the module it held), in order
     kinds = dict(layers)
@@ -297,11 +304,13 @@ def compress(
         _replace_layers(model, layers, modules, settings, budgets, moments, followers, paths,
                         input_groups, pending, teacher, calibration_data, report, replaced,
                         progress)
-        if config.embeddings:
-            name = _replace_embedding(model, config, calibration_data, modules, paths, report,
-                                      replaced)
-            if name is not None:
-                kinds[name] = EMBEDDING_KIND
+        if embedding is not None:
+            name, counts = embedding
+            new, record = project_embedding(name, modules[name], embedding_budget, counts)
+            report.embeddings.append(record)
+            for path in paths.get(name, [name]):
+                replaced.append((path, set_submodule(model, path, new)))
+            kinds[name] = EMBEDDING_KIND
     except BaseException:
         # nothing half done: put every replaced module back
         for path, previous in reversed(replaced):
@@ -316,28 +325,25 @@ def compress(
     return CompressionResult(model, report)
 
 
-def _replace_embedding(
-    model: nn.Module, config: CompressionConfig, calibration_data: Any,
-    modules: dict[str, nn.Module], paths: dict[str, list[str]], report: CompressionReport,
-    replaced: list[tuple[str, nn.Module]],
-) -> str | None:
-    """Factorize the model's input token embedding (recorded in ``replaced`` and
-    ``report``); its name, or None when the model has none or it stays dense."""
-    budget = config.budget if config.embedding_budget is None else config.embedding_budget
+def _embedding_plan(
+    model: nn.Module, calibrate: bool, calibration_data: Any, budget: float,
+    report: CompressionReport,
+) -> tuple[str, torch.Tensor | None] | None:
+    """``(name, token counts or None)`` of the input embedding to factorize, or None when
+    the model has none or it stays dense (then with its reason in ``report.skipped``)."""
     name, why_not = input_embedding(model, budget)
     if name is None:
         return None
+    if why_not is None and calibrate and calibration_data is not None:
+        try:
+            return name, capture_token_counts(model, name, calibration_data)
+        except NotReached:
+            why_not = ("the calibration batches never reach it (inputs_embeds?), so neither "
+                       "would the model's inputs")
     if why_not is not None:
         report.skipped[name] = why_not
         return None
-    counts = None
-    if config.calibration and calibration_data is not None:
-        counts = capture_token_counts(model, name, calibration_data)
-    new, record = project_embedding(name, modules[name], budget, counts)
-    report.embeddings.append(record)
-    for path in paths.get(name, [name]):
-        replaced.append((path, set_submodule(model, path, new)))
-    return name
+    return name, None
 
 
 def _replace_layers(

@@ -26,13 +26,20 @@ def embedding_rank(num_embeddings: int, embedding_dim: int, budget: float) -> in
 
 
 class LowRankEmbedding(nn.Module):
-    """Token embedding ``E[ids] = codes[ids] @ basis``, a drop-in for ``nn.Embedding``.
+    """Token embedding ``E[ids] = codes[ids] @ basis``, used in place of an ``nn.Embedding``.
+
+    It takes the same ids and gives the same shapes, but it is not an ``nn.Embedding``:
+    ``max_norm``, ``scale_grad_by_freq`` and sparse gradients are not supported, and
+    ``transformers``' ``resize_token_embeddings`` refuses it. The padding token's code gets
+    no gradient, but its row ``codes[padding_idx] @ basis`` moves when ``basis`` trains
+    (an ``nn.Embedding`` keeps that row fixed).
 
     Args:
         num_embeddings: vocabulary size ``V``.
         embedding_dim: width ``d`` of an embedding.
         rank: inner dimension ``R``, ``1 <= R <= min(V, d)``.
-        padding_idx: as in ``nn.Embedding``: the code of this token gets no gradient.
+        padding_idx: as in ``nn.Embedding``: the code of this token gets no gradient
+            (see above).
         device, dtype: of the factors.
 
     Shape:
