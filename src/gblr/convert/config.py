@@ -213,8 +213,9 @@ class CompressionConfig:
             holding ``embedding_budget`` of its parameters (default True: in a small
             encoder the embedding holds about half the parameters, and a file that keeps it
             whole cannot shrink much). With ``calibration``, each token's row is weighted
-            by how often the calibration text uses it. An embedding tied to an output head
-            that stays dense is left dense (listed in the report's ``skipped``).
+            by how often the calibration text uses it. An embedding that must stay as it
+            is (tied or shared, scaled, see ``gblr.convert.embeddings.input_embedding``)
+            is left dense, with the reason in the report's ``skipped``.
         embedding_budget: fraction in ``(0, 1]`` of the embedding's parameters to keep;
             ``None`` (default): ``budget``.
     """

@@ -3,8 +3,8 @@
 ``gblr.compress`` factorizes a model's input token embedding (``get_input_embeddings()`` of
 a ``transformers`` model) into a :class:`~gblr.layers.LowRankEmbedding` at a budget that is
 a fraction of its parameters, weighting each token by how often the calibration text uses
-it. An embedding that must stay as it is (tied to an output head that stays dense, a
-``max_norm`` renormalisation, sparse gradients) is left dense with the reason.
+it. An embedding that must stay as it is is left dense with the reason
+(:func:`input_embedding` lists them).
 """
 
 from __future__ import annotations
@@ -25,7 +25,13 @@ EMBEDDING_KIND = "embedding"
 
 def input_embedding(model: nn.Module, budget: float) -> tuple[str | None, str | None]:
     """``(name, None)`` of the model's input token embedding when it can be factorized at
-    ``budget``, ``(name, why not)`` when it must stay dense, ``(None, None)`` without one."""
+    ``budget``, ``(name, why not)`` when it must stay dense, ``(None, None)`` without one.
+
+    It stays dense when its class changes the lookup (a scaled embedding), its weight is
+    tied to the output head or shared with another module, it uses ``max_norm``, sparse or
+    frequency-scaled gradients, or not even rank 1 fits ``budget``. A model whose
+    ``get_input_embeddings`` is not implemented has none.
+    """
     getter = getattr(model, "get_input_embeddings", None)
     try:
         embedding = getter() if callable(getter) else None
@@ -79,4 +85,3 @@ def project_embedding(name: str, embedding: nn.Embedding, budget: float,
         rel_error=rel, seconds=seconds,
     )
     return new, record
-

@@ -124,8 +124,8 @@ class LowRankEmbedding(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The full ``(V, d)`` table ``codes @ basis`` (computed; for code that reads it)."""
-        return self.codes @ self.basis
+        """The full ``(V, d)`` table (computed, as :meth:`to_dense`; for code that reads it)."""
+        return self.to_dense()
 
     def to_dense(self) -> torch.Tensor:
         """The ``(V, d)`` table the layer represents."""
