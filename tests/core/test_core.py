@@ -28,6 +28,34 @@ def test_sharp_cost_is_the_box_rule():
     assert boxes.sharp_cost(widths, locations, 30, 20, 2) == expected
 
 
+def _support(length, start, n):
+    return (torch.remainder(torch.arange(n) - start, n) < length)
+
+
+@pytest.mark.parametrize("in_features,out_features", [(9, 6), (30, 20), (70000, 3)])
+def test_box_cost_groups_identical_boxes_as_the_support_rule_does(in_features, out_features):
+    """Identical boxes form one block (shared lengths and starts, and full-length boxes
+    wherever they start); the last shape is large enough for the row-wise grouping."""
+    from gblr.core.cost import grouped_component_cost
+
+    gen = torch.Generator().manual_seed(in_features)
+    k = 60
+    i_len = torch.randint(0, 4, (k,), generator=gen).clamp(max=in_features)
+    i_len[:8] = in_features
+    i_start = torch.randint(0, 3, (k,), generator=gen)
+    o_len = torch.randint(0, out_features + 1, (k,), generator=gen)
+    o_start = torch.randint(0, out_features, (k,), generator=gen)
+    ranks = torch.randint(1, 4, (k,), generator=gen)
+    on = (i_len > 1) & (o_len > 1)
+    in_support = torch.stack([_support(m, s, in_features) for m, s in zip(i_len, i_start,
+                                                                        strict=True)])
+    out_support = torch.stack([_support(m, s, out_features) for m, s in zip(o_len, o_start,
+                                                                          strict=True)])
+    expected = grouped_component_cost(in_support[on], out_support[on], ranks[on])
+    got = box_component_cost(i_len, i_start, o_len, o_start, in_features, out_features, ranks)
+    assert got == expected
+
+
 def test_fit_widths_finds_the_smallest_shared_shrink():
     widths = torch.tensor([[1.0, 0.6, 0.3], [1.0, 0.6, 0.3]])
 

@@ -95,7 +95,8 @@ def _full_spectrum_mask(width, location, n, sigma):
     w, loc = width.unsqueeze(1), location.unsqueeze(1)
     k = torch.arange(n // 2 + 1, dtype=width.dtype)
     amplitude = w * torch.sinc(k * w) / torch.sinc(k / n)
-    amplitude = amplitude * torch.exp(-(k * k) / (2.0 * sigma**2))
+    if sigma is not None:
+        amplitude = amplitude * torch.exp(-(k * k) / (2.0 * sigma**2))
     phase = -2.0 * math.pi * k * loc - math.pi * k * (w - 1.0 / n)
     spectrum = torch.complex(amplitude * torch.cos(phase), amplitude * torch.sin(phase))
     return torch.fft.irfft(spectrum, n=n, dim=-1, norm="forward")
@@ -112,5 +113,70 @@ def test_low_pass_skips_only_frequencies_that_underflow(dtype, n, sigma):
     assert torch.equal(fast, ref)
     grads_fast = torch.autograd.grad((fast * g).sum(), (w, l))
     grads_ref = torch.autograd.grad((ref * g).sum(), (w, l))
-    for a, b in zip(grads_fast, grads_ref, strict=True):
-        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    _assert_same_gradient(grads_fast, grads_ref, dtype)
+
+
+def _assert_same_gradient(grads, reference, dtype):
+    """Equal up to the rounding of a sum over the frequencies (relative to the largest)."""
+    tol = 1e-12 if dtype == torch.float64 else 2e-4
+    scale = max(float(b.abs().max()) for b in reference) or 1.0
+    for a, b in zip(grads, reference, strict=True):
+        assert float((a - b).abs().max()) <= tol * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n,sigma", [(7, None), (8, None), (33, None), (256, None),
+                                     (16, 1.0), (255, 3.0), (64, 50.0)])
+def test_closed_form_gradient_equals_the_formula_derivative(dtype, n, sigma):
+    """The hand-written backward pass against autograd through the formula's operations."""
+    gen = torch.Generator().manual_seed(n)
+    w = torch.rand(24, dtype=dtype, generator=gen).requires_grad_()
+    l = torch.rand(24, dtype=dtype, generator=gen).requires_grad_()
+    g = torch.randn(24, n, dtype=dtype, generator=gen)
+    ref = _full_spectrum_mask(w, l, n, sigma)
+    mask = gaudi_mask(w, l, n, sigma)
+    grads = torch.autograd.grad((mask * g).sum(), (w, l))
+    _assert_same_gradient(grads, torch.autograd.grad((ref * g).sum(), (w, l)), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("sigma", [None, 0.5, 3.0, 60.0])
+@pytest.mark.parametrize("n", [1, 2, 9, 16, 384])
+def test_on_grid_masks_equal_the_formula(dtype, sigma, n):
+    """``on_grid`` builds masks from the edge tables (sharp ones as boxes); values and
+    gradients are the formula's, wrap-around, empty and full boxes included."""
+    gen = torch.Generator().manual_seed(n)
+    lengths = torch.cat([torch.tensor([0, n]), torch.randint(0, n + 1, (38,), generator=gen)])
+    starts = torch.randint(0, n, (40,), generator=gen)
+    # rounded as the layer rounds: value + (rounded - value), a few ulps off the grid
+    raw_w = torch.rand(40, dtype=dtype, generator=gen)
+    w = (raw_w + (lengths.to(dtype) / n - raw_w)).requires_grad_()
+    l = (starts.to(dtype) / n).requires_grad_()
+    g = torch.randn(40, n, dtype=dtype, generator=gen)
+    ref = _full_spectrum_mask(w, l, n, sigma)
+    masks = gaudi_mask(w, l, n, sigma, on_grid=True)
+    if sigma is None:
+        expected = torch.stack([box(n, int(s), int(m)) for s, m in zip(starts, lengths,
+                                                                          strict=True)])
+        assert torch.equal(masks, expected.to(dtype))
+    atol = (1e-12 if dtype == torch.float64 else 1e-6) * n
+    torch.testing.assert_close(masks, ref, atol=atol, rtol=0)
+    grads = torch.autograd.grad((masks * g).sum(), (w, l))
+    _assert_same_gradient(grads, torch.autograd.grad((ref * g).sum(), (w, l)), dtype)
+
+
+def test_on_grid_masks_are_differentiable_once():
+    w = torch.tensor([0.25, 0.5], requires_grad=True)
+    l = torch.tensor([0.0, 0.75], requires_grad=True)
+    (gw,) = torch.autograd.grad(gaudi_mask(w, l, 8, 2.0, on_grid=True).square().sum(), w,
+                                create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|twice"):
+        gw.sum().backward()
+
+
+def test_second_derivatives():
+    w = torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64, requires_grad=True)
+    l = torch.tensor([0.0, 0.3, 0.7], dtype=torch.float64, requires_grad=True)
+    for sigma in (None, 2.0):
+        assert torch.autograd.gradgradcheck(
+            lambda a, b, s=sigma: gaudi_mask(a, b, 11, s, check=False), (w, l))

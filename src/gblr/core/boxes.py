@@ -24,6 +24,7 @@ __all__ = [
     "OUTPUT_AXIS",
     "integer_boxes",
     "active",
+    "nonempty",
     "sharp_cost",
     "shrink_widths",
     "bisect",
@@ -51,6 +52,17 @@ def integer_boxes(
         torch.round(w[OUTPUT_AXIS] * n_out).long(),
         torch.round(loc[OUTPUT_AXIS] * n_out).long() % n_out,
     )
+
+
+@torch.no_grad()
+def nonempty(widths: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
+    """Boolean ``(K,)``: components at least one index long on either axis. The others have
+    width 0 on both axes after rounding, so both their masks are exactly zero, whatever the
+    low-pass."""
+    w = widths.detach().clamp(0.0, 1.0)
+    cols = torch.round(w[INPUT_AXIS] * int(in_features))
+    rows = torch.round(w[OUTPUT_AXIS] * int(out_features))
+    return (cols > 0) | (rows > 0)
 
 
 @torch.no_grad()

@@ -162,9 +162,17 @@ def box_component_cost(
     # a full-length box covers the same indices wherever it starts
     i_s = torch.where(in_len >= in_features, 0, in_start.long() % in_features)
     o_s = torch.where(out_len >= out_features, 0, out_start.long() % out_features)
-    keys = torch.stack([in_len, i_s, out_len, o_s], dim=1)[on]
-    uniq, inverse = torch.unique(keys, dim=0, return_inverse=True)
-    group_rank = torch.zeros(uniq.shape[0], dtype=torch.long, device=keys.device)
+    n_in, n_out = int(in_features) + 1, int(out_features) + 1
+    if n_in * n_in * n_out * n_out < 2**63:
+        # one integer per box (lengths and starts are < n + 1): a 1-D unique, which sorts,
+        # where unique over rows compares them one by one
+        key = ((in_len * n_in + i_s) * n_out + out_len) * n_out + o_s
+        uniq, inverse = torch.unique(key[on], return_inverse=True)
+        gw, gh = uniq // (n_in * n_out * n_out), (uniq // n_out) % n_out
+    else:
+        keys = torch.stack([in_len, i_s, out_len, o_s], dim=1)[on]
+        uniq, inverse = torch.unique(keys, dim=0, return_inverse=True)
+        gw, gh = uniq[:, 0], uniq[:, 2]
+    group_rank = torch.zeros(uniq.shape[0], dtype=torch.long, device=in_len.device)
     group_rank.index_add_(0, inverse, ranks_t[on])
-    gw, gh = uniq[:, 0], uniq[:, 2]
     return int(torch.minimum(group_rank * (gh + gw), gh * gw).sum().item())

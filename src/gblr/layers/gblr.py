@@ -234,7 +234,7 @@ class GBLRLinear(ExactForms, StructuredLinear):
             width, location = width[index], location[index]
         width = round_to_grid(width.clamp(0.0, 1.0), n)
         location = round_to_grid(torch.remainder(location, 1.0), n)
-        return gaudi_mask(width, location, n, self.sigma, check=False)
+        return gaudi_mask(width, location, n, self.sigma, check=False, on_grid=True)
 
     def active_components(self) -> torch.Tensor:
         """Boolean ``(K,)``: components more than one index wide on both axes (evaluation rule)."""
@@ -253,18 +253,22 @@ class GBLRLinear(ExactForms, StructuredLinear):
         """``(m_in (K, in), m_out (K, out))`` as the forward pass uses them in the current mode."""
         return self._masks_of(None)
 
-    def _masks_of(self, index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`masks` of the components ``index`` only (all when None)."""
+    def _masks_of(
+        self, index: torch.Tensor | None, active_only: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`masks` of the components ``index`` only (all when None); ``active_only``:
+        the caller chose only active components, so none needs switching off."""
         m_in = self._axis_mask(INPUT_AXIS, self.in_features, index)
         m_out = self._axis_mask(OUTPUT_AXIS, self.out_features, index)
-        if not self.training or self.sigma is None:
+        if not self.training and self.sigma is not None:
+            # sharp masks are exact 0/1 boxes; blurred ones get the evaluation threshold
+            m_in = torch.where(m_in.abs() < EVAL_MASK_THRESHOLD, 0.0, m_in)
+            m_out = torch.where(m_out.abs() < EVAL_MASK_THRESHOLD, 0.0, m_out)
+        if (not self.training or self.sigma is None) and not active_only:
             # evaluation, and sharp training, which computes what evaluation computes: a
             # component at most one index wide on an axis is off
             on = self.active_components()
             on = (on if index is None else on[index]).to(m_in.dtype)[:, None]
-            if not self.training:
-                m_in = torch.where(m_in.abs() < EVAL_MASK_THRESHOLD, 0.0, m_in)
-                m_out = torch.where(m_out.abs() < EVAL_MASK_THRESHOLD, 0.0, m_out)
             m_in, m_out = m_in * on, m_out * on
         return m_in, m_out
 
@@ -288,20 +292,20 @@ class GBLRLinear(ExactForms, StructuredLinear):
         """
         u, v = self.U, self.V
         r = self.rank_per_component
-        live_only = live_only and not torch.compiler.is_compiling()
         index = None
-        if live_only and (self.sigma is None or not self.training):
-            # sharp masks and evaluation: the components that are off are known from the
-            # widths alone, so their masks are not even built
-            active = self.active_components()
-            if not bool(active.all()):
-                index = active.nonzero().squeeze(1)
-        m_in, m_out = self._masks_of(index)
-        if live_only and index is None:
-            live = (m_in != 0).any(dim=1) | (m_out != 0).any(dim=1)
+        active_only = False
+        if live_only and not torch.compiler.is_compiling():
+            # which components are off is known from the widths alone, so their masks are
+            # not even built: with sharp masks and in evaluation, those at most one index
+            # wide on an axis; with a low-pass, those of width 0 on both axes
+            active_only = self.sigma is None or not self.training
+            if active_only:
+                live = self.active_components()
+            else:
+                live = boxes.nonempty(self.widths, self.in_features, self.out_features)
             if not bool(live.all()):
                 index = live.nonzero().squeeze(1)
-                m_in, m_out = m_in[index], m_out[index]
+        m_in, m_out = self._masks_of(index, active_only)
         if index is not None:
             cols = (index[:, None] * r + torch.arange(r, device=index.device)).flatten()
             u, v = u[:, cols], v[cols]

@@ -52,6 +52,7 @@ def gaudi_mask(
     sigma: float | None = None,
     *,
     check: bool = True,
+    on_grid: bool = False,
 ) -> torch.Tensor:
     """Masks of ``K`` components on an axis of length ``n``: a ``(K, n)`` real tensor.
 
@@ -64,6 +65,14 @@ def gaudi_mask(
     With ``check`` the values are validated (finite, widths in ``[0, 1]``), which reads
     them back from the device; callers that clamp and wrap them already (the GBLR layer's
     forward pass) skip it.
+
+    ``on_grid`` promises that ``w*n`` and ``l*n`` are integers up to rounding (the layer
+    rounds them to the grid). Every mask is then a difference of two rotations of one edge
+    profile per ``(n, sigma)``, and a sharp mask is the box itself, so masks and gradients
+    cost a few gathers instead of a transform per component; the values and first
+    derivatives are the formula's (second derivatives are not available on this path).
+    Without it the gradient is also computed in closed form, with one FFT of the incoming
+    gradient, and can be differentiated again.
     """
     if width.dim() != 1 or location.dim() != 1:
         raise ValueError(
@@ -91,15 +100,136 @@ def gaudi_mask(
     if width.shape[0] == 0:  # no components (the FFT refuses an empty batch)
         return (width.to(dtype).unsqueeze(1) * location.to(dtype).unsqueeze(1)).expand(0, n)
     with _no_autocast(width.device):
-        w = width.to(dtype).unsqueeze(1)
-        loc = location.to(dtype).unsqueeze(1)
-        k = torch.arange(_num_frequencies(n, sigma, dtype), device=width.device, dtype=dtype)
-        amplitude = w * torch.sinc(k * w) / torch.sinc(k / n)
-        if sigma is not None:
-            amplitude = amplitude * torch.exp(-(k * k) / (2.0 * float(sigma) ** 2))
-        phase = -2.0 * math.pi * k * loc - math.pi * k * (w - 1.0 / n)
+        mask = _GridMask if on_grid else _GaudiMask
+        return mask.apply(width.to(dtype), location.to(dtype), n, sigma)
+
+
+def _spectrum_terms(w: torch.Tensor, loc: torch.Tensor, n: int, sigma: float | None):
+    """Frequencies ``k``, the amplitude's ``k``-only factor ``G_sigma(k) / sinc(k/n)``, the
+    amplitudes ``A (K, F)`` and phases ``phi (K, F)`` of the spectrum ``A e^{i phi}``."""
+    k = torch.arange(_num_frequencies(n, sigma, w.dtype), device=w.device, dtype=w.dtype)
+    w, loc = w.unsqueeze(1), loc.unsqueeze(1)
+    dirichlet = torch.sinc(k / n)
+    amplitude = w * torch.sinc(k * w) / dirichlet
+    scale = 1.0 / dirichlet
+    if sigma is not None:
+        gauss = torch.exp(-(k * k) / (2.0 * float(sigma) ** 2))
+        amplitude = amplitude * gauss
+        scale = scale * gauss
+    phase = -2.0 * math.pi * k * loc - math.pi * k * (w - 1.0 / n)
+    return k, scale, amplitude, phase
+
+
+def _edge_tables(n: int, sigma: float | None, dtype: torch.dtype, device: torch.device):
+    """The edge profile ``e`` and its slope ``q = n de/dt`` at the ``n`` integer offsets.
+
+    Writing ``w sinc(k w) e^{-i pi k (2 l + w)}`` as ``(e^{-2 pi i k a} - e^{-2 pi i k b}) /
+    (2 pi i k)`` with the box's edges ``a = l`` and ``b = l + w`` splits the mask into
+    ``m_j = w + E(j - a n) - E(j - b n)``, one profile ``E`` per axis length and low-pass:
+    ``E(t) = sum_{k>=1} c_k G_sigma(k) sin(2 pi k (t + 1/2) / n) / (2 pi k sinc(k/n))``
+    (``c_k`` the weights of a real inverse DFT). On the index grid ``t`` is an integer, so
+    both tables come from one inverse FFT each, in float64.
+    """
+    k = torch.arange(1, _num_frequencies(n, sigma, dtype), device=device, dtype=torch.float64)
+    gain = 1.0 / torch.sinc(k / n)
+    if sigma is not None:
+        gain = gain * torch.exp(-(k * k) / (2.0 * float(sigma) ** 2))
+    half_step = torch.polar(gain, math.pi * k / n)
+    zero = torch.zeros(1, device=device, dtype=half_step.dtype)
+    slope = torch.cat([zero, half_step])
+    profile = torch.cat([zero, half_step / (2j * math.pi * k)])
+    e = torch.fft.irfft(profile, n=n, norm="forward")
+    q = torch.fft.irfft(slope, n=n, norm="forward")
+    return e.to(dtype), q.to(dtype)
+
+
+def _rows(table: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``out[c, j] = table[(j - shift[c]) mod n]``: the table rotated by each shift."""
+    n = table.shape[0]
+    windows = torch.cat([table, table]).unfold(0, n, 1)  # (n + 1, n): window s = table[s - n + j]
+    return windows.index_select(0, n - shift)
+
+
+class _GridMask(torch.autograd.Function):
+    """The mask of widths and locations on the index grid, from the edge tables.
+
+    With the edges ``a = round(l n)`` and ``b = a + round(w n)``: ``m_j = w + e[j - a] -
+    e[j - b]`` (indices mod ``n``; the exact 0/1 box when ``sigma`` is None, built by
+    comparison), ``dm_j/dw = 1 + q[j - b]`` and ``dm_j/dl = q[j - b] - q[j - a]``:
+    two row gathers per mask and per gradient instead of a transform of every row. The
+    gradient is the formula's first derivative at the grid point; it is not differentiable
+    again (the edges are integers here), which :func:`gaudi_mask` without ``on_grid`` is.
+    """
+
+    @staticmethod
+    def forward(ctx, w, loc, n: int, sigma: float | None):
+        a = torch.round(loc * n).long().remainder(n)
+        b = (a + torch.round(w * n).long()).remainder(n)
+        ctx.n, ctx.sigma = n, sigma
+        ctx.save_for_backward(a, b)
+        if sigma is None:
+            # (j - a) mod n by a row gather of 0 .. n-1, then the box's length
+            offsets = _rows(torch.arange(n, device=w.device, dtype=w.dtype), a)
+            return (offsets < torch.round(w * n).unsqueeze(1)).to(w.dtype)
+        e, _ = _edge_tables(n, sigma, w.dtype, w.device)
+        return w.unsqueeze(1) + _rows(e, a) - _rows(e, b)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        _, q = _edge_tables(ctx.n, ctx.sigma, grad.dtype, grad.device)
+        slope_b = (grad * _rows(q, b)).sum(dim=1)
+        grad_w = slope_b + grad.sum(dim=1) if ctx.needs_input_grad[0] else None
+        grad_loc = slope_b - (grad * _rows(q, a)).sum(dim=1) if ctx.needs_input_grad[1] else None
+        return grad_w, grad_loc, None, None
+
+
+class _GaudiMask(torch.autograd.Function):
+    """The mask with its vector-Jacobian product in closed form.
+
+    With ``m_j = sum_k c_k Re(S_k e^{2 pi i k j / n})`` (``c_k = 2`` except 1 at ``k = 0`` and
+    at ``k = n/2``) and ``S_k = A_k e^{i phi_k}``, a gradient ``g`` of the mask gives
+    ``dL/dw = sum_k c_k (dA_k/dw Re P_k + pi k A_k Im P_k)`` and
+    ``dL/dl = sum_k c_k 2 pi k A_k Im P_k`` with ``P_k = e^{i phi_k} conj(rfft(g)_k)`` and
+    ``dA_k/dw = cos(pi k w) G_sigma(k) / sinc(k/n)``: one forward FFT of the gradient and a few
+    element-wise products, where differentiating the forward operations would run the
+    trigonometric functions' backward passes and an FFT per mask.
+    """
+
+    @staticmethod
+    def forward(ctx, w, loc, n: int, sigma: float | None):
+        ctx.n, ctx.sigma = n, sigma
+        ctx.save_for_backward(w, loc)
+        _, _, amplitude, phase = _spectrum_terms(w, loc, n, sigma)
         spectrum = torch.complex(amplitude * torch.cos(phase), amplitude * torch.sin(phase))
         return torch.fft.irfft(spectrum, n=n, dim=-1, norm="forward")
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, loc = ctx.saved_tensors
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            return None, None, None, None
+        n = ctx.n
+        k, scale, amplitude, phase = _spectrum_terms(w, loc, n, ctx.sigma)
+        # conj(rfft(g)) over the frequencies the spectrum uses
+        spectrum = torch.fft.rfft(grad.to(w.dtype), dim=-1)[:, : k.shape[0]]
+        cos_p, sin_p = torch.cos(phase), torch.sin(phase)
+        re_h, im_h = spectrum.real, -spectrum.imag
+        re_p = cos_p * re_h - sin_p * im_h
+        im_p = sin_p * re_h + cos_p * im_h
+        c = torch.full_like(k, 2.0)
+        c[0] = 1.0
+        if n % 2 == 0 and k.shape[0] == n // 2 + 1:
+            c[-1] = 1.0
+        weighted = c * math.pi * k * amplitude * im_p
+        grad_w = grad_loc = None
+        if ctx.needs_input_grad[0]:
+            d_amplitude = torch.cos(math.pi * k * w.unsqueeze(1)) * scale
+            grad_w = (c * d_amplitude * re_p + weighted).sum(dim=1)
+        if ctx.needs_input_grad[1]:
+            grad_loc = 2.0 * weighted.sum(dim=1)
+        return grad_w, grad_loc, None, None
 
 
 def round_to_grid(value: torch.Tensor, n: int) -> torch.Tensor:
