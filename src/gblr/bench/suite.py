@@ -46,6 +46,8 @@ BENCHMARKS: dict[str, BenchSpec] = {
     "deploy_gpt": BenchSpec("gblr.bench.deploy_gpt", "Deployed Shakespeare GPT (end to end)"),
     "approx": BenchSpec("gblr.bench.approx", "Projecting MiniLM-L6's weights onto each structure"),
     "train": BenchSpec("gblr.bench.train", "Training with learned structure vs baselines"),
+    "train_step": BenchSpec("gblr.bench.train_step",
+                            "Training step and wall clock of learned structure vs dense"),
     "compress": BenchSpec("gblr.bench.compress", "Compressing all-MiniLM-L6-v2", cuda=True),
     "serve": BenchSpec("gblr.bench.serve", "Served: ONNX Runtime vs PyTorch (MiniLM-L6)"),
     "contention": BenchSpec("gblr.bench.contention",

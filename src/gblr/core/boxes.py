@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from gblr.core.cost import box_component_cost
@@ -41,16 +42,26 @@ OUTPUT_AXIS = 1
 def integer_boxes(
     widths: torch.Tensor, locations: torch.Tensor, in_features: int, out_features: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(in_len, in_start, out_len, out_start)``, ``(K,)`` long tensors, as the forward
-    pass rounds the boxes (widths clamped to ``[0, 1]``, locations wrapped into ``[0, 1)``)."""
-    w = widths.detach().float().clamp(0.0, 1.0)
-    loc = torch.remainder(locations.detach().float(), 1.0)
+    """``(in_len, in_start, out_len, out_start)``, ``(K,)`` long tensors on the widths'
+    device, as the forward pass rounds the boxes (widths clamped to ``[0, 1]``, locations
+    wrapped into ``[0, 1)``)."""
+    return tuple(torch.from_numpy(b).to(widths.device)
+                 for b in _host_boxes(widths, locations, in_features, out_features))
+
+
+def _host_boxes(
+    widths: torch.Tensor, locations: torch.Tensor, in_features: int, out_features: int
+) -> tuple[np.ndarray, ...]:
+    """:func:`integer_boxes` as host int64 arrays (rounded in float32, half to even, as
+    ``torch.round``)."""
+    w = np.clip(widths.detach().float().cpu().numpy(), 0.0, 1.0)
+    loc = np.remainder(locations.detach().float().cpu().numpy(), np.float32(1.0))
     n_in, n_out = int(in_features), int(out_features)
     return (
-        torch.round(w[INPUT_AXIS] * n_in).long(),
-        torch.round(loc[INPUT_AXIS] * n_in).long() % n_in,
-        torch.round(w[OUTPUT_AXIS] * n_out).long(),
-        torch.round(loc[OUTPUT_AXIS] * n_out).long() % n_out,
+        np.rint(w[INPUT_AXIS] * np.float32(n_in)).astype(np.int64),
+        np.rint(loc[INPUT_AXIS] * np.float32(n_in)).astype(np.int64) % n_in,
+        np.rint(w[OUTPUT_AXIS] * np.float32(n_out)).astype(np.int64),
+        np.rint(loc[OUTPUT_AXIS] * np.float32(n_out)).astype(np.int64) % n_out,
     )
 
 
@@ -88,11 +99,8 @@ def sharp_cost(
     0/1 boxes, so the boxes are costed directly (:func:`gblr.core.cost.box_component_cost`,
     O(K), no FFT).
     """
-    i_len, i_start, o_len, o_start = integer_boxes(widths, locations, in_features, out_features)
-    return box_component_cost(
-        i_len.cpu(), i_start.cpu(), o_len.cpu(), o_start.cpu(),
-        int(in_features), int(out_features), rank_per_component,
-    )
+    return box_component_cost(*_host_boxes(widths, locations, in_features, out_features),
+                              int(in_features), int(out_features), rank_per_component)
 
 
 def shrink_widths(widths: torch.Tensor, amount: float | torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -138,41 +139,50 @@ def block_low_rank_cost(
 
 
 def box_component_cost(
-    in_len: torch.Tensor,
-    in_start: torch.Tensor,
-    out_len: torch.Tensor,
-    out_start: torch.Tensor,
+    in_len: torch.Tensor | np.ndarray,
+    in_start: torch.Tensor | np.ndarray,
+    out_len: torch.Tensor | np.ndarray,
+    out_start: torch.Tensor | np.ndarray,
     in_features: int,
     out_features: int,
-    ranks: torch.Tensor | int = 1,
+    ranks: torch.Tensor | np.ndarray | int = 1,
 ) -> int:
     """Cost of components given as integer cyclic boxes (the evaluation rule, without masks).
 
-    ``in_len``/``in_start`` (and ``out_*``) are ``(K,)`` integer tensors: a component covers
-    ``len`` indices from ``start``, wrapping around. A component at most one index long on
-    either axis is off; boxes that cover the same indices form one block, as in
+    ``in_len``/``in_start`` (and ``out_*``) are ``(K,)`` integer tensors or arrays: a component
+    covers ``len`` indices from ``start``, wrapping around. A component at most one index
+    long on either axis is off; boxes that cover the same indices form one block, as in
     :func:`grouped_component_cost`, whose result this equals for sharp (``sigma=None``) masks.
+    Computed with NumPy on the host: it is a few operations on ``K`` integers, which the
+    budget controller runs many times per training step.
     """
-    in_len = in_len.long().clamp(0, in_features)
-    out_len = out_len.long().clamp(0, out_features)
-    ranks_t = torch.as_tensor(ranks, dtype=torch.long, device=in_len.device).expand_as(in_len)
-    on = (in_len > 1) & (out_len > 1) & (ranks_t > 0)
-    if not bool(on.any()):
+    n_in, n_out = int(in_features), int(out_features)
+    in_len = np.clip(_host(in_len), 0, n_in)
+    out_len = np.clip(_host(out_len), 0, n_out)
+    ranks_a = np.broadcast_to(_host(ranks), in_len.shape)
+    on = (in_len > 1) & (out_len > 1) & (ranks_a > 0)
+    if not on.any():
         return 0
     # a full-length box covers the same indices wherever it starts
-    i_s = torch.where(in_len >= in_features, 0, in_start.long() % in_features)
-    o_s = torch.where(out_len >= out_features, 0, out_start.long() % out_features)
-    n_in, n_out = int(in_features) + 1, int(out_features) + 1
-    if n_in * n_in * n_out * n_out < 2**63:
-        # one integer per box (lengths and starts are < n + 1): a 1-D unique, which sorts,
-        # where unique over rows compares them one by one
-        key = ((in_len * n_in + i_s) * n_out + out_len) * n_out + o_s
-        uniq, inverse = torch.unique(key[on], return_inverse=True)
-        gw, gh = uniq // (n_in * n_out * n_out), (uniq // n_out) % n_out
+    i_s = np.where(in_len >= n_in, 0, _host(in_start) % n_in)
+    o_s = np.where(out_len >= n_out, 0, _host(out_start) % n_out)
+    a, b = n_in + 1, n_out + 1
+    if a * a * b * b < 2**63:
+        # one integer per box (lengths and starts are < n + 1): a 1-D unique
+        key = ((in_len * a + i_s) * b + out_len) * b + o_s
+        uniq, inverse = np.unique(key[on], return_inverse=True)
+        gw, gh = uniq // (a * b * b), (uniq // b) % b
     else:
-        keys = torch.stack([in_len, i_s, out_len, o_s], dim=1)[on]
-        uniq, inverse = torch.unique(keys, dim=0, return_inverse=True)
+        keys = np.stack([in_len, i_s, out_len, o_s], axis=1)[on]
+        uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
         gw, gh = uniq[:, 0], uniq[:, 2]
-    group_rank = torch.zeros(uniq.shape[0], dtype=torch.long, device=in_len.device)
-    group_rank.index_add_(0, inverse, ranks_t[on])
-    return int(torch.minimum(group_rank * (gh + gw), gh * gw).sum().item())
+    group_rank = np.bincount(inverse.reshape(-1), weights=ranks_a[on],
+                             minlength=uniq.shape[0]).astype(np.int64)
+    return int(np.minimum(group_rank * (gh + gw), gh * gw).sum())
+
+
+def _host(values: torch.Tensor | np.ndarray | int) -> np.ndarray:
+    """``values`` as a host int64 array."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    return np.asarray(values, dtype=np.int64)

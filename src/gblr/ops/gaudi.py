@@ -9,6 +9,7 @@ optional Gaussian low-pass ``G_sigma(k) = exp(-k^2 / (2 sigma^2))`` smooths it.
 
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import nullcontext
 
@@ -121,15 +122,27 @@ def _spectrum_terms(w: torch.Tensor, loc: torch.Tensor, n: int, sigma: float | N
 
 
 def _edge_tables(n: int, sigma: float | None, dtype: torch.dtype, device: torch.device):
-    """The edge profile ``e`` and its slope ``q = n de/dt`` at the ``n`` integer offsets.
+    """The edge profile ``e``, its slope ``q = n de/dt`` and the offsets ``0 .. n-1``, each
+    repeated twice (length ``2n``, as :func:`_rows` reads them), at the integer offsets.
 
     Writing ``w sinc(k w) e^{-i pi k (2 l + w)}`` as ``(e^{-2 pi i k a} - e^{-2 pi i k b}) /
     (2 pi i k)`` with the box's edges ``a = l`` and ``b = l + w`` splits the mask into
     ``m_j = w + E(j - a n) - E(j - b n)``, one profile ``E`` per axis length and low-pass:
     ``E(t) = sum_{k>=1} c_k G_sigma(k) sin(2 pi k (t + 1/2) / n) / (2 pi k sinc(k/n))``
     (``c_k`` the weights of a real inverse DFT). On the index grid ``t`` is an integer, so
-    both tables come from one inverse FFT each, in float64.
+    both tables come from one inverse FFT each, in float64. They depend on nothing but the
+    arguments and are read only, so they are kept for reuse: the layers of a model share
+    axis lengths and ``sigma``, and the backward pass needs the tables the forward built
+    (not while a compiler traces, whose tensors are placeholders).
     """
+    if torch.compiler.is_compiling():
+        return _compute_edge_tables(n, sigma, dtype, device)
+    # normal tensors even when first asked for inside torch.inference_mode()
+    with torch.inference_mode(False), torch.no_grad():
+        return _kept_edge_tables(n, sigma, dtype, device)
+
+
+def _compute_edge_tables(n: int, sigma: float | None, dtype: torch.dtype, device: torch.device):
     k = torch.arange(1, _num_frequencies(n, sigma, dtype), device=device, dtype=torch.float64)
     gain = 1.0 / torch.sinc(k / n)
     if sigma is not None:
@@ -138,15 +151,21 @@ def _edge_tables(n: int, sigma: float | None, dtype: torch.dtype, device: torch.
     zero = torch.zeros(1, device=device, dtype=half_step.dtype)
     slope = torch.cat([zero, half_step])
     profile = torch.cat([zero, half_step / (2j * math.pi * k)])
-    e = torch.fft.irfft(profile, n=n, norm="forward")
-    q = torch.fft.irfft(slope, n=n, norm="forward")
-    return e.to(dtype), q.to(dtype)
+    e = torch.fft.irfft(profile, n=n, norm="forward").to(dtype)
+    q = torch.fft.irfft(slope, n=n, norm="forward").to(dtype)
+    offsets = torch.arange(n, device=device, dtype=dtype)
+    # each twice over, the form _rows reads
+    return tuple(torch.cat([t, t]) for t in (e, q, offsets))
+
+
+_kept_edge_tables = functools.lru_cache(maxsize=64)(_compute_edge_tables)
 
 
 def _rows(table: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """``out[c, j] = table[(j - shift[c]) mod n]``: the table rotated by each shift."""
-    n = table.shape[0]
-    windows = torch.cat([table, table]).unfold(0, n, 1)  # (n + 1, n): window s = table[s - n + j]
+    """``out[c, j] = t[(j - shift[c]) mod n]`` for a table ``t`` of length ``n`` given twice
+    over (``table = cat([t, t])``): one row of the table per shift, rotated."""
+    n = table.shape[0] // 2
+    windows = table.unfold(0, n, 1)  # (n + 1, n): window s is t[s - n + j]
     return windows.index_select(0, n - shift)
 
 
@@ -169,19 +188,20 @@ class _GridMask(torch.autograd.Function):
         ctx.save_for_backward(a, b)
         if sigma is None:
             # (j - a) mod n by a row gather of 0 .. n-1, then the box's length
-            offsets = _rows(torch.arange(n, device=w.device, dtype=w.dtype), a)
+            offsets = _rows(_edge_tables(n, sigma, w.dtype, w.device)[2], a)
             return (offsets < torch.round(w * n).unsqueeze(1)).to(w.dtype)
-        e, _ = _edge_tables(n, sigma, w.dtype, w.device)
+        e = _edge_tables(n, sigma, w.dtype, w.device)[0]
         return w.unsqueeze(1) + _rows(e, a) - _rows(e, b)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         a, b = ctx.saved_tensors
-        _, q = _edge_tables(ctx.n, ctx.sigma, grad.dtype, grad.device)
-        slope_b = (grad * _rows(q, b)).sum(dim=1)
-        grad_w = slope_b + grad.sum(dim=1) if ctx.needs_input_grad[0] else None
-        grad_loc = slope_b - (grad * _rows(q, a)).sum(dim=1) if ctx.needs_input_grad[1] else None
+        q = _edge_tables(ctx.n, ctx.sigma, grad.dtype, grad.device)[1]
+        # sum_j g[c, j] q[j - b_c] and sum_j g[c, j] q[j - a_c]
+        slopes = (_rows(q, torch.cat([b, a])).view(2, *grad.shape) * grad).sum(dim=2)
+        grad_w = slopes[0] + grad.sum(dim=1) if ctx.needs_input_grad[0] else None
+        grad_loc = slopes[0] - slopes[1] if ctx.needs_input_grad[1] else None
         return grad_w, grad_loc, None, None
 
 

@@ -1,0 +1,45 @@
+"""The model-level training-step benchmark: its phases and its quick run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gblr.bench import train_step
+
+
+@pytest.fixture
+def data_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("GBLR_DATA", str(tmp_path / "data"))
+    return tmp_path / "data"
+
+
+def test_phases_shrink_to_the_budget_and_anneal_sigma(data_root):
+    model, _, _, cfg = train_step._build("mnist1d/mixer", "gblr", ["data.num_samples=600"])
+    controller = train_step._controller(model, cfg, int(cfg.trainer.max_steps))
+    budget = float(cfg.budget)
+    start = train_step._set_phase(model, cfg, 0.0, 1500)
+    assert start["sigma"] == cfg.structure.sigma_start and controller.measure() == 1.0
+    middle = train_step._set_phase(model, cfg, 0.5, 1500)
+    halfway = 1.0 + (budget - 1.0) * 0.5
+    assert controller.measure() <= halfway and controller.measure() > halfway - 0.05
+    start_sigma, end_sigma = cfg.structure.sigma_start, cfg.structure.sigma_end
+    assert middle["sigma"] == pytest.approx((start_sigma * end_sigma) ** 0.5)
+    end = train_step._set_phase(model, cfg, 1.0, 1500)
+    assert end["sigma"] is None and budget - 0.01 < controller.measure() <= budget
+    assert 0 < end["active_components"] <= end["components"]
+
+
+def test_quick_run_writes_the_table_figure_and_runs(tmp_path, data_root):
+    out = tmp_path / "out"
+    assert train_step.main(["--quick", "--experiments", "mnist1d/mixer", "--out", str(out)]) == 0
+    text = (out / "results.md").read_text()
+    for phase in train_step.PHASES:
+        assert f"| gblr | {phase} |" in text
+    assert "| lowrank | - |" in text and "Wall clock" in text
+    data = json.loads((out / "results.json").read_text())
+    assert {r["structure"] for r in data["steps"]} == {"dense", "gblr", "lowrank", "monarch"}
+    (run,) = data["runs"]
+    assert run["steps"] == 6 and run["dense_seconds"] > 0 and run["gblr_seconds"] > 0
+    assert (out / "step_time.png").is_file()
