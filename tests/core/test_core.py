@@ -32,10 +32,11 @@ def _support(length, start, n):
     return (torch.remainder(torch.arange(n) - start, n) < length)
 
 
-@pytest.mark.parametrize("in_features,out_features", [(9, 6), (30, 20), (70000, 3)])
+@pytest.mark.parametrize("in_features,out_features", [(9, 6), (30, 20), (100000, 100000)])
 def test_box_cost_groups_identical_boxes_as_the_support_rule_does(in_features, out_features):
     """Identical boxes form one block (shared lengths and starts, and full-length boxes
-    wherever they start); the last shape is large enough for the row-wise grouping."""
+    wherever they start); the last shape is too large for one integer key per box, so the
+    boxes are grouped row by row."""
     from gblr.core.cost import grouped_component_cost
 
     gen = torch.Generator().manual_seed(in_features)

@@ -158,6 +158,29 @@ def test_gradients_reach_structure_in_evaluation_mode():
     assert layer.widths.grad.abs().sum() > 0 and layer.U.grad.abs().sum() > 0
 
 
+def test_sharp_evaluation_gradients_come_from_the_boxes_only():
+    """In evaluation mode the masks are thresholded, so with sharp boxes the structure's
+    gradient comes from the indices inside each box, as it does with the formula's masks."""
+    from gblr.ops.gaudi import gaudi_mask, round_to_grid
+
+    layer = make(16, 12).eval()
+    set_boxes(layer, torch.full((2, 12), 0.5), torch.rand(2, 12, dtype=torch.float64))
+    x = torch.randn(6, 16, dtype=torch.float64)
+    layer(x).pow(2).sum().backward()
+    got = layer.widths.grad.clone(), layer.locations.grad.clone()
+    layer.zero_grad()
+    masks = []
+    for axis, n in ((0, 16), (1, 12)):
+        w = round_to_grid(layer.widths[axis].clamp(0, 1), n)
+        loc = round_to_grid(torch.remainder(layer.locations[axis], 1.0), n)
+        m = gaudi_mask(w, loc, n, check=False)  # the formula, by inverse FFT
+        masks.append(torch.where(m.abs() < 1e-3, 0.0, m))
+    weight = (layer.U * masks[1].t()) @ (layer.V * masks[0])
+    (x @ weight.t() + layer.bias).pow(2).sum().backward()
+    torch.testing.assert_close(got[0], layer.widths.grad)
+    torch.testing.assert_close(got[1], layer.locations.grad)
+
+
 def test_eval_under_autocast_uses_the_autocast_dtype():
     layer = GBLRLinear(16, 8).eval()
     x = torch.randn(3, 16)

@@ -180,3 +180,69 @@ def test_second_derivatives():
     for sigma in (None, 2.0):
         assert torch.autograd.gradgradcheck(
             lambda a, b, s=sigma: gaudi_mask(a, b, 11, s, check=False), (w, l))
+
+
+@pytest.mark.parametrize("on_grid", [False, True])
+@pytest.mark.parametrize("sigma", [None, 2.0])
+def test_forward_mode_and_torch_func_agree_with_the_formula(on_grid, sigma):
+    from torch.func import jacrev, jvp, vmap
+
+    n = 12
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randint(0, n + 1, (6,), generator=gen).double() / n
+    l = torch.randint(0, n, (6,), generator=gen).double() / n
+    tangents = (torch.randn(6, dtype=torch.float64, generator=gen),
+                torch.randn(6, dtype=torch.float64, generator=gen))
+
+    def mask(a, b):
+        return gaudi_mask(a, b, n, sigma, check=False, on_grid=on_grid)
+
+    def ref(a, b):
+        return _full_spectrum_mask(a, b, n, sigma)
+
+    for got, want in zip(jacrev(mask, argnums=(0, 1))(w, l), jacrev(ref, argnums=(0, 1))(w, l),
+                         strict=True):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    torch.testing.assert_close(jvp(mask, (w, l), tangents)[1], jvp(ref, (w, l), tangents)[1],
+                               atol=1e-12, rtol=0)
+    import torch.autograd.forward_ad as fwad
+
+    with fwad.dual_level():
+        got = fwad.unpack_dual(mask(fwad.make_dual(w, tangents[0]), l)).tangent
+        want = fwad.unpack_dual(ref(fwad.make_dual(w, tangents[0]), l)).tangent
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    torch.testing.assert_close(vmap(mask)(w.view(2, 3), l.view(2, 3)).reshape(6, n), ref(w, l),
+                               atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("sigma", [None, 2.0])
+def test_on_grid_rows_of_non_finite_inputs_are_nan(sigma):
+    w = torch.tensor([0.5, float("nan"), 0.25])
+    l = torch.tensor([0.0, 0.0, float("inf")])
+    masks = gaudi_mask(w, l, 8, sigma, check=False, on_grid=True)
+    assert bool(torch.isfinite(masks[0]).all()) and bool(torch.isnan(masks[1:]).all())
+
+
+def test_on_grid_is_checked():
+    with pytest.raises(ValueError, match="on_grid"):
+        gaudi_mask(torch.tensor([0.3]), torch.tensor([0.0]), 8, on_grid=True)
+    gaudi_mask(torch.tensor([0.375]), torch.tensor([0.125]), 8, on_grid=True)  # on the grid
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit, imported by the mode
+def test_kept_tables_are_not_placeholders_of_a_fake_tensor_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        gaudi_mask(torch.tensor([0.5]), torch.tensor([0.25]), 8, 3.5, check=False, on_grid=True)
+    args = (torch.tensor([0.5]), torch.tensor([0.25]), 8, 3.5)
+    expected = _full_spectrum_mask(args[0].double(), args[1].double(), 8, 3.5).float()
+    torch.testing.assert_close(gaudi_mask(*args, on_grid=True), expected, atol=1e-6, rtol=0)
+
+
+def test_kept_tables_made_under_inference_mode_serve_training():
+    with torch.inference_mode():
+        gaudi_mask(torch.tensor([0.5]), torch.tensor([0.25]), 8, 5.5, on_grid=True)
+    w = torch.tensor([0.5], requires_grad=True)
+    gaudi_mask(w, torch.tensor([0.25]), 8, 5.5, on_grid=True).sum().backward()
+    assert bool(torch.isfinite(w.grad).all())

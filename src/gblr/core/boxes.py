@@ -52,17 +52,20 @@ def integer_boxes(
 def _host_boxes(
     widths: torch.Tensor, locations: torch.Tensor, in_features: int, out_features: int
 ) -> tuple[np.ndarray, ...]:
-    """:func:`integer_boxes` as host int64 arrays (rounded in float32, half to even, as
-    ``torch.round``)."""
-    w = np.clip(widths.detach().float().cpu().numpy(), 0.0, 1.0)
-    loc = np.remainder(locations.detach().float().cpu().numpy(), np.float32(1.0))
-    n_in, n_out = int(in_features), int(out_features)
-    return (
-        np.rint(w[INPUT_AXIS] * np.float32(n_in)).astype(np.int64),
-        np.rint(loc[INPUT_AXIS] * np.float32(n_in)).astype(np.int64) % n_in,
-        np.rint(w[OUTPUT_AXIS] * np.float32(n_out)).astype(np.int64),
-        np.rint(loc[OUTPUT_AXIS] * np.float32(n_out)).astype(np.int64) % n_out,
-    )
+    """:func:`integer_boxes` as host int64 arrays: rounded half to even in the precision
+    the forward pass rounds in (float64 for float64 widths, float32 otherwise); a width or
+    location that is not finite gives an arbitrary integer, as a cast in torch does."""
+    dtype = torch.float64 if widths.dtype == torch.float64 else torch.float32
+    w = np.clip(widths.detach().to(dtype).cpu().numpy(), 0.0, 1.0)
+    loc = np.remainder(locations.detach().to(dtype).cpu().numpy(), w.dtype.type(1.0))
+    n_in, n_out = w.dtype.type(in_features), w.dtype.type(out_features)
+    with np.errstate(invalid="ignore"):
+        return (
+            np.rint(w[INPUT_AXIS] * n_in).astype(np.int64),
+            np.rint(loc[INPUT_AXIS] * n_in).astype(np.int64) % int(in_features),
+            np.rint(w[OUTPUT_AXIS] * n_out).astype(np.int64),
+            np.rint(loc[OUTPUT_AXIS] * n_out).astype(np.int64) % int(out_features),
+        )
 
 
 @torch.no_grad()

@@ -260,8 +260,9 @@ class GBLRLinear(ExactForms, StructuredLinear):
         the caller chose only active components, so none needs switching off."""
         m_in = self._axis_mask(INPUT_AXIS, self.in_features, index)
         m_out = self._axis_mask(OUTPUT_AXIS, self.out_features, index)
-        if not self.training and self.sigma is not None:
-            # sharp masks are exact 0/1 boxes; blurred ones get the evaluation threshold
+        if not self.training and (self.sigma is not None or torch.is_grad_enabled()):
+            # the evaluation threshold: it zeroes blurred masks' tails, and, on sharp masks
+            # (exact 0/1 boxes already), stops gradients from the indices outside the box
             m_in = torch.where(m_in.abs() < EVAL_MASK_THRESHOLD, 0.0, m_in)
             m_out = torch.where(m_out.abs() < EVAL_MASK_THRESHOLD, 0.0, m_out)
         if (not self.training or self.sigma is None) and not active_only:

@@ -61,19 +61,21 @@ def gaudi_mask(
     the real inverse DFT of ``w sinc(k w) / sinc(k/n) e^{-2 pi i k l}
     e^{-pi i k (w - 1/n)} G_sigma(k)`` for ``k = 0 .. n//2``; it is an exact 0/1
     box when ``w*n`` and ``l*n`` are integers and ``sigma`` is None. Always
-    computed in float32 or float64, also under autocast; no rounding is applied.
+    computed in float32 or float64, also under autocast. Derivatives in reverse and forward
+    mode are computed in closed form (one FFT of the incoming gradient or tangent), and
+    ``torch.func`` transforms apply.
 
-    With ``check`` the values are validated (finite, widths in ``[0, 1]``), which reads
-    them back from the device; callers that clamp and wrap them already (the GBLR layer's
-    forward pass) skip it.
+    With ``check`` the values are validated (finite, widths in ``[0, 1]``, and with
+    ``on_grid`` on the grid), which reads them back from the device; callers that clamp,
+    wrap and round them already (the GBLR layer's forward pass) skip it.
 
-    ``on_grid`` promises that ``w*n`` and ``l*n`` are integers up to rounding (the layer
-    rounds them to the grid). Every mask is then a difference of two rotations of one edge
-    profile per ``(n, sigma)``, and a sharp mask is the box itself, so masks and gradients
-    cost a few gathers instead of a transform per component; the values and first
-    derivatives are the formula's (second derivatives are not available on this path).
-    Without it the gradient is also computed in closed form, with one FFT of the incoming
-    gradient, and can be differentiated again.
+    ``on_grid`` promises widths in ``[0, 1]`` with ``w*n`` and ``l*n`` integers up to
+    rounding (the layer rounds them to the grid; they are rounded here). Every mask is then
+    a difference of two rotations of one edge profile per ``(n, sigma)``, and a sharp mask
+    is the box itself, so masks and derivatives cost a few gathers instead of a transform
+    per component. Values and first derivatives are the formula's; second derivatives are
+    not available on this path (without ``on_grid`` the derivatives can be differentiated
+    again).
     """
     if width.dim() != 1 or location.dim() != 1:
         raise ValueError(
@@ -97,6 +99,12 @@ def gaudi_mask(
             raise ValueError("width and location must be finite (got NaN or Inf)")
         if not bool(((width >= 0) & (width <= 1)).all()):
             raise ValueError("width must lie in [0, 1] (fractions of the axis)")
+        if on_grid:
+            off = [(v.detach() * n - torch.round(v.detach() * n)).abs().max()
+                   for v in (width, location)]
+            if float(max(off)) > 1e-3:
+                raise ValueError(f"on_grid=True needs width * n and location * n to be "
+                                 f"integers (n={n}); round them, or leave on_grid off")
     dtype = torch.float64 if width.dtype == torch.float64 else torch.float32
     if width.shape[0] == 0:  # no components (the FFT refuses an empty batch)
         return (width.to(dtype).unsqueeze(1) * location.to(dtype).unsqueeze(1)).expand(0, n)
@@ -122,8 +130,8 @@ def _spectrum_terms(w: torch.Tensor, loc: torch.Tensor, n: int, sigma: float | N
 
 
 def _edge_tables(n: int, sigma: float | None, dtype: torch.dtype, device: torch.device):
-    """The edge profile ``e``, its slope ``q = n de/dt`` and the offsets ``0 .. n-1``, each
-    repeated twice (length ``2n``, as :func:`_rows` reads them), at the integer offsets.
+    """The edge profile ``e`` and its slope ``q = n de/dt`` at the ``n`` integer offsets,
+    each repeated twice (length ``2n``, the form :func:`_rows` reads).
 
     Writing ``w sinc(k w) e^{-i pi k (2 l + w)}`` as ``(e^{-2 pi i k a} - e^{-2 pi i k b}) /
     (2 pi i k)`` with the box's edges ``a = l`` and ``b = l + w`` splits the mask into
@@ -131,15 +139,24 @@ def _edge_tables(n: int, sigma: float | None, dtype: torch.dtype, device: torch.
     ``E(t) = sum_{k>=1} c_k G_sigma(k) sin(2 pi k (t + 1/2) / n) / (2 pi k sinc(k/n))``
     (``c_k`` the weights of a real inverse DFT). On the index grid ``t`` is an integer, so
     both tables come from one inverse FFT each, in float64. They depend on nothing but the
-    arguments and are read only, so they are kept for reuse: the layers of a model share
-    axis lengths and ``sigma``, and the backward pass needs the tables the forward built
-    (not while a compiler traces, whose tensors are placeholders).
+    arguments and are read only, so they are kept for reuse (the layers of a model share
+    axis lengths and ``sigma``, and the backward pass needs the tables the forward built),
+    except where tensors are placeholders (a compiler tracing, a fake-tensor mode).
     """
-    if torch.compiler.is_compiling():
-        return _compute_edge_tables(n, sigma, dtype, device)
+    return _tables(_compute_edge_tables, n, sigma, dtype, device)
+
+
+def _offsets(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``0 .. n-1`` twice over, the form :func:`_rows` reads (kept like the edge tables)."""
+    return _tables(_compute_offsets, n, dtype, device)
+
+
+def _tables(compute, *key):
+    if torch.compiler.is_compiling() or type(torch.empty(0, device=key[-1])) is not torch.Tensor:
+        return compute(*key)  # placeholders: a compiler tracing, or a fake-tensor mode
     # normal tensors even when first asked for inside torch.inference_mode()
     with torch.inference_mode(False), torch.no_grad():
-        return _kept_edge_tables(n, sigma, dtype, device)
+        return _KEPT[compute](*key)
 
 
 def _compute_edge_tables(n: int, sigma: float | None, dtype: torch.dtype, device: torch.device):
@@ -153,12 +170,16 @@ def _compute_edge_tables(n: int, sigma: float | None, dtype: torch.dtype, device
     profile = torch.cat([zero, half_step / (2j * math.pi * k)])
     e = torch.fft.irfft(profile, n=n, norm="forward").to(dtype)
     q = torch.fft.irfft(slope, n=n, norm="forward").to(dtype)
+    return torch.cat([e, e]), torch.cat([q, q])
+
+
+def _compute_offsets(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     offsets = torch.arange(n, device=device, dtype=dtype)
-    # each twice over, the form _rows reads
-    return tuple(torch.cat([t, t]) for t in (e, q, offsets))
+    return torch.cat([offsets, offsets])
 
 
-_kept_edge_tables = functools.lru_cache(maxsize=64)(_compute_edge_tables)
+#: the kept tables: a bounded memo of each pure function above (64 axis lengths and sigmas)
+_KEPT = {f: functools.lru_cache(maxsize=64)(f) for f in (_compute_edge_tables, _compute_offsets)}
 
 
 def _rows(table: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -169,44 +190,76 @@ def _rows(table: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return windows.index_select(0, n - shift)
 
 
+def _edges(w: torch.Tensor, loc: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The integer edges ``a = round(l n)`` and ``b = a + round(w n)``, mod ``n``."""
+    a = torch.round(loc * n).long().remainder(n)
+    return a, (a + torch.round(w * n).long()).remainder(n)
+
+
 class _GridMask(torch.autograd.Function):
     """The mask of widths and locations on the index grid, from the edge tables.
 
     With the edges ``a = round(l n)`` and ``b = a + round(w n)``: ``m_j = w + e[j - a] -
     e[j - b]`` (indices mod ``n``; the exact 0/1 box when ``sigma`` is None, built by
     comparison), ``dm_j/dw = 1 + q[j - b]`` and ``dm_j/dl = q[j - b] - q[j - a]``:
-    two row gathers per mask and per gradient instead of a transform of every row. The
-    gradient is the formula's first derivative at the grid point; it is not differentiable
-    again (the edges are integers here), which :func:`gaudi_mask` without ``on_grid`` is.
+    two row gathers per mask and per derivative instead of a transform of every row. The
+    derivatives are the formula's at the grid point, in reverse and forward mode; they are
+    not differentiable again (the edges are integers here), which :func:`gaudi_mask`
+    without ``on_grid`` is. A component whose width or location is not finite gets a row
+    of NaN, as the formula gives it.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, w, loc, n: int, sigma: float | None):
-        a = torch.round(loc * n).long().remainder(n)
-        b = (a + torch.round(w * n).long()).remainder(n)
-        ctx.n, ctx.sigma = n, sigma
-        ctx.save_for_backward(a, b)
+    def forward(w, loc, n: int, sigma: float | None):
+        a, b = _edges(w, loc, n)
+        # w, or NaN where w or l is not finite (0 * inf is NaN), at the cost of K elements
+        level = (w + 0.0 * loc).unsqueeze(1)
         if sigma is None:
             # (j - a) mod n by a row gather of 0 .. n-1, then the box's length
-            offsets = _rows(_edge_tables(n, sigma, w.dtype, w.device)[2], a)
-            return (offsets < torch.round(w * n).unsqueeze(1)).to(w.dtype)
+            inside = _rows(_offsets(n, w.dtype, w.device), a) < torch.round(w * n).unsqueeze(1)
+            return torch.where(inside, level - w.unsqueeze(1) + 1.0, level - w.unsqueeze(1))
         e = _edge_tables(n, sigma, w.dtype, w.device)[0]
-        return w.unsqueeze(1) + _rows(e, a) - _rows(e, b)
+        return level + _rows(e, a) - _rows(e, b)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        w, loc, n, sigma = inputs
+        ctx.n, ctx.sigma = n, sigma
+        edges = _edges(w, loc, n)
+        ctx.save_for_backward(*edges)
+        ctx.save_for_forward(*edges)
+
+    @staticmethod
+    def _slopes(ctx, dtype: torch.dtype) -> torch.Tensor:
+        """The rows ``q[j - b]`` and ``q[j - a]``, stacked: ``(2, K, n)``."""
+        a, b = ctx.saved_tensors
+        q = _edge_tables(ctx.n, ctx.sigma, dtype, a.device)[1]
+        return _rows(q, torch.cat([b, a])).view(2, a.shape[0], ctx.n)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        a, b = ctx.saved_tensors
-        q = _edge_tables(ctx.n, ctx.sigma, grad.dtype, grad.device)[1]
-        # sum_j g[c, j] q[j - b_c] and sum_j g[c, j] q[j - a_c]
-        slopes = (_rows(q, torch.cat([b, a])).view(2, *grad.shape) * grad).sum(dim=2)
+        slopes = (_GridMask._slopes(ctx, grad.dtype) * grad).sum(dim=2)
         grad_w = slopes[0] + grad.sum(dim=1) if ctx.needs_input_grad[0] else None
         grad_loc = slopes[0] - slopes[1] if ctx.needs_input_grad[1] else None
         return grad_w, grad_loc, None, None
 
+    @staticmethod
+    def jvp(ctx, tangent_w, tangent_loc, *_):
+        dtype = (tangent_w if tangent_w is not None else tangent_loc).dtype
+        q_b, q_a = _GridMask._slopes(ctx, dtype)
+        out = torch.zeros_like(q_b)
+        if tangent_w is not None:
+            out = out + tangent_w.unsqueeze(1) * (q_b + 1.0)
+        if tangent_loc is not None:
+            out = out + tangent_loc.unsqueeze(1) * (q_b - q_a)
+        return out
+
 
 class _GaudiMask(torch.autograd.Function):
-    """The mask with its vector-Jacobian product in closed form.
+    """The mask with its derivatives in closed form.
 
     With ``m_j = sum_k c_k Re(S_k e^{2 pi i k j / n})`` (``c_k = 2`` except 1 at ``k = 0`` and
     at ``k = n/2``) and ``S_k = A_k e^{i phi_k}``, a gradient ``g`` of the mask gives
@@ -214,16 +267,25 @@ class _GaudiMask(torch.autograd.Function):
     ``dL/dl = sum_k c_k 2 pi k A_k Im P_k`` with ``P_k = e^{i phi_k} conj(rfft(g)_k)`` and
     ``dA_k/dw = cos(pi k w) G_sigma(k) / sinc(k/n)``: one forward FFT of the gradient and a few
     element-wise products, where differentiating the forward operations would run the
-    trigonometric functions' backward passes and an FFT per mask.
+    trigonometric functions' backward passes and an FFT per mask. Forward mode is the
+    inverse FFT of ``dS = e^{i phi} (dA/dw t_w - i pi k A (t_w + 2 t_l))``. The backward pass
+    is made of differentiable operations, so it can be differentiated again.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, w, loc, n: int, sigma: float | None):
-        ctx.n, ctx.sigma = n, sigma
-        ctx.save_for_backward(w, loc)
+    def forward(w, loc, n: int, sigma: float | None):
         _, _, amplitude, phase = _spectrum_terms(w, loc, n, sigma)
         spectrum = torch.complex(amplitude * torch.cos(phase), amplitude * torch.sin(phase))
         return torch.fft.irfft(spectrum, n=n, dim=-1, norm="forward")
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        w, loc, n, sigma = inputs
+        ctx.n, ctx.sigma = n, sigma
+        ctx.save_for_backward(w, loc)
+        ctx.save_for_forward(w, loc)
 
     @staticmethod
     def backward(ctx, grad):
@@ -250,6 +312,20 @@ class _GaudiMask(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_loc = 2.0 * weighted.sum(dim=1)
         return grad_w, grad_loc, None, None
+
+    @staticmethod
+    def jvp(ctx, tangent_w, tangent_loc, *_):
+        w, loc = ctx.saved_tensors
+        k, scale, amplitude, phase = _spectrum_terms(w, loc, ctx.n, ctx.sigma)
+        zero = torch.zeros_like(w)
+        t_w = (zero if tangent_w is None else tangent_w).unsqueeze(1)
+        t_l = (zero if tangent_loc is None else tangent_loc).unsqueeze(1)
+        d_amplitude = torch.cos(math.pi * k * w.unsqueeze(1)) * scale * t_w
+        d_phase = -math.pi * k * amplitude * (t_w + 2.0 * t_l)  # times i
+        cos_p, sin_p = torch.cos(phase), torch.sin(phase)
+        spectrum = torch.complex(d_amplitude * cos_p - d_phase * sin_p,
+                                 d_amplitude * sin_p + d_phase * cos_p)
+        return torch.fft.irfft(spectrum, n=ctx.n, dim=-1, norm="forward")
 
 
 def round_to_grid(value: torch.Tensor, n: int) -> torch.Tensor:
