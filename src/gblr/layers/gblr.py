@@ -309,7 +309,7 @@ class GBLRLinear(ExactForms, StructuredLinear):
         m_in, m_out = self._masks_of(index, active_only)
         if index is not None:
             cols = (index[:, None] * r + torch.arange(r, device=index.device)).flatten()
-            u, v = u[:, cols], v[cols]
+            u, v = u.index_select(1, cols), v.index_select(0, cols)  # backward: an index_add
         if r > 1:
             m_in = m_in.repeat_interleave(r, dim=0)
             m_out = m_out.repeat_interleave(r, dim=0)
