@@ -182,6 +182,7 @@ def test_second_derivatives():
             lambda a, b, s=sigma: gaudi_mask(a, b, 11, s, check=False), (w, l))
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit, in torch's forward AD
 @pytest.mark.parametrize("on_grid", [False, True])
 @pytest.mark.parametrize("sigma", [None, 2.0])
 def test_forward_mode_and_torch_func_agree_with_the_formula(on_grid, sigma):
@@ -229,7 +230,7 @@ def test_on_grid_is_checked():
     gaudi_mask(torch.tensor([0.375]), torch.tensor([0.125]), 8, on_grid=True)  # on the grid
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit, imported by the mode
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit, used by the mode
 def test_kept_tables_are_not_placeholders_of_a_fake_tensor_mode():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
