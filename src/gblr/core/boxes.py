@@ -73,19 +73,23 @@ def nonempty(widths: torch.Tensor, in_features: int, out_features: int) -> torch
     """Boolean ``(K,)``: components at least one index long on either axis. The others have
     width 0 on both axes after rounding, so both their masks are exactly zero, whatever the
     low-pass."""
-    w = widths.detach().clamp(0.0, 1.0)
-    cols = torch.round(w[INPUT_AXIS] * int(in_features))
-    rows = torch.round(w[OUTPUT_AXIS] * int(out_features))
+    cols, rows = _lengths(widths, in_features, out_features)
     return (cols > 0) | (rows > 0)
 
 
 @torch.no_grad()
 def active(widths: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
     """Boolean ``(K,)``: components more than one index long on both axes."""
-    w = widths.detach().clamp(0.0, 1.0)
-    cols = torch.round(w[INPUT_AXIS] * int(in_features))
-    rows = torch.round(w[OUTPUT_AXIS] * int(out_features))
+    cols, rows = _lengths(widths, in_features, out_features)
     return (cols > 1) & (rows > 1)
+
+
+def _lengths(widths: torch.Tensor, in_features: int, out_features: int):
+    """The box lengths on the input and output axes, rounded as the forward pass rounds
+    them, in the widths' dtype on their device (no read back to the host)."""
+    w = widths.detach().clamp(0.0, 1.0)
+    return (torch.round(w[INPUT_AXIS] * int(in_features)),
+            torch.round(w[OUTPUT_AXIS] * int(out_features)))
 
 
 @torch.no_grad()

@@ -109,8 +109,10 @@ def gaudi_mask(
     if width.shape[0] == 0:  # no components (the FFT refuses an empty batch)
         return (width.to(dtype).unsqueeze(1) * location.to(dtype).unsqueeze(1)).expand(0, n)
     with _no_autocast(width.device):
-        mask = _GridMask if on_grid else _GaudiMask
-        return mask.apply(width.to(dtype), location.to(dtype), n, sigma)
+        w, loc = width.to(dtype), location.to(dtype)
+        if on_grid:
+            return _GridMask.apply(w, loc, *_edges(w, loc, n), n, sigma)
+        return _GaudiMask.apply(w, loc, n, sigma)
 
 
 def _spectrum_terms(w: torch.Tensor, loc: torch.Tensor, n: int, sigma: float | None):
@@ -199,37 +201,36 @@ def _edges(w: torch.Tensor, loc: torch.Tensor, n: int) -> tuple[torch.Tensor, to
 class _GridMask(torch.autograd.Function):
     """The mask of widths and locations on the index grid, from the edge tables.
 
-    With the edges ``a = round(l n)`` and ``b = a + round(w n)``: ``m_j = w + e[j - a] -
-    e[j - b]`` (indices mod ``n``; the exact 0/1 box when ``sigma`` is None, built by
-    comparison), ``dm_j/dw = 1 + q[j - b]`` and ``dm_j/dl = q[j - b] - q[j - a]``:
-    two row gathers per mask and per derivative instead of a transform of every row. The
-    derivatives are the formula's at the grid point, in reverse and forward mode; they are
-    not differentiable again (the edges are integers here), which :func:`gaudi_mask`
-    without ``on_grid`` is. A component whose width or location is not finite gets a row
-    of NaN, as the formula gives it.
+    With the edges ``a = round(l n)`` and ``b = a + round(w n)`` (:func:`_edges`, passed
+    in): ``m_j = w + e[j - a] - e[j - b]`` (indices mod ``n``; the exact 0/1 box when
+    ``sigma`` is None, built by comparison), ``dm_j/dw = 1 + q[j - b]`` and
+    ``dm_j/dl = q[j - b] - q[j - a]``: two row gathers per mask and per derivative
+    instead of a transform of every row. The derivatives are the formula's at the grid
+    point, in reverse and forward mode; they are not differentiable again (the edges are
+    integers here), which :func:`gaudi_mask` without ``on_grid`` is. A component whose
+    width or location is not finite gets a row of NaN, as the formula gives it.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(w, loc, n: int, sigma: float | None):
-        a, b = _edges(w, loc, n)
+    def forward(w, loc, a, b, n: int, sigma: float | None):
         # w, or NaN where w or l is not finite (0 * inf is NaN), at the cost of K elements
         level = (w + 0.0 * loc).unsqueeze(1)
         if sigma is None:
             # (j - a) mod n by a row gather of 0 .. n-1, then the box's length
             inside = _rows(_offsets(n, w.dtype, w.device), a) < torch.round(w * n).unsqueeze(1)
-            return torch.where(inside, level - w.unsqueeze(1) + 1.0, level - w.unsqueeze(1))
+            zero = level - w.unsqueeze(1)  # 0, or NaN
+            return torch.where(inside, zero + 1.0, zero)
         e = _edge_tables(n, sigma, w.dtype, w.device)[0]
         return level + _rows(e, a) - _rows(e, b)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        w, loc, n, sigma = inputs
+        _, _, a, b, n, sigma = inputs
         ctx.n, ctx.sigma = n, sigma
-        edges = _edges(w, loc, n)
-        ctx.save_for_backward(*edges)
-        ctx.save_for_forward(*edges)
+        ctx.save_for_backward(a, b)
+        ctx.save_for_forward(a, b)
 
     @staticmethod
     def _slopes(ctx, dtype: torch.dtype) -> torch.Tensor:
@@ -244,7 +245,7 @@ class _GridMask(torch.autograd.Function):
         slopes = (_GridMask._slopes(ctx, grad.dtype) * grad).sum(dim=2)
         grad_w = slopes[0] + grad.sum(dim=1) if ctx.needs_input_grad[0] else None
         grad_loc = slopes[0] - slopes[1] if ctx.needs_input_grad[1] else None
-        return grad_w, grad_loc, None, None
+        return grad_w, grad_loc, None, None, None, None
 
     @staticmethod
     def jvp(ctx, tangent_w, tangent_loc, *_):
