@@ -260,24 +260,22 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     steady_allocator()
-    overrides: list[str] = []
     if args.quick:
         args.reps = min(args.reps, 3)
         args.steps = args.steps or 6
     run_overrides = [f"trainer.max_steps={args.steps}"] if args.steps else []
-    if args.quick:
-        overrides = ["data.num_samples=600"]
+    # --quick: a small data set for each experiment
+    quick_data = {"mnist1d/mixer": ["data.num_samples=600"],
+                  "shakespeare/gpt": ["data.max_chars=50000"]}
+    extra = {e: quick_data[e] if args.quick else [] for e in args.experiments}
     steps, runs = [], []
     for experiment in args.experiments:
-        extra = overrides if experiment.startswith("mnist1d") else (
-            ["data.max_chars=50000"] if args.quick else [])
-        steps += measure_steps(experiment, args.reps, extra)
+        steps += measure_steps(experiment, args.reps, extra[experiment])
     if not args.no_runs:
         with tempfile.TemporaryDirectory(prefix="gblr-train-step-") as work:
             for experiment in args.experiments:
-                extra = overrides if experiment.startswith("mnist1d") else (
-                    ["data.max_chars=50000"] if args.quick else [])
-                runs.append(measure_runs(experiment, run_overrides + extra, Path(work)))
+                runs.append(measure_runs(experiment, run_overrides + extra[experiment],
+                                         Path(work)))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m gblr.bench.train_step " + " ".join(argv if argv is not None
