@@ -23,6 +23,7 @@ from gblr.layers.base import StructuredLinear, provider, register_structure
 from gblr.layers.blocks import truncated_svd_factors
 from gblr.layers.gblr_exact import ExactForms
 from gblr.ops.costed import costed_linear
+from gblr.ops.factors import grid_masked_factors
 from gblr.ops.gaudi import EVAL_MASK_THRESHOLD, gaudi_mask, round_to_grid
 
 __all__ = [
@@ -306,10 +307,16 @@ class GBLRLinear(ExactForms, StructuredLinear):
                 live = boxes.nonempty(self.widths, self.in_features, self.out_features)
             if not bool(live.all()):
                 index = live.nonzero().squeeze(1)
-        m_in, m_out = self._masks_of(index, active_only)
         if index is not None:
             cols = (index[:, None] * r + torch.arange(r, device=index.device)).flatten()
             u, v = u.index_select(1, cols), v.index_select(0, cols)  # backward: an index_add
+        if self.training and (active_only or (live_only and self.sigma is not None)):
+            # training on live components only: masks and products in one operation
+            widths, locations = self.widths, self.locations
+            if index is not None:
+                widths, locations = widths.index_select(1, index), locations.index_select(1, index)
+            return grid_masked_factors(u, v, widths, locations, self.sigma, r)
+        m_in, m_out = self._masks_of(index, active_only)
         if r > 1:
             m_in = m_in.repeat_interleave(r, dim=0)
             m_out = m_out.repeat_interleave(r, dim=0)

@@ -215,15 +215,7 @@ class _GridMask(torch.autograd.Function):
 
     @staticmethod
     def forward(w, loc, a, b, n: int, sigma: float | None):
-        # w, or NaN where w or l is not finite (0 * inf is NaN), at the cost of K elements
-        level = (w + 0.0 * loc).unsqueeze(1)
-        if sigma is None:
-            # (j - a) mod n by a row gather of 0 .. n-1, then the box's length
-            inside = _rows(_offsets(n, w.dtype, w.device), a) < torch.round(w * n).unsqueeze(1)
-            zero = level - w.unsqueeze(1)  # 0, or NaN
-            return torch.where(inside, zero + 1.0, zero)
-        e = _edge_tables(n, sigma, w.dtype, w.device)[0]
-        return level + _rows(e, a) - _rows(e, b)
+        return grid_mask_values(w, loc, a, b, n, sigma)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -233,30 +225,58 @@ class _GridMask(torch.autograd.Function):
         ctx.save_for_forward(a, b)
 
     @staticmethod
-    def _slopes(ctx, dtype: torch.dtype) -> torch.Tensor:
-        """The rows ``q[j - b]`` and ``q[j - a]``, stacked: ``(2, K, n)``."""
-        a, b = ctx.saved_tensors
-        q = _edge_tables(ctx.n, ctx.sigma, dtype, a.device)[1]
-        return _rows(q, torch.cat([b, a])).view(2, a.shape[0], ctx.n)
-
-    @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        slopes = (_GridMask._slopes(ctx, grad.dtype) * grad).sum(dim=2)
-        grad_w = slopes[0] + grad.sum(dim=1) if ctx.needs_input_grad[0] else None
-        grad_loc = slopes[0] - slopes[1] if ctx.needs_input_grad[1] else None
-        return grad_w, grad_loc, None, None, None, None
+        a, b = ctx.saved_tensors
+        grad_w, grad_loc = grid_mask_grads(grad, a, b, ctx.n, ctx.sigma)
+        return (grad_w if ctx.needs_input_grad[0] else None,
+                grad_loc if ctx.needs_input_grad[1] else None, None, None, None, None)
 
     @staticmethod
     def jvp(ctx, tangent_w, tangent_loc, *_):
-        dtype = (tangent_w if tangent_w is not None else tangent_loc).dtype
-        q_b, q_a = _GridMask._slopes(ctx, dtype)
-        out = torch.zeros_like(q_b)
-        if tangent_w is not None:
-            out = out + tangent_w.unsqueeze(1) * (q_b + 1.0)
-        if tangent_loc is not None:
-            out = out + tangent_loc.unsqueeze(1) * (q_b - q_a)
-        return out
+        a, b = ctx.saved_tensors
+        return grid_mask_tangent(tangent_w, tangent_loc, a, b, ctx.n, ctx.sigma)
+
+
+def grid_mask_values(w, loc, a, b, n: int, sigma: float | None) -> torch.Tensor:
+    """The ``(K, n)`` masks of :class:`_GridMask` from widths, locations and their integer
+    edges (:func:`_edges`); a row of NaN where ``w`` or ``loc`` is not finite."""
+    # w, or NaN where w or l is not finite (0 * inf is NaN), at the cost of K elements
+    level = (w + 0.0 * loc).unsqueeze(1)
+    if sigma is None:
+        # (j - a) mod n by a row gather of 0 .. n-1, then the box's length
+        inside = _rows(_offsets(n, w.dtype, w.device), a) < torch.round(w * n).unsqueeze(1)
+        zero = level - w.unsqueeze(1)  # 0, or NaN
+        return torch.where(inside, zero + 1.0, zero)
+    e = _edge_tables(n, sigma, w.dtype, w.device)[0]
+    return level + _rows(e, a) - _rows(e, b)
+
+
+def _slopes(a, b, n: int, sigma: float | None, dtype: torch.dtype) -> torch.Tensor:
+    """The rows ``q[j - b]`` and ``q[j - a]``, stacked: ``(2, K, n)``."""
+    q = _edge_tables(n, sigma, dtype, a.device)[1]
+    return _rows(q, torch.cat([b, a])).view(2, a.shape[0], n)
+
+
+def grid_mask_grads(grad, a, b, n: int, sigma: float | None):
+    """``(dL/dw, dL/dl)`` of grid masks from the gradient ``(K, n)`` of the masks:
+    ``sum_j g_j (1 + q[j - b])`` and ``sum_j g_j (q[j - b] - q[j - a])``."""
+    grad = grad.contiguous()  # row-major like the slopes
+    slopes = (_slopes(a, b, n, sigma, grad.dtype) * grad).sum(dim=2)
+    return slopes[0] + grad.sum(dim=1), slopes[0] - slopes[1]
+
+
+def grid_mask_tangent(tangent_w, tangent_loc, a, b, n: int, sigma: float | None):
+    """The tangent ``(K, n)`` of grid masks for tangents of the widths and locations (either
+    may be None)."""
+    dtype = (tangent_w if tangent_w is not None else tangent_loc).dtype
+    q_b, q_a = _slopes(a, b, n, sigma, dtype)
+    out = torch.zeros_like(q_b)
+    if tangent_w is not None:
+        out = out + tangent_w.unsqueeze(1) * (q_b + 1.0)
+    if tangent_loc is not None:
+        out = out + tangent_loc.unsqueeze(1) * (q_b - q_a)
+    return out
 
 
 class _GaudiMask(torch.autograd.Function):
