@@ -28,6 +28,24 @@ def test_sharp_cost_is_the_box_rule():
     assert boxes.sharp_cost(widths, locations, 30, 20, 2) == expected
 
 
+def test_sharp_costs_of_many_layers_equal_each_layer_alone():
+    """One pass over several layers (mixed sizes, ranks and dtypes, shared and full-width
+    boxes) gives each layer's own cost: boxes never group across layers."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(30, 20), (20, 30), (30, 20), (7, 5), (64, 64)]
+    ranks = [1, 2, 1, 3, 1]
+    widths = [torch.rand(2, k, generator=gen) * 1.3 - 0.15 for k in (12, 9, 12, 4, 30)]
+    locations = [torch.rand(2, w.shape[1], generator=gen) * 3 - 1 for w in widths]
+    widths[2], locations[2] = widths[0].clone(), locations[0].clone()  # the same boxes
+    widths[4][:, :10] = 1.0
+    widths[3], locations[3] = widths[3].double(), locations[3].double()
+    alone = [boxes.sharp_cost(w, loc, i, o, r)
+             for w, loc, (i, o), r in zip(widths, locations, shapes, ranks, strict=True)]
+    together = boxes.sharp_costs(widths, locations, [i for i, _ in shapes],
+                                 [o for _, o in shapes], ranks)
+    assert together == alone and alone[0] == alone[2] > 0
+
+
 def _support(length, start, n):
     return (torch.remainder(torch.arange(n) - start, n) < length)
 

@@ -102,6 +102,18 @@ def test_identical_boxes_are_costed_as_one_block():
     assert layer.macs() == min(2 * 7, 12) + 7
 
 
+def test_sharp_macs_of_layers_equal_each_layers_own():
+    from gblr.layers.gblr import sharp_macs_of
+
+    torch.manual_seed(0)
+    layers = [make(8, 6, num_components=3), make(6, 8, num_components=3, rank_per_component=2),
+              make(8, 6, num_components=3)]
+    for layer in layers:
+        with torch.no_grad():
+            layer.widths.uniform_(0.2, 1.0)
+    assert sharp_macs_of(layers) == [layer.sharp_macs() for layer in layers]
+
+
 def test_flops_follow_in_place_width_updates():
     layer = make(8, 6, num_components=2)
     set_boxes(layer, torch.ones(2, 2), torch.zeros(2, 2))

@@ -13,12 +13,12 @@ fits — used by the GBLR layer, the budget controller, the projection search an
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
-from gblr.core.cost import box_component_cost
+from gblr.core.cost import box_component_cost, box_component_costs
 
 __all__ = [
     "INPUT_AXIS",
@@ -27,6 +27,7 @@ __all__ = [
     "active",
     "nonempty",
     "sharp_cost",
+    "sharp_costs",
     "shrink_widths",
     "bisect",
     "fit_widths",
@@ -50,21 +51,22 @@ def integer_boxes(
 
 
 def _host_boxes(
-    widths: torch.Tensor, locations: torch.Tensor, in_features: int, out_features: int
+    widths: torch.Tensor, locations: torch.Tensor, in_features, out_features
 ) -> tuple[np.ndarray, ...]:
     """:func:`integer_boxes` as host int64 arrays: rounded half to even in the precision
     the forward pass rounds in (float64 for float64 widths, float32 otherwise); a width or
-    location that is not finite gives an arbitrary integer, as a cast in torch does."""
+    location that is not finite gives an arbitrary integer, as a cast in torch does. The
+    axis lengths are ints, or ``(K,)`` arrays (components of several layers)."""
     dtype = torch.float64 if widths.dtype == torch.float64 else torch.float32
     w = np.clip(widths.detach().to(dtype).cpu().numpy(), 0.0, 1.0)
     loc = np.remainder(locations.detach().to(dtype).cpu().numpy(), w.dtype.type(1.0))
-    n_in, n_out = w.dtype.type(in_features), w.dtype.type(out_features)
+    n_in, n_out = np.asarray(in_features, w.dtype), np.asarray(out_features, w.dtype)
     with np.errstate(invalid="ignore"):
         return (
             np.rint(w[INPUT_AXIS] * n_in).astype(np.int64),
-            np.rint(loc[INPUT_AXIS] * n_in).astype(np.int64) % int(in_features),
+            np.rint(loc[INPUT_AXIS] * n_in).astype(np.int64) % np.int64(in_features),
             np.rint(w[OUTPUT_AXIS] * n_out).astype(np.int64),
-            np.rint(loc[OUTPUT_AXIS] * n_out).astype(np.int64) % int(out_features),
+            np.rint(loc[OUTPUT_AXIS] * n_out).astype(np.int64) % np.int64(out_features),
         )
 
 
@@ -108,6 +110,36 @@ def sharp_cost(
     """
     return box_component_cost(*_host_boxes(widths, locations, in_features, out_features),
                               int(in_features), int(out_features), rank_per_component)
+
+
+@torch.no_grad()
+def sharp_costs(
+    widths: Sequence[torch.Tensor],
+    locations: Sequence[torch.Tensor],
+    in_features: Sequence[int],
+    out_features: Sequence[int],
+    rank_per_component: Sequence[int],
+) -> list[int]:
+    """:func:`sharp_cost` of several layers (the i-th entry of each sequence is layer i's)
+    in one pass: the same integers, at about the cost of one layer, for the budget
+    controller, which measures a whole model many times per step. Layers whose widths
+    differ in dtype or device are taken a group at a time."""
+    groups: dict[tuple, list[int]] = {}
+    for i, w in enumerate(widths):
+        groups.setdefault((w.dtype, w.device), []).append(i)
+    costs = [0] * len(widths)
+    for members in groups.values():
+        sizes = [widths[i].shape[1] for i in members]
+        spread = [np.repeat(np.asarray([seq[i] for i in members], np.int64), sizes)
+                  for seq in (in_features, out_features, rank_per_component)]
+        w = torch.cat([widths[i] for i in members], dim=1)
+        loc = torch.cat([locations[i] for i in members], dim=1)
+        layer = np.repeat(np.arange(len(members)), sizes)
+        got = box_component_costs(*_host_boxes(w, loc, spread[0], spread[1]), spread[0],
+                                  spread[1], spread[2], layer, len(members))
+        for i, c in zip(members, got.tolist(), strict=True):
+            costs[i] = int(c)
+    return costs
 
 
 def shrink_widths(widths: torch.Tensor, amount: float | torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ __all__ = [
     "block_sparse_cost",
     "block_low_rank_cost",
     "box_component_cost",
+    "box_component_costs",
 ]
 
 
@@ -156,29 +157,56 @@ def box_component_cost(
     Computed with NumPy on the host: it is a few operations on ``K`` integers, which the
     budget controller runs many times per training step.
     """
-    n_in, n_out = int(in_features), int(out_features)
+    costs = box_component_costs(in_len, in_start, out_len, out_start, in_features,
+                                out_features, ranks)
+    return int(costs[0])
+
+
+def box_component_costs(
+    in_len: torch.Tensor | np.ndarray,
+    in_start: torch.Tensor | np.ndarray,
+    out_len: torch.Tensor | np.ndarray,
+    out_start: torch.Tensor | np.ndarray,
+    in_features: int | np.ndarray,
+    out_features: int | np.ndarray,
+    ranks: torch.Tensor | np.ndarray | int = 1,
+    layer: np.ndarray | None = None,
+    num_layers: int = 1,
+) -> np.ndarray:
+    """:func:`box_component_cost` of several layers at once: ``(num_layers,)`` int64 costs.
+
+    Component ``c`` belongs to layer ``layer[c]`` (all to layer 0 when None), whose axis
+    lengths are ``in_features[c]`` and ``out_features[c]`` (per component, or one int for
+    all); boxes group only within a layer. One pass for a whole model costs about what one
+    layer costs alone, which is what the budget controller's bisections need.
+    """
+    n_in = np.broadcast_to(_host(in_features), np.shape(_host(in_len)))
+    n_out = np.broadcast_to(_host(out_features), n_in.shape)
     in_len = np.clip(_host(in_len), 0, n_in)
     out_len = np.clip(_host(out_len), 0, n_out)
     ranks_a = np.broadcast_to(_host(ranks), in_len.shape)
+    layer_a = np.zeros(in_len.shape, np.int64) if layer is None else _host(layer)
+    costs = np.zeros(int(num_layers), np.int64)
     on = (in_len > 1) & (out_len > 1) & (ranks_a > 0)
     if not on.any():
-        return 0
+        return costs
     # a full-length box covers the same indices wherever it starts
     i_s = np.where(in_len >= n_in, 0, _host(in_start) % n_in)
     o_s = np.where(out_len >= n_out, 0, _host(out_start) % n_out)
-    a, b = n_in + 1, n_out + 1
-    if a * a * b * b < 2**63:
+    a, b = int(n_in.max()) + 1, int(n_out.max()) + 1
+    if int(num_layers) * a * a * b * b < 2**63:
         # one integer per box (lengths and starts are < n + 1): a 1-D unique
-        key = ((in_len * a + i_s) * b + out_len) * b + o_s
+        key = (((layer_a * a + in_len) * a + i_s) * b + out_len) * b + o_s
         uniq, inverse = np.unique(key[on], return_inverse=True)
-        gw, gh = uniq // (a * b * b), (uniq // b) % b
+        g_layer, gw, gh = uniq // (a * a * b * b), (uniq // (a * b * b)) % a, (uniq // b) % b
     else:
-        keys = np.stack([in_len, i_s, out_len, o_s], axis=1)[on]
+        keys = np.stack([layer_a, in_len, i_s, out_len, o_s], axis=1)[on]
         uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
-        gw, gh = uniq[:, 0], uniq[:, 2]
-    group_rank = np.bincount(inverse.reshape(-1), weights=ranks_a[on],
-                             minlength=uniq.shape[0]).astype(np.int64)
-    return int(np.minimum(group_rank * (gh + gw), gh * gw).sum())
+        g_layer, gw, gh = uniq[:, 0], uniq[:, 1], uniq[:, 3]
+    group_rank = np.zeros(uniq.shape[0], np.int64)
+    np.add.at(group_rank, inverse.reshape(-1), ranks_a[on])
+    np.add.at(costs, g_layer, np.minimum(group_rank * (gh + gw), gh * gw))
+    return costs
 
 
 def _host(values: torch.Tensor | np.ndarray | int) -> np.ndarray:

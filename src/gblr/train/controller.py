@@ -13,7 +13,7 @@ from gblr.core.boxes import bisect, shrink_widths
 from gblr.core.budget import check_budget
 from gblr.core.deprecation import warn_renamed
 from gblr.core.validate import check_positive
-from gblr.layers.gblr import GBLRLinear
+from gblr.layers.gblr import GBLRLinear, sharp_macs_of
 from gblr.train.groups import gblr_layers
 
 #: Shrink weightings of :class:`BudgetController`.
@@ -168,7 +168,7 @@ class BudgetController:
 
     # -- measurement ---------------------------------------------------------------------------
     def _measure(self) -> list[int]:
-        return [layer.sharp_macs() for _, layer in self.layers]
+        return sharp_macs_of([layer for _, layer in self.layers])
 
     @property
     def cost_fraction(self) -> float:
