@@ -19,14 +19,20 @@ from gblr.ops.gaudi import _edges, grid_mask_grads, grid_mask_tangent, grid_mask
 __all__ = ["grid_masked_factors"]
 
 
-def _grid(widths: torch.Tensor, locations: torch.Tensor, axis: int, n: int):
-    """Rounded width and location of one axis in the mask dtype, their integer edges, and
-    where the clamp passes the width's gradient (all without gradients)."""
+def _grids(widths: torch.Tensor, locations: torch.Tensor, n_in: int, n_out: int):
+    """For the input and then the output axis: the rounded width and location in the mask
+    dtype, their integer edges and where the clamp passes the width's gradient (no
+    gradients; both axes at once, as ``(2, K)`` operations)."""
     dtype = torch.float64 if widths.dtype == torch.float64 else torch.float32
-    raw = widths[axis].detach()
+    raw = widths.detach()
+    n = torch.empty(2, 1, dtype=raw.dtype, device=raw.device)
+    n[INPUT_AXIS], n[OUTPUT_AXIS] = n_in, n_out
     w = (torch.round(raw.clamp(0.0, 1.0) * n) / n).to(dtype)
-    loc = (torch.round(torch.remainder(locations[axis].detach(), 1.0) * n) / n).to(dtype)
-    return (w, loc, *_edges(w, loc, n), ((raw >= 0.0) & (raw <= 1.0)).to(dtype))
+    loc = (torch.round(torch.remainder(locations.detach(), 1.0) * n) / n).to(dtype)
+    a, b = _edges(w, loc, n.to(dtype).long())
+    passes = ((raw >= 0.0) & (raw <= 1.0)).to(dtype)
+    return tuple((w[axis], loc[axis], a[axis], b[axis], passes[axis])
+                 for axis in (INPUT_AXIS, OUTPUT_AXIS))
 
 
 def _expand(mask: torch.Tensor, rank: int) -> torch.Tensor:
@@ -40,7 +46,7 @@ def _per_component(grad: torch.Tensor, rank: int) -> torch.Tensor:
 
 class _MaskedFactors(torch.autograd.Function):
     """``widths`` and ``locations`` are inputs for their gradients; their rounded values
-    and edges (:func:`_grid`, computed once by the caller) define the masks."""
+    and edges (:func:`_grids`, computed once by the caller) define the masks."""
 
     generate_vmap_rule = True
 
@@ -126,8 +132,7 @@ def grid_masked_factors(
     Returns ``U * M_out^T`` and ``V * M_in`` (``M`` the ``(K r, n)`` masks). First
     derivatives in reverse and forward mode; not differentiable twice.
     """
-    grid_in = _grid(widths, locations, INPUT_AXIS, v.shape[1])
-    grid_out = _grid(widths, locations, OUTPUT_AXIS, u.shape[0])
+    grid_in, grid_out = _grids(widths, locations, v.shape[1], u.shape[0])
     u_m, v_m, _, _ = _MaskedFactors.apply(u, v, widths, locations, *grid_in, *grid_out, sigma,
                                           rank)
     return u_m, v_m

@@ -192,8 +192,11 @@ def _rows(table: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return windows.index_select(0, n - shift)
 
 
-def _edges(w: torch.Tensor, loc: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The integer edges ``a = round(l n)`` and ``b = a + round(w n)``, mod ``n``."""
+def _edges(
+    w: torch.Tensor, loc: torch.Tensor, n: int | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The integer edges ``a = round(l n)`` and ``b = a + round(w n)``, mod ``n`` (an int, or
+    an integer tensor that broadcasts: one length per axis)."""
     a = torch.round(loc * n).long().remainder(n)
     return a, (a + torch.round(w * n).long()).remainder(n)
 
