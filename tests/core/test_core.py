@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -44,6 +45,21 @@ def test_sharp_costs_of_many_layers_equal_each_layer_alone():
     together = boxes.sharp_costs(widths, locations, [i for i, _ in shapes],
                                  [o for _, o in shapes], ranks)
     assert together == alone and alone[0] == alone[2] > 0
+
+
+def test_box_costs_of_layers_too_large_for_one_key_group_row_by_row():
+    """Two 70000x70000 layers: the packed key would overflow, so boxes are grouped row by
+    row, still per layer."""
+    from gblr.core.cost import box_component_costs
+
+    n = 70000
+    lens = np.array([5, 5, 5, n, 3])
+    starts = np.array([1, 1, 1, 9, 0])
+    layer = np.array([0, 0, 1, 1, 1])
+    got = box_component_costs(lens, starts, lens, starts, n, n, 1, layer, 2)
+    # layer 0: one 5x5 block of rank 2; layer 1: the 5x5 box alone, a full-width n x n
+    # box of rank 1, a 3x3 box
+    assert got.tolist() == [min(2 * 10, 25), min(10, 25) + 2 * n + min(6, 9)]
 
 
 def _support(length, start, n):

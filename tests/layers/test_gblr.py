@@ -111,7 +111,12 @@ def test_sharp_macs_of_layers_equal_each_layers_own():
     for layer in layers:
         with torch.no_grad():
             layer.widths.uniform_(0.2, 1.0)
-    assert sharp_macs_of(layers) == [layer.sharp_macs() for layer in layers]
+    with torch.no_grad():  # the same boxes in two layers are two blocks, one per layer
+        layers[2].widths.copy_(layers[0].widths)
+        layers[2].locations.copy_(layers[0].locations)
+    costs = sharp_macs_of(layers)
+    assert costs == [layer.sharp_macs() for layer in layers]
+    assert costs[0] == costs[2] > 0
 
 
 def test_flops_follow_in_place_width_updates():

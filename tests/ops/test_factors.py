@@ -49,6 +49,41 @@ def test_values_and_gradients(dtype, rank, sigma):
         torch.testing.assert_close(g, w, **tol)
 
 
+@pytest.mark.parametrize("factor_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("structure_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sigma", [None, 2.0])
+def test_low_precision_matches_the_operations_it_replaces(factor_dtype, structure_dtype,
+                                                          sigma):
+    """Factors in half precision with rank > 1 (the rank's rows are summed in the mask
+    dtype), and widths in bfloat16 on an axis whose length bfloat16 cannot hold (257)."""
+    u, v, widths, locations = [t.detach() for t in inputs(torch.float32, 4, n_in=257)]
+    args = [u.to(factor_dtype), v.to(factor_dtype), widths.to(structure_dtype),
+            locations.to(structure_dtype)]
+    args = [t.requires_grad_() for t in args]
+    got = grid_masked_factors(*args, sigma, 4)
+    want = reference(*args, sigma, 4)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+    cotangents = [torch.full_like(t, 3.0) for t in got]
+    for g, w in zip(torch.autograd.grad(got, args, cotangents),
+                    torch.autograd.grad(want, args, cotangents), strict=True):
+        assert torch.equal(g, w)
+
+
+def test_clamped_width_gets_zero_gradient_even_from_an_infinite_cotangent():
+    u, v, widths, locations = inputs(torch.float64, 1)
+    with torch.no_grad():
+        widths[INPUT_AXIS, 0] = 1.2  # clamped to 1: no gradient
+    u_m, v_m = grid_masked_factors(u, v, widths, locations, None, 1)
+    want = reference(u, v, widths, locations, None, 1)
+    cot = torch.zeros_like(v_m)
+    cot[0, 0] = float("inf")
+    got_w = torch.autograd.grad(v_m, widths, cot)[0]
+    want_w = torch.autograd.grad(want[1], widths, cot)[0]
+    assert got_w[INPUT_AXIS, 0] == 0
+    torch.testing.assert_close(got_w, want_w, equal_nan=True)
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit, in torch's forward AD
 @pytest.mark.parametrize("sigma", [None, 4.0])
 def test_forward_mode(sigma):

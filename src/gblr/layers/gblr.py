@@ -486,7 +486,8 @@ class GBLRLinear(ExactForms, StructuredLinear):
 
 def sharp_macs_of(layers: Sequence[GBLRLinear]) -> list[int]:
     """:meth:`GBLRLinear.sharp_macs` of each layer, computed in one pass
-    (:func:`gblr.core.boxes.sharp_costs`) at about the cost of one layer's."""
+    (:func:`gblr.core.boxes.sharp_costs`) at about the cost of one layer's. It applies
+    the rule of ``GBLRLinear.sharp_macs`` itself, not a subclass's override of it."""
     return boxes.sharp_costs([layer.widths for layer in layers],
                              [layer.locations for layer in layers],
                              [layer.in_features for layer in layers],

@@ -24,13 +24,22 @@ def _grids(widths: torch.Tensor, locations: torch.Tensor, n_in: int, n_out: int)
     dtype, their integer edges and where the clamp passes the width's gradient (no
     gradients; both axes at once, as ``(2, K)`` operations)."""
     dtype = torch.float64 if widths.dtype == torch.float64 else torch.float32
-    raw = widths.detach()
-    n = torch.empty(2, 1, dtype=raw.dtype, device=raw.device)
-    n[INPUT_AXIS], n[OUTPUT_AXIS] = n_in, n_out
-    w = (torch.round(raw.clamp(0.0, 1.0) * n) / n).to(dtype)
-    loc = (torch.round(torch.remainder(locations.detach(), 1.0) * n) / n).to(dtype)
-    a, b = _edges(w, loc, n.to(dtype).long())
-    passes = ((raw >= 0.0) & (raw <= 1.0)).to(dtype)
+    raw, locs = widths.detach(), torch.remainder(locations.detach(), 1.0)
+    lengths = torch.empty(2, 1, dtype=torch.long, device=raw.device)
+    lengths[INPUT_AXIS], lengths[OUTPUT_AXIS] = n_in, n_out
+    if raw.dtype in (torch.float32, torch.float64):
+        n = lengths.to(raw.dtype)  # exact: lengths below 2**24
+        w = torch.round(raw.clamp(0.0, 1.0) * n) / n
+        loc = torch.round(locs * n) / n
+    else:
+        # lower precision may not hold the lengths: round with the integers, as round_to_grid
+        axes = {INPUT_AXIS: n_in, OUTPUT_AXIS: n_out}
+        w = torch.stack([torch.round(raw[a].clamp(0.0, 1.0) * axes[a]) / axes[a]
+                         for a in sorted(axes)])
+        loc = torch.stack([torch.round(locs[a] * axes[a]) / axes[a] for a in sorted(axes)])
+    w, loc = w.to(dtype), loc.to(dtype)
+    a, b = _edges(w, loc, lengths)
+    passes = (raw >= 0.0) & (raw <= 1.0)
     return tuple((w[axis], loc[axis], a[axis], b[axis], passes[axis])
                  for axis in (INPUT_AXIS, OUTPUT_AXIS))
 
@@ -67,7 +76,7 @@ class _MaskedFactors(torch.autograd.Function):
         u, v, *_ = inputs
         sigma, rank = inputs[-2:]
         _, _, m_in, m_out_t = output
-        ctx.sigma, ctx.rank = sigma, rank
+        ctx.sigma, ctx.rank, ctx.mask_dtype = sigma, rank, inputs[4].dtype
         ctx.mark_non_differentiable(m_in, m_out_t)
         # the edges and clamp pass-throughs of both axes
         saved = (u, v, m_in, m_out_t, *inputs[6:9], *inputs[11:14])
@@ -85,13 +94,15 @@ class _MaskedFactors(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_v = grad_v_m * m_in
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            dtype = pass_in.dtype
-            g_in = _per_component(grad_v_m * v, rank).to(dtype)
-            g_out = _per_component((grad_u_m * u).t(), rank).to(dtype)
+            # in the mask dtype before the rank's rows are summed, as the cast of the masks
+            # to the factors' dtype does in the operations this replaces
+            g_in = _per_component((grad_v_m * v).to(ctx.mask_dtype), rank)
+            g_out = _per_component((grad_u_m * u).t().to(ctx.mask_dtype), rank)
             gw_in, gl_in = grid_mask_grads(g_in, a_in, b_in, v.shape[1], sigma)
             gw_out, gl_out = grid_mask_grads(g_out, a_out, b_out, u.shape[0], sigma)
-            by_axis = {INPUT_AXIS: (gw_in * pass_in, gl_in),
-                       OUTPUT_AXIS: (gw_out * pass_out, gl_out)}
+            # the clamp to [0, 1] passes the width's gradient only inside the interval
+            by_axis = {INPUT_AXIS: (torch.where(pass_in, gw_in, 0.0), gl_in),
+                       OUTPUT_AXIS: (torch.where(pass_out, gw_out, 0.0), gl_out)}
             grad_widths = torch.stack([by_axis[0][0], by_axis[1][0]])
             grad_locations = torch.stack([by_axis[0][1], by_axis[1][1]])
         return (grad_u, grad_v, grad_widths, grad_locations) + (None,) * 12
@@ -104,7 +115,7 @@ class _MaskedFactors(torch.autograd.Function):
         t_v_m = torch.zeros_like(v) if t_v is None else t_v * m_in
         if t_widths is not None or t_locations is not None:
             def tangent(axis, a, b, passes, n):
-                tw = None if t_widths is None else t_widths[axis] * passes
+                tw = None if t_widths is None else torch.where(passes, t_widths[axis], 0.0)
                 tl = None if t_locations is None else t_locations[axis]
                 return _expand(grid_mask_tangent(tw, tl, a, b, n, sigma), rank)
             dm_in = tangent(INPUT_AXIS, a_in, b_in, pass_in, v.shape[1])
