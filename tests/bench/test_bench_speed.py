@@ -59,6 +59,19 @@ def test_speed_bench_refuses_bad_options(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_time_samples_are_paired_repetitions():
+    from gblr.bench.timing import time_samples, time_side_by_side
+
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    samples = time_samples(fns, reps=5, min_time=0.0)
+    assert set(samples) == {"a", "b"} and all(len(s) == 5 for s in samples.values())
+    assert all(t > 0 for s in samples.values() for t in s)
+    # one warm-up pair of calls each, then every repetition calls each function once
+    assert calls.count("a") == calls.count("b") == 2 + 5
+    assert set(time_side_by_side(fns, reps=3, min_time=0.0)) == {"a", "b"}
+
+
 def test_time_side_by_side_graphs_need_cuda():
     from gblr.bench.speed import parse_tile_config
     from gblr.bench.timing import time_side_by_side

@@ -40,6 +40,10 @@ def test_quick_run_writes_the_table_figure_and_runs(tmp_path, data_root):
     assert "| lowrank | - |" in text and "Wall clock" in text
     data = json.loads((out / "results.json").read_text())
     assert {r["structure"] for r in data["steps"]} == {"dense", "gblr", "lowrank", "monarch"}
+    for row in data["steps"]:  # quartiles of the paired ratios
+        assert 0 < row["paired_q1"] <= row["paired_q3"]
+    dense = [r for r in data["steps"] if r["structure"] == "dense"]
+    assert all(r["paired_q1"] == r["paired_q3"] == 1.0 for r in dense)
     (run,) = data["runs"]
     assert run["steps"] == 6 and run["dense_seconds"] > 0 and run["gblr_seconds"] > 0
     assert (out / "step_time.png").is_file()

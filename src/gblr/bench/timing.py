@@ -11,9 +11,9 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
-from gblr.core.timing import cuda_graph, time_side_by_side
+from gblr.core.timing import cuda_graph, time_samples, time_side_by_side
 
-__all__ = ["steady_allocator", "time_side_by_side", "cuda_graph", "cpu_name"]
+__all__ = ["steady_allocator", "time_side_by_side", "time_samples", "cuda_graph", "cpu_name"]
 
 
 #: glibc ``mallopt`` parameters: the size above which blocks are mmapped, and the free

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,7 +33,7 @@ from typing import Any
 
 import torch
 
-from gblr.bench.timing import cpu_name, steady_allocator, time_side_by_side
+from gblr.bench.timing import cpu_name, steady_allocator, time_samples
 from gblr.core.files import write_text_atomic
 from gblr.train.controller import BudgetController
 from gblr.train.groups import gblr_layers, param_groups
@@ -143,7 +144,8 @@ def measure_steps(experiment: str, reps: int, overrides: list[str]) -> list[dict
             controller.steps = int(fraction * controller.reach * total)
             controller.measure()
             timed["gblr"] = _stepper(model, optimizer, batch, controller)
-        times = time_side_by_side(timed, reps=reps, min_time=0.0)
+        samples = time_samples(timed, reps=reps, min_time=0.0)
+        times = {kind: statistics.median(s) for kind, s in samples.items()}
         if gblr is not None:
             # the state the timed steps ran in (the first step separates the boxes that
             # full widths share, which raises the cost above the start's)
@@ -152,9 +154,13 @@ def measure_steps(experiment: str, reps: int, overrides: list[str]) -> list[dict
         for kind, seconds in times.items():
             if kind != "gblr" and phase != "start":
                 continue  # dense and the fixed structures do not change during training
+            # the ratios of the repetitions' paired samples: their quartiles are the spread
+            paired = [a / b for a, b in zip(samples[kind], samples["dense"], strict=True)]
+            q1, _, q3 = statistics.quantiles(paired, n=4) if len(paired) > 1 else paired * 3
             row = {"experiment": experiment, "structure": kind,
                    "phase": phase if kind == "gblr" else "-",
-                   "ms": 1e3 * seconds, "dense_ms": 1e3 * base, "ratio": seconds / base}
+                   "ms": 1e3 * seconds, "dense_ms": 1e3 * base, "ratio": seconds / base,
+                   "paired_q1": q1, "paired_q3": q3}
             if kind == "gblr":
                 row.update(info)
             rows.append(row)
@@ -193,10 +199,12 @@ def _markdown(steps: list[dict], runs: list[dict], command: str, reps: int) -> s
         f"Command: `{command}`. One thread, torch {torch.__version__}, {cpu_name()}; "
         f"{reps} interleaved repetitions, medians. A step is forward, backward, AdamW on the "
         "training run's parameter groups and, for GBLR, the budget controller. GBLR's cost "
-        "is measured after its timed steps.", "",
+        "is measured after its timed steps. The ratio is of the medians; the quartiles are "
+        "those of the ratios of each repetition's paired samples (the same repetition of "
+        "the structure and of dense), the spread of the comparison on this machine.", "",
         "| experiment | structure | GBLR phase | cost (of dense) | sigma | active components "
-        "| step (ms) | dense step (ms) | ratio |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| step (ms) | dense step (ms) | ratio | paired ratios, quartiles |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in steps:
         cost = f"{r['cost']:.3f}" if "cost" in r else "-"
@@ -204,7 +212,8 @@ def _markdown(steps: list[dict], runs: list[dict], command: str, reps: int) -> s
             else "-"
         active = f"{r['active_components']} / {r['components']}" if "cost" in r else "-"
         lines.append(f"| {r['experiment']} | {r['structure']} | {r['phase']} | {cost} | {sigma} "
-                     f"| {active} | {r['ms']:.1f} | {r['dense_ms']:.1f} | {r['ratio']:.2f}x |")
+                     f"| {active} | {r['ms']:.1f} | {r['dense_ms']:.1f} | {r['ratio']:.2f}x "
+                     f"| {r['paired_q1']:.2f}-{r['paired_q3']:.2f} |")
     gblr = [r["ratio"] for r in steps if r["structure"] == "gblr"]
     if gblr:
         worst = max(gblr)

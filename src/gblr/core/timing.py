@@ -12,25 +12,38 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["time_side_by_side", "cuda_graph"]
+__all__ = ["time_side_by_side", "time_samples", "cuda_graph"]
 
 
 def time_side_by_side(
     fns: dict[str, Callable[[], object]], reps: int = 7, min_time: float = 0.02,
     device: str = "cpu", graphs: bool = False,
 ) -> dict[str, float]:
-    """Median seconds per call of each function, repetitions interleaved in rotating order.
+    """Median seconds per call of each function, repetitions interleaved in rotating order
+    (:func:`time_samples`, whose arguments these are)."""
+    samples = time_samples(fns, reps, min_time, device, graphs)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def time_samples(
+    fns: dict[str, Callable[[], object]], reps: int = 7, min_time: float = 0.02,
+    device: str = "cpu", graphs: bool = False,
+) -> dict[str, list[float]]:
+    """Seconds per call of each function in each of ``reps`` repetitions, interleaved in
+    rotating order: sample ``i`` of every function comes from the same repetition, so
+    ratios of paired samples show the spread of a comparison on a noisy machine.
 
     On a CUDA ``device`` the calls of one repetition are queued back to back and the
     device is synchronised once at its end, as a model's layers run: the time is the
     larger of the GPU's work and the host's launch overhead. ``graphs`` (CUDA only)
     captures each function once in a CUDA graph and times its replays instead, which
-    leaves the GPU's work alone; a function that cannot be captured gets ``nan``.
+    leaves the GPU's work alone; a function that cannot be captured gets ``nan`` samples.
     """
     cuda = torch.device(device).type == "cuda"
     if graphs and not cuda:
         raise ValueError("graphs=True needs a CUDA device")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    failed: list[str] = []
     if graphs:
         fns = {n: cuda_graph(f) for n, f in fns.items()}
         failed = [n for n, f in fns.items() if f is None]
@@ -56,10 +69,9 @@ def time_side_by_side(
                 fn()
             sync()
             samples[name].append((time.perf_counter() - t0) / n)
-    times = {n: statistics.median(s) for n, s in samples.items()}
-    if graphs:
-        times.update(dict.fromkeys(failed, float("nan")))
-    return times
+    samples.update({name: [float("nan")] * reps for name in failed})
+    return samples
+
 
 def cuda_graph(fn: Callable[[], object]) -> Callable[[], object] | None:
     """``fn`` captured in a CUDA graph (after warm-up calls on a side stream), as a
