@@ -244,11 +244,15 @@ def _figure(steps: list[dict], path: Path) -> None:
         labels = [r["structure"] if r["structure"] != "gblr" else f"gblr\n{r['phase']}"
                   for r in rows]
         colors = ["tab:red" if r["structure"] == "gblr" else "tab:gray" for r in rows]
-        ax.bar(range(len(rows)), [r["ratio"] for r in rows], color=colors)
+        ratios = [r["ratio"] for r in rows]
+        # the quartiles of the paired ratios, where the run recorded them
+        spread = [[max(0.0, r["ratio"] - r.get("paired_q1", r["ratio"])) for r in rows],
+                  [max(0.0, r.get("paired_q3", r["ratio"]) - r["ratio"]) for r in rows]]
+        ax.bar(range(len(rows)), ratios, color=colors, yerr=spread, capsize=3)
         ax.axhline(1.0, color="black", lw=0.8)
         ax.axhline(TARGET, color="tab:red", ls="--", lw=0.8, label=f"target {TARGET}x")
         ax.set_xticks(range(len(rows)), labels, fontsize=8)
-        ax.set_ylabel("step time / dense step time")
+        ax.set_ylabel("step time / dense step time\n(whiskers: quartiles of paired ratios)")
         ax.set_title(experiment)
         ax.legend(fontsize=8)
     fig.tight_layout()
