@@ -180,9 +180,10 @@ def box_component_costs(
     all); boxes group only within a layer. One pass for a whole model costs about what one
     layer costs alone, which is what the budget controller's bisections need.
     """
-    n_in = np.broadcast_to(_host(in_features), np.shape(_host(in_len)))
-    n_out = np.broadcast_to(_host(out_features), n_in.shape)
-    in_len = np.clip(_host(in_len), 0, n_in)
+    in_len = _host(in_len)
+    n_in = np.broadcast_to(_host(in_features), in_len.shape)
+    n_out = np.broadcast_to(_host(out_features), in_len.shape)
+    in_len = np.clip(in_len, 0, n_in)
     out_len = np.clip(_host(out_len), 0, n_out)
     ranks_a = np.broadcast_to(_host(ranks), in_len.shape)
     layer_a = np.zeros(in_len.shape, np.int64) if layer is None else _host(layer)

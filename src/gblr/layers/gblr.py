@@ -312,7 +312,7 @@ class GBLRLinear(ExactForms, StructuredLinear):
         if index is not None:
             cols = (index[:, None] * r + torch.arange(r, device=index.device)).flatten()
             u, v = u.index_select(1, cols), v.index_select(0, cols)  # backward: an index_add
-        if self.training and (active_only or (live_only and self.sigma is not None)):
+        if self.training and live_only and (active_only or self.sigma is not None):
             # training on live components only: masks and products in one operation
             widths, locations = self.widths, self.locations
             if index is not None:

@@ -14,7 +14,13 @@ from __future__ import annotations
 import torch
 
 from gblr.core.boxes import INPUT_AXIS, OUTPUT_AXIS
-from gblr.ops.gaudi import _edges, grid_mask_grads, grid_mask_tangent, grid_mask_values
+from gblr.ops.gaudi import (
+    _edges,
+    grid_mask_grads,
+    grid_mask_tangent,
+    grid_mask_values,
+    round_to_grid,
+)
 
 __all__ = ["grid_masked_factors"]
 
@@ -32,11 +38,10 @@ def _grids(widths: torch.Tensor, locations: torch.Tensor, n_in: int, n_out: int)
         w = torch.round(raw.clamp(0.0, 1.0) * n) / n
         loc = torch.round(locs * n) / n
     else:
-        # lower precision may not hold the lengths: round with the integers, as round_to_grid
+        # lower precision may not hold the lengths: round each axis with its integer length
         axes = {INPUT_AXIS: n_in, OUTPUT_AXIS: n_out}
-        w = torch.stack([torch.round(raw[a].clamp(0.0, 1.0) * axes[a]) / axes[a]
-                         for a in sorted(axes)])
-        loc = torch.stack([torch.round(locs[a] * axes[a]) / axes[a] for a in sorted(axes)])
+        w = torch.stack([round_to_grid(raw[a].clamp(0.0, 1.0), axes[a]) for a in sorted(axes)])
+        loc = torch.stack([round_to_grid(locs[a], axes[a]) for a in sorted(axes)])
     w, loc = w.to(dtype), loc.to(dtype)
     a, b = _edges(w, loc, lengths)
     passes = (raw >= 0.0) & (raw <= 1.0)
