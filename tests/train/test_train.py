@@ -13,6 +13,7 @@ from torch import nn
 from gblr import GBLRLinear
 from gblr.train import (
     STRUCTURE_GROUP,
+    adamw,
     BudgetController,
     SigmaSchedule,
     measure_costs,
@@ -61,6 +62,31 @@ def test_param_groups_split_by_type_not_name():
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
     torch.optim.AdamW(groups)  # accepted as is
     torch.optim.SGD(param_groups(model, 0.1, structure_betas=None), lr=0.1)
+
+
+def test_adamw_uses_the_fused_kernel_and_its_update_matches_the_default():
+    def trained(make):
+        torch.manual_seed(0)
+        model = Toy()
+        opt = make(param_groups(model, lr=1e-2, weight_decay=0.1, structure_lr=5e-3))
+        x = torch.randn(16, 16)
+        for _ in range(5):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+        return opt, [p.detach().clone() for p in model.parameters()]
+
+    fused, got = trained(adamw)
+    default, want = trained(lambda g: torch.optim.AdamW(g))
+    assert all(g["fused"] for g in fused.param_groups)
+    assert not any(g["fused"] for g in default.param_groups)
+    assert {g["name"]: g["lr"] for g in fused.param_groups} == {
+        g["name"]: g["lr"] for g in default.param_groups}
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # the loop kernel where a parameter has no fused kernel (here: a meta tensor)
+    meta = adamw([{"params": [torch.nn.Parameter(torch.zeros(2, device="meta"))]}], lr=0.1)
+    assert not meta.param_groups[0]["fused"] and meta.param_groups[0]["lr"] == 0.1
 
 
 def test_param_groups_bad_input():

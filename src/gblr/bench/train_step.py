@@ -36,7 +36,7 @@ import torch
 from gblr.bench.timing import cpu_name, steady_allocator, time_samples
 from gblr.core.files import write_text_atomic
 from gblr.train.controller import BudgetController
-from gblr.train.groups import gblr_layers, param_groups
+from gblr.train.groups import adamw, gblr_layers, param_groups
 from gblr.train.sigma import SigmaSchedule
 
 __all__ = ["EXPERIMENTS", "PHASES", "TARGET", "main", "measure_steps"]
@@ -68,7 +68,7 @@ def _build(experiment: str, kind: str, overrides: list[str]):
     groups = param_groups(model, float(o.lr), float(o.weight_decay),
                           structure_lr=float(o.structure_lr),
                           structure_betas=tuple(o.structure_betas))
-    optimizer = torch.optim.AdamW(groups, lr=float(o.lr))
+    optimizer = adamw(groups, lr=float(o.lr))
     return model, optimizer, next(iter(train)), cfg
 
 

@@ -32,7 +32,7 @@ from gblr.layers.base import StructuredLinear
 from gblr.layers.conv import GBLRConv2d
 from gblr.layers.gblr import GBLRLinear
 from gblr.train.controller import BudgetController
-from gblr.train.groups import gblr_layers, param_groups, structure_parameters
+from gblr.train.groups import adamw, gblr_layers, param_groups, structure_parameters
 
 __all__ = [
     "DistillResult",
@@ -346,10 +346,7 @@ def distill(
         p.requires_grad_(False)
     groups = param_groups(student, lr=lr, weight_decay=weight_decay,
                           structure_lr=structure_lr if learn_structure else None)
-    params = [p for g in groups for p in g["params"]]
-    # the fused kernel (several times faster on CPU) where every parameter allows it
-    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-    optimizer = torch.optim.AdamW(groups, fused=fused or None)
+    optimizer = adamw(groups)
     for group in optimizer.param_groups:
         group["base_lr"] = group["lr"]
 

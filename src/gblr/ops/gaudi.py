@@ -247,10 +247,11 @@ def grid_mask_values(w, loc, a, b, n: int, sigma: float | None) -> torch.Tensor:
     # w, or NaN where w or l is not finite (0 * inf is NaN), at the cost of K elements
     level = (w + 0.0 * loc).unsqueeze(1)
     if sigma is None:
-        # (j - a) mod n by a row gather of 0 .. n-1, then the box's length
-        inside = _rows(_offsets(n, w.dtype, w.device), a) < torch.round(w * n).unsqueeze(1)
-        zero = level - w.unsqueeze(1)  # 0, or NaN
-        return torch.where(inside, zero + 1.0, zero)
+        # (j - a) mod n by a row gather of 0 .. n-1; with the box's length L (both integers)
+        # clamp(L - (j - a) mod n, 0, 1) is 1 inside the box and 0 outside, and NaN where
+        # L is. Plain float arithmetic: a comparison and a select run several times slower
+        length = torch.round(w * n).unsqueeze(1) + (level - w.unsqueeze(1))  # L, or NaN
+        return (length - _rows(_offsets(n, w.dtype, w.device), a)).clamp_(0.0, 1.0)
     e = _edge_tables(n, sigma, w.dtype, w.device)[0]
     return level + _rows(e, a) - _rows(e, b)
 

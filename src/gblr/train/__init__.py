@@ -5,7 +5,13 @@ submodules that import ``lightning`` only when used.
 """
 
 from gblr.train.controller import BudgetController, StructureCost, measure_costs, sharp_flops
-from gblr.train.groups import STRUCTURE_GROUP, gblr_layers, param_groups, structure_parameters
+from gblr.train.groups import (
+    STRUCTURE_GROUP,
+    adamw,
+    gblr_layers,
+    param_groups,
+    structure_parameters,
+)
 from gblr.train.sigma import SigmaSchedule
 
 __all__ = [
@@ -14,6 +20,7 @@ __all__ = [
     "measure_costs",
     "sharp_flops",
     "STRUCTURE_GROUP",
+    "adamw",
     "gblr_layers",
     "param_groups",
     "structure_parameters",

@@ -9,7 +9,7 @@ from torch import nn
 
 from gblr.layers.gblr import GBLRLinear
 
-__all__ = ["gblr_layers", "structure_parameters", "param_groups", "STRUCTURE_GROUP"]
+__all__ = ["adamw", "gblr_layers", "structure_parameters", "param_groups", "STRUCTURE_GROUP"]
 
 #: Name stored under ``"name"`` in the structure parameter group.
 STRUCTURE_GROUP = "structure"
@@ -97,3 +97,18 @@ def param_groups(
             group["betas"] = structure_betas
         groups.append(group)
     return groups
+
+
+def adamw(groups: list[dict], lr: float | None = None) -> torch.optim.AdamW:
+    """``torch.optim.AdamW`` on ``groups`` (e.g. :func:`param_groups`), with PyTorch's fused
+    kernel where every parameter allows it (floating point, on CPU or CUDA).
+
+    The fused kernel computes the same update. On CPU it is several times faster than the
+    default loop, more so for the factors of GBLR layers, whose masked entries keep exact
+    zeros in Adam's second moments (``sqrt`` of zero is slow in the default kernel).
+    """
+    params = [p for g in groups for p in g["params"]]
+    fused = bool(params) and all(
+        p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    kwargs = {} if lr is None else {"lr": float(lr)}
+    return torch.optim.AdamW(groups, fused=fused or None, **kwargs)

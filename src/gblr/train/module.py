@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gblr.train.groups import STRUCTURE_GROUP, param_groups
+from gblr.train.groups import STRUCTURE_GROUP, adamw, param_groups
 
 __all__ = ["StructuredTask"]
 
@@ -83,7 +83,7 @@ class StructuredTask(L.LightningModule):
         groups = param_groups(self.model, self.lr, self.weight_decay,
                               structure_lr=self.structure_lr,
                               structure_betas=self.structure_betas)
-        optimizer = torch.optim.AdamW(groups, lr=self.lr)
+        optimizer = adamw(groups, lr=self.lr)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warm = max(0, min(self.warmup_steps, total - 1))
         floor = self.min_lr_ratio
