@@ -13,9 +13,9 @@ from torch import nn
 from gblr import GBLRLinear
 from gblr.train import (
     STRUCTURE_GROUP,
-    adamw,
     BudgetController,
     SigmaSchedule,
+    adamw,
     measure_costs,
     param_groups,
     runner,
