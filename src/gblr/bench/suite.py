@@ -45,6 +45,8 @@ BENCHMARKS: dict[str, BenchSpec] = {
     "speed": BenchSpec("gblr.bench.speed", "Deployment speed (packed GBLR)", cuda=True),
     "deploy_gpt": BenchSpec("gblr.bench.deploy_gpt", "Deployed Shakespeare GPT (end to end)"),
     "approx": BenchSpec("gblr.bench.approx", "Projecting MiniLM-L6's weights onto each structure"),
+    "fronts": BenchSpec("gblr.bench.fronts",
+                        "Error against measured deployed time (MiniLM-L6's weights)"),
     "train": BenchSpec("gblr.bench.train", "Training with learned structure vs baselines"),
     "train_step": BenchSpec("gblr.bench.train_step",
                             "Training step and wall clock of learned structure vs dense"),
