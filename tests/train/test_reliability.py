@@ -231,6 +231,11 @@ def _bad_args(tmp_path):
         ("resume", [f"resume={tmp_path / 'none.ckpt'}"]),
         ("optim.lr", ["optim.lr=fast"]),
         ("logging.progress", ["logging.progress=loud"]),
+        ("structure.cost", ["structure.cost=seconds"]),
+        ("structure.tokens", ["structure.cost=time"]),
+        ("structure.tokens", ["structure.cost=time", "structure.tokens=0"]),
+        ("structure.tokens", ["structure.tokens=64"]),
+        ("structure.cost", ["structure.cost=time", "structure.tokens=64", "model.linear=lowrank"]),
     ]
 
 

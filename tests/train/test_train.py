@@ -11,6 +11,7 @@ from helpers import shakespeare_available
 from torch import nn
 
 from gblr import GBLRLinear
+from gblr.core.timemodel import MeasuredTimes, TimeModel
 from gblr.train import (
     STRUCTURE_GROUP,
     BudgetController,
@@ -229,6 +230,88 @@ def test_controller_state_dict_resume_reproduces_next_steps():
     assert run(model2, opt2, ctl2, batches[30:]) == expected
     for a, b in zip(model.parameters(), model2.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+# -- a budget in time ---------------------------------------------------------------------------
+#: a made-up calibration in which a packing's time is its GEMMs' MACs (no per-call overhead,
+#: no activation traffic): the tests do not depend on this machine's timings
+FLAT_TIMES = MeasuredTimes(key="flat", seconds_per_mac=1e-10, regimes={64: TimeModel(1, 0, 0)})
+
+
+def _time_run(budget: float, steps: int = 60, times=FLAT_TIMES, **kw):
+    torch.manual_seed(0)
+    model = nn.Sequential(GBLRLinear(48, 96), nn.ReLU(), GBLRLinear(96, 48))
+    teacher = nn.Sequential(nn.Linear(48, 96), nn.ReLU(), nn.Linear(96, 48))
+    opt = torch.optim.AdamW(param_groups(model, 3e-3, 0.0, structure_lr=1e-2))
+    ctl = BudgetController(model, budget, total_steps=steps, optimizer=opt, cost="time",
+                           tokens=64, times=times, **kw)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        x = torch.randn(64, 48, generator=gen)
+        loss = (model(x) - teacher(x)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ctl.step()
+    return model, ctl
+
+
+@pytest.mark.parametrize("budget", [0.3, 0.5])
+def test_time_budget_ends_within_one_percent_of_the_predicted_time(budget):
+    from gblr.core.timemodel import predict_seconds
+
+    model, ctl = _time_run(budget)
+    # packings run more MACs than the sharp cost, so the MAC target fell below the budget
+    assert ctl.target < budget and ctl.budget == budget
+    assert ctl.target < 0.9 * ctl.state_dict()["target"]
+    ctl.enforce()
+    t = ctl.predicted_time()
+    assert 0.99 * budget <= t <= budget
+    assert ctl.cost_fraction < t
+    # the prediction: every layer packed for the tokens, over the dense layers
+    layers = [m for m in model if isinstance(m, GBLRLinear)]
+    dense = sum(predict_seconds(nn.Linear(m.in_features, m.out_features), 64, FLAT_TIMES)
+                for m in layers)
+    packed = sum(predict_seconds(m.packed(tokens=64, memory_tokens=1, overhead=0, io=0), 64,
+                                 FLAT_TIMES) for m in layers)
+    assert t == pytest.approx(packed / dense)
+
+
+def test_time_budget_bad_input_and_an_unreachable_budget():
+    model = Toy()
+    with pytest.raises(ValueError, match="cost"):
+        BudgetController(model, 0.5, total_steps=10, cost="seconds")
+    with pytest.raises(ValueError, match="tokens"):
+        BudgetController(model, 0.5, total_steps=10, cost="time")
+    with pytest.raises(ValueError, match="cost=\"time\" only"):
+        BudgetController(model, 0.5, total_steps=10, tokens=64)
+    with pytest.raises(ValueError, match="tokens"):
+        BudgetController(model, 0.5, total_steps=10, cost="time", tokens=0, times=FLAT_TIMES)
+    with pytest.raises(ValueError, match="predicted_time"):
+        BudgetController(model, 0.5, total_steps=10).predicted_time()
+    # each call costs far more than the GEMMs of these small layers: no shrink gets there
+    slow = MeasuredTimes(key="slow", seconds_per_mac=1e-10, regimes={64: TimeModel(4, 1e9, 8)})
+    ctl = BudgetController(model, 0.2, total_steps=10, cost="time", tokens=64, times=slow)
+    before = [m.widths.detach().clone() for m in model.blocks]
+    with pytest.raises(RuntimeError, match="cannot meet the time budget 0.2"):
+        ctl.enforce()
+    # nothing half-done: the widths are those enforce() started from
+    for m, w in zip(model.blocks, before, strict=True):
+        assert torch.equal(m.widths, w)
+
+
+def test_time_budget_state_resumes_the_mac_target():
+    _, ctl = _time_run(0.5, steps=20)
+    state = ctl.state_dict()
+    assert state["cost"] == "time" and state["target"] == 0.5
+    assert state["mac_target"] == ctl.target != 0.5
+    model2 = nn.Sequential(GBLRLinear(48, 96), nn.ReLU(), GBLRLinear(96, 48))
+    ctl2 = BudgetController(model2, 0.5, total_steps=20, cost="time", tokens=64,
+                            times=FLAT_TIMES)
+    ctl2.load_state_dict(state)
+    assert ctl2.target == ctl.target
+    with pytest.raises(ValueError, match="cost"):
+        BudgetController(model2, 0.5, total_steps=20).load_state_dict(state)
 
 
 # -- distributed: two gloo processes stay identical --------------------------------------------

@@ -123,6 +123,21 @@ def validate(cfg, overrides: Sequence[str] = ()) -> None:
         if kind not in LINEAR_KINDS:
             raise _fail("compare", list(cfg.compare),
                         f"entries must be in {', '.join(LINEAR_KINDS)}")
+    cost = str(cfg.structure.cost)
+    if cost not in ("macs", "time"):
+        raise _fail("structure.cost", cost, "must be macs or time")
+    if cost == "time":
+        if cfg.structure.tokens is None:
+            raise _fail("structure.tokens", None,
+                        "structure.cost=time needs the tokens per call of the deployed model")
+        _int_key(cfg, "structure.tokens", minimum=1)
+        kinds = {linear, *(cfg.compare or ())} - {"gblr", "dense"}
+        if kinds:
+            raise _fail("structure.cost", cost,
+                        "a time budget applies to GBLR structure learning; "
+                        f"{', '.join(sorted(kinds))} take(s) MAC budgets")
+    elif cfg.structure.tokens is not None:
+        raise _fail("structure.tokens", cfg.structure.tokens, "applies to structure.cost=time")
     if str(cfg.logging.progress) not in ("auto", "bar", "lines", "none"):
         raise _fail("logging.progress", cfg.logging.progress, "must be auto, bar, lines or none")
     _check_override_types(cfg, overrides)

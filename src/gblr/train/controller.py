@@ -12,8 +12,10 @@ from torch import nn
 from gblr.core.boxes import bisect, shrink_widths
 from gblr.core.budget import check_budget
 from gblr.core.deprecation import warn_renamed
+from gblr.core.timemodel import MeasuredTimes, predict_seconds
 from gblr.core.validate import check_positive
 from gblr.layers.gblr import GBLRLinear, sharp_macs_of
+from gblr.projection.timebudget import COST_KINDS, deployed_seconds, measured_times
 from gblr.train.groups import gblr_layers
 
 #: Shrink weightings of :class:`BudgetController`.
@@ -114,6 +116,20 @@ class BudgetController:
             ``mean_magnitude / magnitude_c``, clipped to ``[0.25, 4]``, where the magnitude is
             ``||U_c|| ||V_c||``; weak components are switched off first and strong ones stay
             wide, as a low-rank truncation would keep them).
+        cost: ``"macs"`` (``target`` is a fraction of the dense MACs) or ``"time"``
+            (``target`` is a fraction of the dense layers' predicted deployed time at
+            ``tokens`` tokens per call, from the device's time model: each GBLR layer as
+            its packing for those tokens). In time mode the controller steers MACs as
+            above, toward a MAC target that it re-derives ``time_checks`` times up to
+            ``reach`` and once halfway from there to the end, from the predicted time of the
+            structure then (the MAC fraction times ``target`` over the predicted time
+            fraction); :meth:`enforce` then picks the
+            largest MAC cost whose predicted time is within ``target``. Each prediction
+            packs every layer (about 0.1 s for a 1024 x 256 layer on CPU).
+        tokens: tokens per call of the deployed model (``cost="time"`` only).
+        times: the calibration to predict with (default: this device's, measured and
+            cached on first use; ``gblr calibrate``).
+        time_checks: how many times the MAC target is re-derived in time mode.
     """
 
     def __init__(
@@ -130,8 +146,20 @@ class BudgetController:
         optimizer: torch.optim.Optimizer | None = None,
         measure_every: int = 1,
         weighting: str = "uniform",
+        cost: str = "macs",
+        tokens: int | None = None,
+        times: MeasuredTimes | None = None,
+        time_checks: int = 4,
     ) -> None:
-        self.target = check_budget(target, "target")
+        if cost not in COST_KINDS:
+            raise ValueError(f"cost must be one of {COST_KINDS}, got {cost!r}")
+        if (tokens is not None or times is not None) and cost != "time":
+            raise ValueError('tokens= and times= apply to cost="time" only')
+        self.cost = cost
+        #: the budget as given: a fraction of dense MACs, or of dense predicted time
+        self.budget = check_budget(target, "target")
+        #: the MAC fraction the controller steers to (the budget itself with cost="macs")
+        self.target = self.budget
         self.total_steps = check_positive("total_steps", total_steps)
         if not 0.0 < float(reach) <= 1.0:
             raise ValueError(f"reach must be in (0, 1], got {reach!r}")
@@ -160,6 +188,25 @@ class BudgetController:
         self.measure_every = check_positive("measure_every", measure_every)
         self.dense = [layer.dense_macs() for _, layer in self.layers]
         self.dense_total = sum(self.dense)
+        self.tokens = None
+        self.times = None
+        self._time_checks: set[int] = set()
+        if cost == "time":
+            if tokens is None:
+                raise ValueError('cost="time" needs tokens= (tokens per call when deployed)')
+            self.tokens = check_positive("tokens", tokens)
+            check_positive("time_checks", time_checks)
+            ref = self.layers[0][1].widths
+            self.times = times if times is not None else measured_times(ref.device.type,
+                                                                        ref.dtype)
+            self._dense_seconds = sum(
+                predict_seconds(nn.Linear(layer.in_features, layer.out_features), self.tokens,
+                                self.times) for _, layer in self.layers)
+            span = self.reach * self.total_steps
+            checks = [span * (i + 1) / time_checks for i in range(int(time_checks))]
+            # and once halfway from reach to the end, where time per MAC has settled
+            checks.append(0.5 * (span + self.total_steps))
+            self._time_checks = {max(1, round(c)) for c in checks if c < self.total_steps}
         self.steps = 0
         self._costs = self._measure()
         self._enforced: float | None = None  # the cost the last enforce() returned
@@ -241,6 +288,35 @@ class BudgetController:
     @torch.no_grad()
     def step(self) -> float:
         """One controller step after an optimizer step; returns the measured cost fraction."""
+        if self.steps + 1 in self._time_checks:
+            self.retarget()
+        return self._step()
+
+    # -- a budget in time ----------------------------------------------------------------------
+    @torch.no_grad()
+    def predicted_time(self) -> float:
+        """The GBLR layers' predicted deployed time (each packed for :attr:`tokens`) as a
+        fraction of the dense layers' (``cost="time"`` only)."""
+        if self.cost != "time":
+            raise ValueError('predicted_time() needs a controller with cost="time"')
+        total = sum(deployed_seconds(layer, self.tokens, self.times) for _, layer in self.layers)
+        return total / self._dense_seconds
+
+    @torch.no_grad()
+    def retarget(self) -> float:
+        """Re-derive the MAC target from the predicted time of the structure now: the MAC
+        fraction times the time budget over the predicted time fraction (kept above the
+        floor and at most 1). Returns the new MAC target."""
+        mac, time_now = self.measure(), self.predicted_time()
+        wanted = mac * self.budget / max(time_now, 1e-12)
+        self.target = float(min(1.0, max(self._lowest_target(), wanted)))
+        return self.target
+
+    def _lowest_target(self) -> float:
+        """The least MAC target time mode sets: just above the floor."""
+        return self.floor + 1e-3 * (self.budget - self.floor)
+
+    def _step(self) -> float:
         self.steps += 1
         for _, layer in self.layers:
             layer.locations.remainder_(1.0)
@@ -310,8 +386,44 @@ class BudgetController:
         """Make the cost ``<= target`` with the smallest uniform width shrink; return the cost.
 
         Each layer's shrink is capped where it would go under its floor. Raises
-        ``RuntimeError`` if the floors make the target unreachable.
+        ``RuntimeError`` if the floors make the target unreachable. With ``cost="time"``
+        the MAC target is then lowered to the largest (to 1e-3 of the way from the cost
+        with every layer at its floor) whose enforced structure is predicted to run within
+        the time budget; the MAC cost is returned, :meth:`predicted_time` gives the time.
         """
+        if self.cost != "time":
+            return self._enforce_macs()
+        start, mac_target = self._snapshot(), self.target
+        self._enforce_macs()
+        if self.predicted_time() <= self.budget:
+            return self.cost_fraction  # enforce() only shrinks
+        before, top = self._snapshot(), self.cost_fraction
+        caps = [self._layer_cap(i, layer, before[i]) for i, (_, layer) in enumerate(self.layers)]
+        self._shrink_from(before, caps)
+        bottom = self.measure()  # every layer at its floor
+        if self.predicted_time() > self.budget:
+            at_floor = self.predicted_time()
+            for (_, layer), w in zip(self.layers, start, strict=True):
+                layer.widths.copy_(w)
+            self.target = mac_target
+            self.measure()
+            raise RuntimeError(
+                f"cannot meet the time budget {self.budget} at {self.tokens} tokens: with "
+                f"every layer at its floor ({self.floor} of dense MACs) the predicted time is "
+                f"{at_floor:.4f} of dense")
+
+        def fits(mac_target: float) -> bool:
+            self._shrink_from(before, [0.0] * len(before))
+            self.target = mac_target
+            self._enforce_macs()
+            return self.predicted_time() <= self.budget
+
+        # fits(lo) holds, fits(hi) does not; ten halvings: 1e-3 of the range
+        lo, _ = bisect(fits, bottom, top, 10)
+        fits(lo)
+        return self.cost_fraction
+
+    def _enforce_macs(self) -> float:
         for _, layer in self.layers:
             layer.locations.remainder_(1.0)
             layer.widths.clamp_(0, 1)
@@ -402,9 +514,11 @@ class BudgetController:
             "steps": self.steps,
             "lam": self.lam,
             "initial_cost": self.initial_cost,
-            "target": self.target,
+            "target": self.budget,
             "total_steps": self.total_steps,
             "weighting": self.weighting,
+            "cost": self.cost,
+            "mac_target": self.target,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -412,8 +526,8 @@ class BudgetController:
         missing = {"steps", "lam", "initial_cost"} - set(state)
         if missing:
             raise KeyError(f"controller state lacks {sorted(missing)}")
-        mine = {"target": self.target, "total_steps": self.total_steps,
-                "weighting": self.weighting}
+        mine = {"target": self.budget, "total_steps": self.total_steps,
+                "weighting": self.weighting, "cost": self.cost}
         differ = {k: (state[k], v) for k, v in mine.items() if k in state and state[k] != v}
         if differ:
             detail = ", ".join(f"{k}={a!r} (this controller: {b!r})"
@@ -422,6 +536,7 @@ class BudgetController:
         self.steps = int(state["steps"])
         self.lam = float(state["lam"])
         self.initial_cost = float(state["initial_cost"])
+        self.target = float(state.get("mac_target", self.budget))
         self.measure()
 
     def __repr__(self) -> str:

@@ -113,7 +113,8 @@ def run(cfg, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
             float(cfg.budget),
             controller={"reach": s.reach, "floor": s.floor, "tolerance": s.tolerance,
                         "gain": s.gain, "measure_every": s.measure_every,
-                        "weighting": s.weighting},
+                        "weighting": s.weighting, "cost": str(s.cost),
+                        **({"tokens": int(s.tokens)} if str(s.cost) == "time" else {})},
             sigma_start=s.sigma_start, sigma_end=s.sigma_end, sigma_anneal=s.sigma_anneal,
             sigma_by=s.sigma_by, enforce=bool(s.enforce),
             figure_dir=str(out / "figures") if cfg.logging.figures else None,
@@ -187,6 +188,10 @@ def run(cfg, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         "cost_fraction": cost, "task": info["task"], "layers": rows,
         "params": sum(p.numel() for p in model.parameters()), "threads": threads,
     }
+    controller = structure.controller if structure is not None else None
+    if controller is not None and controller.cost == "time":
+        summary["time_tokens"] = controller.tokens
+        summary["predicted_time_fraction"] = controller.predicted_time()
     if "test/loss" in metrics:
         summary["test_loss"] = metrics["test/loss"]
         if info["task"] == "lm":
@@ -212,6 +217,10 @@ def _format_summary(s: dict[str, Any]) -> str:
     head = (f"## {s['name']} ({s['linear']}, budget {s['budget']}, seed {s['seed']})\n\n"
             f"{_headline(s)}; cost of the replaced layers {100 * s['cost_fraction']:.2f}% of "
             f"dense; {s['steps']} steps in {s['fit_seconds']:.0f} s; {s['params']} parameters\n")
+    if "predicted_time_fraction" in s:
+        head += (f"\nPredicted deployed time of the replaced layers at {s['time_tokens']} tokens "
+                 f"per call: {100 * s['predicted_time_fraction']:.2f}% of dense (time budget "
+                 f"{s['budget']}).\n")
     if s["layers"]:
         head += "\n" + format_layers(s["layers"]) + "\n"
     return head
