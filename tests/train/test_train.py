@@ -155,16 +155,23 @@ def _train_toy(steps: int, target: float, seed: int = 0, controller_state=None, 
     teacher = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
     opt = torch.optim.AdamW(param_groups(model, 3e-3, 0.0, structure_lr=1e-2))
     ctl = BudgetController(model, target, total_steps=steps, optimizer=opt)
+    history = _fit_teacher(model, teacher, opt, ctl, steps, (32, 16), seed)
+    return model, ctl, history
+
+
+def _fit_teacher(model, teacher, opt, ctl, steps, shape, seed=0) -> list[float]:
+    """``steps`` steps of regression on ``teacher`` with random inputs of ``shape``, the
+    controller stepped after each; returns the costs it measured."""
     gen = torch.Generator().manual_seed(seed)
     history = []
     for _ in range(steps):
-        x = torch.randn(32, 16, generator=gen)
+        x = torch.randn(*shape, generator=gen)
         loss = (model(x) - teacher(x)).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
         history.append(ctl.step())
-    return model, ctl, history
+    return history
 
 
 @pytest.mark.parametrize("target", [0.3, 0.6])
@@ -245,14 +252,7 @@ def _time_run(budget: float, steps: int = 60, times=FLAT_TIMES, **kw):
     opt = torch.optim.AdamW(param_groups(model, 3e-3, 0.0, structure_lr=1e-2))
     ctl = BudgetController(model, budget, total_steps=steps, optimizer=opt, cost="time",
                            tokens=64, times=times, **kw)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        x = torch.randn(64, 48, generator=gen)
-        loss = (model(x) - teacher(x)).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        ctl.step()
+    _fit_teacher(model, teacher, opt, ctl, steps, (64, 48))
     return model, ctl
 
 
