@@ -42,7 +42,10 @@ def _jobs(args) -> list[dict]:
                          "trainer.val_check_interval=5", "trainer.limit_val_batches=2",
                          "trainer.limit_test_batches=2"]
             elif args.text_steps:
-                over += [f"trainer.max_steps={args.text_steps}"]
+                # a validation point every twelfth of the run: the curves show whether the
+                # loss has flattened
+                over += [f"trainer.max_steps={args.text_steps}",
+                         f"trainer.val_check_interval={max(1, args.text_steps // 12)}"]
             jobs.append({"suite": "shakespeare", "experiment": f"shakespeare/gpt-{kind}",
                          "kind": kind, "seed": 0, "overrides": over})
     return jobs
@@ -84,7 +87,8 @@ def _reused(job: dict, work: Path, data_root: Path) -> dict | None:
     if done is None:
         return None
     print(f"reusing the finished run in {out}")
-    return {**done, "wall_seconds": done["fit_seconds"], "suite": job["suite"]}
+    return {**done, "wall_seconds": done["fit_seconds"], "suite": job["suite"],
+            "run_dir": str(out)}
 
 
 def _run(job: dict, work: Path, data_root: Path) -> dict:
@@ -108,7 +112,70 @@ def _run(job: dict, work: Path, data_root: Path) -> dict:
     summary = json.loads(summary_path.read_text())
     summary["wall_seconds"] = time.time() - start
     summary["suite"] = job["suite"]
+    summary["run_dir"] = str(out)
     return summary
+
+
+def validation_curve(run_dir: str | Path) -> list[tuple[int, float]]:
+    """``(step, validation loss)`` of a finished run, from its ``logs/metrics.csv``."""
+    import csv
+
+    path = Path(run_dir) / "logs" / "metrics.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [(int(row["step"]), float(row["val/loss"])) for row in csv.DictReader(f)
+                if row.get("val/loss")]
+
+
+def _curves(results: list[dict], path: Path) -> bool:
+    """Validation loss against step of every Shakespeare run; False when there is none."""
+    runs = [(r, validation_curve(r["run_dir"])) for r in results
+            if r["suite"] == "shakespeare" and r.get("run_dir")]
+    runs = [(r, c) for r, c in runs if c]
+    if not runs:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for r, curve in runs:
+        steps, losses = zip(*curve, strict=True)
+        ax.plot(steps, losses, marker="o", ms=3, label=f"{r['linear']} ({_budget(r)})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation loss (nats/char)")
+    ax.set_title("Shakespeare GPT: validation loss during training", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _curve_table(results: list[dict]) -> str:
+    """Validation loss of each Shakespeare run at a half, three quarters and the end of its
+    run: how far from flat the loss still was."""
+    rows = []
+    for r in (r for r in results if r["suite"] == "shakespeare" and r.get("run_dir")):
+        curve = validation_curve(r["run_dir"])
+        if len(curve) < 3:
+            continue
+        last = curve[-1][0]
+
+        def at(frac: float, curve=curve, last=last) -> str:
+            step, loss = min(curve, key=lambda c: abs(c[0] - frac * last))
+            return f"{loss:.4f} (step {step})"
+
+        rows.append(f"| {r['linear']} | {_budget(r)} | {at(0.5)} | {at(0.75)} | {at(1.0)} |")
+    if not rows:
+        return ""
+    return "\n".join([
+        "Validation loss during the Shakespeare runs (`curves.png`):", "",
+        "| structure | budget | at half the run | at three quarters | at the end |",
+        "|---|---:|---:|---:|---:|", *rows, ""])
 
 
 def _mean_std(values: list[float]) -> str:
@@ -223,7 +290,10 @@ def main(argv: list[str] | None = None) -> int:
     table = _table(results)
     header = ("# Training with learned structure: GBLR vs baselines at equal cost\n\n"
               f"Command: `python -m gblr.bench.train {' '.join(argv or sys.argv[1:])}`\n\n")
-    (out / "results.md").write_text(header + table)
+    text = header + table
+    if _curves(results, out / "curves.png"):
+        text += "\n" + _curve_table(results) + "\n![curves](curves.png)\n"
+    (out / "results.md").write_text(text)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     _figure(results, out / "layer_costs.png")
     print(table)
