@@ -206,7 +206,7 @@ class _GridMask(torch.autograd.Function):
 
     With the edges ``a = round(l n)`` and ``b = a + round(w n)`` (:func:`_edges`, passed
     in): ``m_j = w + e[j - a] - e[j - b]`` (indices mod ``n``; the exact 0/1 box when
-    ``sigma`` is None, built by comparison), ``dm_j/dw = 1 + q[j - b]`` and
+    ``sigma`` is None, from the offsets ``(j - a) mod n``), ``dm_j/dw = 1 + q[j - b]`` and
     ``dm_j/dl = q[j - b] - q[j - a]``: two row gathers per mask and per derivative
     instead of a transform of every row. The derivatives are the formula's at the grid
     point, in reverse and forward mode; they are not differentiable again (the edges are
