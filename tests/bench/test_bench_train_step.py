@@ -36,10 +36,11 @@ def test_quick_run_writes_the_table_figure_and_runs(tmp_path, data_root):
     assert train_step.main(["--quick", "--experiments", "mnist1d/mixer", "--out", str(out)]) == 0
     text = (out / "results.md").read_text()
     for phase in train_step.PHASES:
-        assert f"| gblr | {phase} |" in text
+        assert f"| gblr | {phase} |" in text and f"| {train_step.FLOOR} | {phase} |" in text
     assert "| lowrank | - |" in text and "Wall clock" in text
     data = json.loads((out / "results.json").read_text())
-    assert {r["structure"] for r in data["steps"]} == {"dense", "gblr", "lowrank", "monarch"}
+    assert {r["structure"] for r in data["steps"]} == {"dense", "gblr", "lowrank", "monarch",
+                                                       train_step.FLOOR}
     for row in data["steps"]:  # quartiles of the paired ratios
         assert 0 < row["paired_q1"] <= row["paired_q3"]
     dense = [r for r in data["steps"] if r["structure"] == "dense"]
@@ -47,3 +48,19 @@ def test_quick_run_writes_the_table_figure_and_runs(tmp_path, data_root):
     (run,) = data["runs"]
     assert run["steps"] == 6 and run["dense_seconds"] > 0 and run["gblr_seconds"] > 0
     assert (out / "step_time.png").is_file()
+
+
+def test_masks_off_ablation_computes_u_times_v():
+    import torch
+
+    from gblr import GBLRLinear
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(GBLRLinear(6, 8))
+    with torch.no_grad():
+        model[0].widths.fill_(0.3)
+    train_step._masks_off(model)
+    x = torch.randn(5, 6)
+    layer = model[0]
+    want = x @ (layer.U @ layer.V).t() + layer.bias
+    torch.testing.assert_close(model(x), want)

@@ -9,6 +9,9 @@ GPT, built by their own ``gblr train`` configurations at their budgets, one CPU 
   GBLR is timed at three points of its training: the *start* (initial widths, the first
   ``sigma`` of the anneal), the *middle* (widths shrunk halfway from full to the budget,
   ``sigma`` halfway through its anneal) and the *end* (at the budget, sharp masks).
+  Beside it, at each point, the same GBLR model with its masks off (``W = U V``; an
+  ablation, not a layer anyone trains): the floor that its GEMMs, AdamW and controller
+  set, so the difference is what the masks cost.
 - **Wall clock**: ``gblr train`` of the dense and the GBLR experiment to the same number of
   steps (the experiment's own unless ``--steps``), one after the other, with validation off
   (``trainer.limit_val_batches=0``): the fit time of each and their ratio.
@@ -39,7 +42,7 @@ from gblr.train.controller import BudgetController
 from gblr.train.groups import adamw, gblr_layers, param_groups
 from gblr.train.sigma import SigmaSchedule
 
-__all__ = ["EXPERIMENTS", "PHASES", "TARGET", "main", "measure_steps"]
+__all__ = ["EXPERIMENTS", "FLOOR", "PHASES", "TARGET", "main", "measure_steps"]
 
 #: experiment prefix -> the structures timed beside dense
 EXPERIMENTS = {
@@ -51,6 +54,8 @@ EXPERIMENTS = {
 PHASES = {"start": 0.0, "middle": 0.5, "end": 1.0}
 #: the step-time ratio to dense the issue asks for
 TARGET = 1.3
+#: the row of the GBLR model with its masks off (the floor of its GEMMs, AdamW, controller)
+FLOOR = "gblr, masks off"
 
 
 def _build(experiment: str, kind: str, overrides: list[str]):
@@ -90,6 +95,14 @@ def _stepper(model, optimizer, batch, controller: BudgetController | None):
     return step
 
 
+def _masks_off(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every GBLR layer computing ``W = U V``, its masks left out: an
+    ablation for this benchmark only (its function is not the GBLR layer's)."""
+    for _, layer in gblr_layers(model):
+        layer.masked_factors = (lambda layer=layer, live_only=False: (layer.U, layer.V))
+    return model
+
+
 def _controller(model, cfg, total_steps: int) -> BudgetController:
     s = cfg.structure
     return BudgetController(model, float(cfg.budget), total_steps=total_steps, reach=s.reach,
@@ -125,25 +138,32 @@ def measure_steps(experiment: str, reps: int, overrides: list[str]) -> list[dict
     batch = dense[2]
     total = int(dense[3].trainer.max_steps)
     contenders = {"dense": _stepper(dense[0], dense[1], batch, None)}
-    gblr = None
+    gblr = floor = None
     for kind in EXPERIMENTS[experiment]:
         model, optimizer, _, cfg = _build(experiment, kind, overrides)
         controller = _controller(model, cfg, total) if kind == "gblr" else None
         if kind == "gblr":
             gblr = (model, cfg, optimizer, controller)
+            # the same model with its masks off: what its GEMMs, optimizer and controller
+            # cost alone (the floor the masks sit on)
+            twin, twin_opt, _, _ = _build(experiment, kind, overrides)
+            floor = (_masks_off(twin), cfg, twin_opt, _controller(twin, cfg, total))
         else:
             contenders[kind] = _stepper(model, optimizer, batch, controller)
     rows = []
     for phase, fraction in PHASES.items():
         timed = dict(contenders)
         info: dict[str, Any] = {}
-        if gblr is not None:
-            model, cfg, optimizer, controller = gblr
-            info = _set_phase(model, cfg, fraction, total)
+        for kind, state in (("gblr", gblr), (FLOOR, floor)):
+            if state is None:
+                continue
+            model, cfg, optimizer, controller = state
+            set_to = _set_phase(model, cfg, fraction, total)
+            info = set_to if kind == "gblr" else info
             # the controller continues from this point of the run
             controller.steps = int(fraction * controller.reach * total)
             controller.measure()
-            timed["gblr"] = _stepper(model, optimizer, batch, controller)
+            timed[kind] = _stepper(model, optimizer, batch, controller)
         samples = time_samples(timed, reps=reps, min_time=0.0)
         times = {kind: statistics.median(s) for kind, s in samples.items()}
         if gblr is not None:
@@ -152,13 +172,13 @@ def measure_steps(experiment: str, reps: int, overrides: list[str]) -> list[dict
             info["cost"] = gblr[3].measure()
         base = times["dense"]
         for kind, seconds in times.items():
-            if kind != "gblr" and phase != "start":
+            if kind not in ("gblr", FLOOR) and phase != "start":
                 continue  # dense and the fixed structures do not change during training
             # the ratios of the repetitions' paired samples: their quartiles are the spread
             paired = [a / b for a, b in zip(samples[kind], samples["dense"], strict=True)]
             q1, _, q3 = statistics.quantiles(paired, n=4) if len(paired) > 1 else paired * 3
             row = {"experiment": experiment, "structure": kind,
-                   "phase": phase if kind == "gblr" else "-",
+                   "phase": phase if kind in ("gblr", FLOOR) else "-",
                    "ms": 1e3 * seconds, "dense_ms": 1e3 * base, "ratio": seconds / base,
                    "paired_q1": q1, "paired_q3": q3}
             if kind == "gblr":
@@ -201,7 +221,9 @@ def _markdown(steps: list[dict], runs: list[dict], command: str, reps: int) -> s
         "training run's parameter groups and, for GBLR, the budget controller. GBLR's cost "
         "is measured after its timed steps. The ratio is of the medians; the quartiles are "
         "those of the ratios of each repetition's paired samples (the same repetition of "
-        "the structure and of dense), the spread of the comparison on this machine.", "",
+        "the structure and of dense), the spread of the comparison on this machine. "
+        f"\"{FLOOR}\": the GBLR model with `W = U V` (no masks), an ablation: the floor set "
+        "by its GEMMs, AdamW and controller.", "",
         "| experiment | structure | GBLR phase | cost (of dense) | sigma | active components "
         "| step (ms) | dense step (ms) | ratio | paired ratios, quartiles |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -241,9 +263,10 @@ def _figure(steps: list[dict], path: Path) -> None:
                              squeeze=False)
     for ax, experiment in zip(axes[0], experiments, strict=True):
         rows = [r for r in steps if r["experiment"] == experiment]
-        labels = [r["structure"] if r["structure"] != "gblr" else f"gblr\n{r['phase']}"
+        labels = [r["structure"] if r["phase"] == "-" else f"{r['structure']}\n{r['phase']}"
                   for r in rows]
-        colors = ["tab:red" if r["structure"] == "gblr" else "tab:gray" for r in rows]
+        colors = [{"gblr": "tab:red", FLOOR: "tab:pink"}.get(r["structure"], "tab:gray")
+                  for r in rows]
         ratios = [r["ratio"] for r in rows]
         # the quartiles of the paired ratios, where the run recorded them
         spread = [[max(0.0, r["ratio"] - r.get("paired_q1", r["ratio"])) for r in rows],
