@@ -251,7 +251,7 @@ def grid_mask_values(w, loc, a, b, n: int, sigma: float | None) -> torch.Tensor:
         # clamp(L - (j - a) mod n, 0, 1) is 1 inside the box and 0 outside, and NaN where
         # L is. Plain float arithmetic: a comparison and a select run several times slower
         length = torch.round(w * n).unsqueeze(1) + (level - w.unsqueeze(1))  # L, or NaN
-        return (length - _rows(_offsets(n, w.dtype, w.device), a)).clamp_(0.0, 1.0)
+        return (length - _rows(_offsets(n, w.dtype, w.device), a)).clamp(0.0, 1.0)
     e = _edge_tables(n, sigma, w.dtype, w.device)[0]
     return level + _rows(e, a) - _rows(e, b)
 
