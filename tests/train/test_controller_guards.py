@@ -21,10 +21,12 @@ def test_collapsed_structure_warns_at_step_and_enforce():
         for m in model:
             if isinstance(m, GBLRLinear):
                 m.widths.zero_()
-    with pytest.warns(RuntimeWarning, match="below target=0.3"):
+    with pytest.warns(RuntimeWarning, match="below target=0.3") as record:
         ctl.step()
-    with pytest.warns(RuntimeWarning, match="0 of .* components are on"):
+    with pytest.warns(RuntimeWarning, match="0 of .* components are on") as again:
         assert ctl.enforce() == 0.0
+    # the warnings name the line that called the controller
+    assert {w.filename for w in [*record, *again]} == {__file__}
 
 
 def test_blurred_masks_warn_with_the_evaluated_cost():

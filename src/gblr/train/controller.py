@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -79,6 +80,16 @@ def measure_costs_of(layers: list[tuple[str, GBLRLinear]]) -> list[StructureCost
             )
         )
     return out
+
+
+def _outside_stacklevel() -> int:
+    """The ``stacklevel`` for ``warnings.warn`` called right after this that names the
+    first caller outside this module (and outside ``torch.no_grad``'s wrapper)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (frame.f_code.co_filename == __file__
+                                 or frame.f_code.co_filename.endswith("_contextlib.py")):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class BudgetController:
@@ -474,7 +485,7 @@ class BudgetController:
             f"GBLR cost {self.cost_fraction:.4f} of dense is below target={self.target} "
             f"(tolerance {self.tolerance}) and {why}: {active} of {total} components are on. "
             "The structure learning rate (or lam) is probably too large for this run.",
-            RuntimeWarning, stacklevel=3,
+            RuntimeWarning, stacklevel=_outside_stacklevel(),
         )
 
     def _check_blur(self) -> None:
@@ -490,7 +501,7 @@ class BudgetController:
                     f"{self.cost_fraction:.4f} of dense, but they evaluate at "
                     f"{evaluated:.4f}. Anneal sigma to None (gblr.SigmaSchedule) or set "
                     "layer.sigma = None before evaluating.",
-                    RuntimeWarning, stacklevel=3,
+                    RuntimeWarning, stacklevel=_outside_stacklevel(),
                 )
 
     def _layer_cap(self, index: int, layer: GBLRLinear, widths: torch.Tensor) -> float:
