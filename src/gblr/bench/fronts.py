@@ -92,8 +92,7 @@ def measure(weights: dict[str, torch.Tensor], budgets: list[float], tokens: list
     model = measured_times("cpu", torch.float32)
     moments = input_moments(weights)
     rows = []
-    jobs = [(n, w) for n, w in weights.items()]
-    for name, w in progress(jobs, desc="fronts: matrices"):
+    for name, w in progress(list(weights.items()), desc="fronts: matrices"):
         dense = nn.Linear(w.shape[1], w.shape[0], bias=False)
         with torch.no_grad():
             dense.weight.copy_(w)

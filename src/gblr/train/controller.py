@@ -134,9 +134,9 @@ class BudgetController:
             above, toward a MAC target that it re-derives ``time_checks`` times up to
             ``reach`` and once halfway from there to the end, from the predicted time of the
             structure then (the MAC fraction times ``target`` over the predicted time
-            fraction); :meth:`enforce` then picks the
-            largest MAC cost whose predicted time is within ``target``. Each prediction
-            packs every layer (about 0.1 s for a 1024 x 256 layer on CPU).
+            fraction); :meth:`enforce` then picks the largest MAC cost whose predicted time
+            is within ``target``. Each prediction packs every layer (about 0.1 s for a
+            1024 x 256 layer on CPU).
         tokens: tokens per call of the deployed model (``cost="time"`` only).
         times: the calibration to predict with (default: this device's, measured and
             cached on first use; ``gblr calibrate``).
@@ -412,8 +412,8 @@ class BudgetController:
         caps = [self._layer_cap(i, layer, before[i]) for i, (_, layer) in enumerate(self.layers)]
         self._shrink_from(before, caps)
         bottom = self.measure()  # every layer at its floor
-        if self.predicted_time() > self.budget:
-            at_floor = self.predicted_time()
+        at_floor = self.predicted_time()
+        if at_floor > self.budget:
             for (_, layer), w in zip(self.layers, start, strict=True):
                 layer.widths.copy_(w)
             self.target = mac_target
