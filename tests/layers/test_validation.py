@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gblr import GBLRConv2d
+from gblr import GBLRConv2d, GBLRLinear
 
 
 @pytest.mark.parametrize("arg, value", [
@@ -28,3 +28,23 @@ def test_conv_output_size_refuses_float_sizes():
     with pytest.raises(TypeError, match="input_hw"):
         conv.output_size((8.5, 8))
     assert conv.output_size((8, 8)) == (6, 6)
+
+
+def test_rank_fraction_sets_the_total_rank():
+    # K r = floor(fraction * min(in, out)), rounded down to whole components, at least one
+    assert GBLRLinear(256, 1024, rank_fraction=0.5).num_components == 128
+    assert GBLRLinear(256, 1024, rank_fraction=0.5, rank_per_component=4).num_components == 32
+    assert GBLRLinear(10, 64, rank_fraction=0.5, rank_per_component=4).num_components == 1
+    assert GBLRLinear(10, 64, rank_fraction=0.05).num_components == 1
+    assert GBLRLinear(10, 64).num_components == GBLRLinear(10, 64, rank_fraction=1).num_components
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(rank_fraction=0.5, num_components=4), ValueError, "not both"),
+    (dict(rank_fraction=0.0), ValueError, "rank_fraction"),
+    (dict(rank_fraction=1.5), ValueError, "rank_fraction"),
+    (dict(rank_fraction="half"), TypeError, "rank_fraction"),
+])
+def test_rank_fraction_refuses_bad_values(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        GBLRLinear(8, 6, **kwargs)

@@ -61,8 +61,13 @@ class GBLRLinear(ExactForms, StructuredLinear):
 
     Args:
         in_features, out_features: sizes, as for ``nn.Linear``.
-        num_components: number of components ``K``; default ``min(in, out) // rank_per_component``.
+        num_components: number of components ``K``; default
+            ``floor(rank_fraction * min(in, out)) // rank_per_component`` (at least 1).
         rank_per_component: rank ``r`` of each component.
+        rank_fraction: the total rank ``K r`` as a fraction of ``min(in, out)``, in
+            ``(0, 1]``, when ``num_components`` is not given (default 1: the paper's ``K``).
+            Below 1 the training step is cheaper: the masks are ``K x n`` and the factors'
+            GEMMs scale with ``K r`` (see docs/training.md).
         bias: learn an additive bias.
         sigma: Gaussian low-pass of the masks (None: sharp boxes).
         init: ``"svd"`` (all widths 1, factors from the SVD of a dense init), ``"lowrank"``
@@ -90,6 +95,7 @@ class GBLRLinear(ExactForms, StructuredLinear):
         out_features: int,
         num_components: int | None = None,
         rank_per_component: int = 1,
+        rank_fraction: float | None = None,
         bias: bool = True,
         sigma: float | None = None,
         init: str = "svd",
@@ -112,9 +118,14 @@ class GBLRLinear(ExactForms, StructuredLinear):
             raise ValueError(
                 f"rank_per_component={r} exceeds min(in_features, out_features)={min_dim}"
             )
-        k = min_dim // r if num_components is None else check_positive(
-            "num_components", num_components
-        )
+        if num_components is not None and rank_fraction is not None:
+            raise ValueError("pass num_components or rank_fraction, not both")
+        if num_components is None:
+            fraction = 1.0 if rank_fraction is None else check_budget(
+                rank_fraction, "rank_fraction")
+            k = max(1, int(fraction * min_dim) // r)
+        else:
+            k = check_positive("num_components", num_components)
         if init not in INIT_SCHEMES:
             raise ValueError(f"init must be one of {INIT_SCHEMES}, got {init!r}")
         if init != "random" and k * r > min_dim:
