@@ -34,10 +34,11 @@ EXPERIMENT = "shakespeare/gpt-gblr"
 
 
 def load_run(run_dir: Path) -> tuple[nn.Module, object]:
-    """The trained model of a ``gblr train`` run folder, in evaluation mode, and its config."""
+    """The trained model of a ``gblr train`` run folder, in evaluation mode, and its config
+    (any experiment: a model other than the GPT reads its input size from its data set)."""
     from omegaconf import OmegaConf
 
-    from gblr.train.runner import build_model
+    from gblr.train.runner import build_data, build_model
 
     config, ckpt = run_dir / "config.yaml", run_dir / "final.ckpt"
     for path in (config, ckpt):
@@ -46,8 +47,11 @@ def load_run(run_dir: Path) -> tuple[nn.Module, object]:
     cfg = OmegaConf.load(config)
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-    vocab = next(v.shape[0] for k, v in state.items() if k.endswith("wte.weight"))
-    info = {"task": "lm", "vocab_size": vocab, "block_size": int(cfg.data.block_size)}
+    if cfg.model.arch == "gpt":
+        vocab = next(v.shape[0] for k, v in state.items() if k.endswith("wte.weight"))
+        info = {"task": "lm", "vocab_size": vocab, "block_size": int(cfg.data.block_size)}
+    else:  # the input size and classes come from the run's data set
+        info = build_data(cfg)[3]
     model = build_model(cfg, info)
     model.load_state_dict(state)
     return model.eval(), cfg

@@ -50,6 +50,8 @@ BENCHMARKS: dict[str, BenchSpec] = {
     "train": BenchSpec("gblr.bench.train", "Training with learned structure vs baselines"),
     "train_step": BenchSpec("gblr.bench.train_step",
                             "Training step and wall clock of learned structure vs dense"),
+    "train_fronts": BenchSpec("gblr.bench.train_fronts",
+                              "Trained models at equal measured time (GPT and Mixer fronts)"),
     "compress": BenchSpec("gblr.bench.compress", "Compressing all-MiniLM-L6-v2", cuda=True),
     "serve": BenchSpec("gblr.bench.serve", "Served: ONNX Runtime vs PyTorch (MiniLM-L6)"),
     "contention": BenchSpec("gblr.bench.contention",
