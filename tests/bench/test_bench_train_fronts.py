@@ -59,6 +59,7 @@ def test_beaten_points_and_the_targets():
         ("gblr", 0.4, 0, 2.00, 100.0, _t(0.70, 0.80)),
         ("lowrank", 0.4, 0, 2.06, 100.0, _t(0.55, 0.45)),
         ("monarch", 0.4, 0, 1.99, 100.0, _t(0.75, 0.79)),
+        ("blr", 0.4, 0, 2.20, 100.0, _t(0.90, 0.90)),
     ])
     gblr = {p["budget"]: p for p in points if p["structure"] == "gblr"}
     # decode: Monarch@0.4 is no slower than GBLR@0.4 and better; batch: it is slower
@@ -70,7 +71,7 @@ def test_beaten_points_and_the_targets():
     # seed is not enough for the spread rule; at its decode time (0.45) GBLR has no point
     # below, so no comparison is possible
     assert "GBLR 2.0400 vs low rank 2.0600" in lines[2] and lines[2].startswith("not met")
-    assert "1 seed(s)" in lines[2]
+    assert "at least 1 seed(s) per point" in lines[2]
     assert lines[3].startswith("not met") and "no point on both sides" in lines[3]
 
 
@@ -81,7 +82,21 @@ def test_the_lowrank_reference_is_met_with_three_seeds_and_a_margin():
                   ("gblr", 0.4, s, 2.00 + d, 100.0, _t(0.7, 0.7)),
                   ("lowrank", 0.4, s, 2.10 + d, 100.0, _t(0.55, 0.55))]
     lines = tf.targets(GPT_EXP, _fronts(GPT_EXP, specs))
+    # without Monarch and BLR runs the front cannot be judged against them
+    assert [line.split(":")[0] for line in lines] == ["not checked"] * 2 + ["met"] * 2
+    assert "no runs of monarch, blr" in lines[0]
+    specs += [("monarch", 0.4, 0, 2.2, 100.0, _t(0.9, 0.9)),
+              ("blr", 0.4, 0, 2.2, 100.0, _t(0.9, 0.9))]
+    lines = tf.targets(GPT_EXP, _fronts(GPT_EXP, specs))
     assert all(line.startswith("met") for line in lines), lines
+    # two seeds of one GBLR point are not enough
+    lines = tf.targets(GPT_EXP, _fronts(GPT_EXP, specs[:-5] + specs[-4:]))
+    assert lines[2].startswith("not met") and "at least 2 seed(s)" in lines[2]
+
+
+def test_fronts_need_a_dense_run():
+    with pytest.raises(ValueError, match="no finished dense run"):
+        _fronts(GPT_EXP, [("gblr", 0.4, 0, 2.0, 100.0, _t(1.0, 1.0))])
 
 
 def test_mixer_target_wants_a_fast_gblr_model_near_dense_accuracy():
@@ -164,3 +179,25 @@ def test_jobs_cover_every_structure_and_budget_once_per_seed():
     assert {j["folder"] for j in quick if j["kind"] == "gblr"} == {
         "mnist1d_mixer-gblr-b0.15", "mnist1d_mixer-gblr-b0.5"}
     assert all("trainer.max_steps=6" in j["overrides"] for j in quick)
+
+
+def test_deployed_mixer_packs_for_its_channel_and_token_mlps():
+    from gblr.deploy import PackedGBLRLinear
+    from gblr.models import MlpMixer
+
+    torch.manual_seed(0)
+    model = MlpMixer(img_size=40, patch_size=4, in_chans=1, num_classes=10, dim=16, depth=1,
+                     token_hidden=8, channel_hidden=32, linear="gblr", budget=0.5,
+                     gblr={"rank_fraction": 0.5}).eval()
+    model.linear = "gblr"
+    cfg = OmegaConf.create({"model": {"dim": 16}})
+    x = torch.randn(3, 40)
+    with torch.inference_mode():
+        ref = model(x)
+        out = tf._deployed(model, MIXER_EXP, cfg, [3, 1])(x)
+    tokens = {tuple(sorted(p.spec["tokens"] for p in m.plans)) for m in model.modules()
+              if isinstance(m, PackedGBLRLinear)}
+    # the channel MLPs see batch x 10 patches, the token MLPs batch x 16 channels; at
+    # batch 3 and 1 every layer has a packing for each of the four counts
+    assert tokens == {(10, 16, 30, 48)}
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

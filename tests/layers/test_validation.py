@@ -36,6 +36,7 @@ def test_rank_fraction_sets_the_total_rank():
     assert GBLRLinear(256, 1024, rank_fraction=0.5, rank_per_component=4).num_components == 32
     assert GBLRLinear(10, 64, rank_fraction=0.5, rank_per_component=4).num_components == 1
     assert GBLRLinear(10, 64, rank_fraction=0.05).num_components == 1
+    assert GBLRLinear(100, 200, rank_fraction=0.29).num_components == 29  # not 28.999...
     assert GBLRLinear(10, 64).num_components == GBLRLinear(10, 64, rank_fraction=1).num_components
 
 

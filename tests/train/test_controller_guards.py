@@ -66,3 +66,14 @@ def test_budget_values_are_numbers_in_range(bad):
 def test_sizes_are_integers_not_booleans(bad):
     with pytest.raises((TypeError, ValueError), match="in_features"):
         GBLRLinear(bad, 4)
+
+
+def test_a_target_above_the_full_width_cost_warns_at_construction():
+    # 4 full-width components of a 16 -> 24 layer cost 4 * 40 / 384 = 0.4167 of dense
+    model = nn.Sequential(GBLRLinear(16, 24, rank_fraction=0.25))
+    with pytest.warns(RuntimeWarning, match=r"full width \(0.4167 of dense\)") as record:
+        BudgetController(model, 0.5, total_steps=10)
+    assert {w.filename for w in record} == {__file__}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        BudgetController(model, 0.4, total_steps=10)  # within reach: silent

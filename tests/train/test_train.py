@@ -10,7 +10,7 @@ import torch
 from helpers import shakespeare_available
 from torch import nn
 
-from gblr import GBLRLinear
+from gblr import GBLRConv2d, GBLRLinear
 from gblr.core.timemodel import MeasuredTimes, TimeModel
 from gblr.train import (
     STRUCTURE_GROUP,
@@ -447,6 +447,20 @@ def test_resnet18_gblr_convs_are_controlled():
         ResNet18(linear="monarch")
 
 
+@pytest.mark.parametrize("rank_fraction", [None, 0.5])
+def test_resnet18_gblr_builds_from_its_experiment(rank_fraction):
+    # every key of model.gblr reaches the GBLR convolutions, rank_fraction included
+    cfg = runner.compose(["experiment=imagenet/resnet18-gblr", "model.width=8",
+                          f"model.gblr.rank_fraction={rank_fraction or 'null'}"])
+    model = runner.build_model(cfg, {"task": "classify", "num_classes": 5, "in_chans": 3,
+                                     "img_size": (32, 32)})
+    convs = [m for m in model.modules() if isinstance(m, GBLRConv2d)]
+    assert len(convs) == 16
+    # the first 3x3 conv: 8 -> 8 channels, a GBLR matrix of 8 x 72
+    expected = 8 if rank_fraction is None else 4
+    assert convs[0].linears[0].num_components == expected
+
+
 def test_compare_runs_each_structure_and_writes_the_table(tmp_path, capsys):
     cfg = runner.compose(["experiment=mnist1d/compare", "trainer.fast_dev_run=true",
                           f"out_dir={tmp_path}", "trainer.enable_progress_bar=false", "threads=1",
@@ -493,3 +507,26 @@ def test_gpt_runs_the_fused_gelu():
 
     x = torch.randn(4, 32) * 3
     assert torch.allclose(acts[0](x), NewGELUActivation()(x), atol=1e-6)
+
+
+def test_gpt2_projection_takes_the_runner_gblr_options():
+    """A fine-tune projects GPT-2's layers with the keys a projection takes; the options of
+    a fresh layer in ``model.gblr`` (``num_components``, ``rank_fraction``, ...) are left out."""
+    pytest.importorskip("transformers")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gblr.models.gpt import structure_gpt2
+
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=20, n_positions=8, n_embd=16, n_layer=1,
+                                    n_head=2)).eval()
+    opts = dict(runner.compose(["experiment=shakespeare/gpt-gblr"]).model.gblr)
+    assert opts["rank_fraction"] == 0.5 and "num_components" in opts
+    ids = torch.randint(0, 20, (1, 8))
+    with torch.no_grad():
+        ref = lm(ids).logits
+    structure_gpt2(lm, "gblr", budget=1.0, gblr=opts, project=True)
+    layers = [m for m in lm.modules() if isinstance(m, GBLRLinear)]
+    assert len(layers) == 3 and all(m.rank_per_component == 4 for m in layers)
+    with torch.no_grad():  # at the full budget the projection stays close to the weights
+        assert (lm(ids).logits - ref).abs().max() < 0.05

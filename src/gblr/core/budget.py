@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 
 from gblr.core.cost import dense_cost
+from gblr.core.validate import check_fraction
 
 __all__ = [
     "RTOL",
@@ -44,17 +45,7 @@ def fits(cost: float, limit: float) -> bool:
 
 def check_budget(budget: float, name: str = "budget") -> float:
     """Validate a budget: a fraction of the dense cost in ``(0, 1]``."""
-    if isinstance(budget, bool | str | bytes):
-        raise TypeError(f"{name} must be a number in (0, 1], got {budget!r}")
-    try:
-        b = float(budget)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number in (0, 1], got {budget!r}") from None
-    if not math.isfinite(b) or b <= 0.0 or b > 1.0:
-        raise ValueError(
-            f"{name} must be a fraction of the dense cost in (0, 1], got {budget!r}"
-        )
-    return b
+    return check_fraction(name, budget, "a fraction of the dense cost")
 
 
 def budget_to_macs(budget: float, in_features: int, out_features: int) -> float:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["check_positive", "check_float_dtype", "check_finite"]
+__all__ = ["check_positive", "check_fraction", "check_float_dtype", "check_finite"]
 
 
 def check_positive(name: str, value: int) -> int:
@@ -22,6 +24,20 @@ def check_positive(name: str, value: int) -> int:
     if value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value}")
     return int(value)
+
+
+def check_fraction(name: str, value: float, what: str = "a number") -> float:
+    """Return ``value`` as a float in ``(0, 1]``, or raise naming ``name`` (``what`` says
+    what the fraction is of, for the message)."""
+    if isinstance(value, bool | str | bytes):
+        raise TypeError(f"{name} must be a number in (0, 1], got {value!r}")
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number in (0, 1], got {value!r}") from None
+    if not math.isfinite(f) or f <= 0.0 or f > 1.0:
+        raise ValueError(f"{name} must be {what} in (0, 1], got {value!r}")
+    return f
 
 
 def check_float_dtype(name: str, dtype: torch.dtype) -> torch.dtype:

@@ -55,9 +55,9 @@ class GBLRConv2d(FlopsAliases, nn.Module):
         path: ``"dense"`` (materialize the kernel, one ``conv2d``), ``"lowrank"``
             (``conv2d`` with ``V`` as kernel, then a 1x1 conv with ``U``) or ``"auto"``
             (fewer MACs for the input at hand). Evaluation always materializes the kernel.
-        num_components, rank_per_component, sigma, init, init_fraction, location_init:
-            passed to each :class:`GBLRLinear` (``budget=`` is ``init_fraction``'s deprecated
-            name).
+        num_components, rank_per_component, rank_fraction, sigma, init, init_fraction,
+            location_init: passed to each :class:`GBLRLinear` (``budget=`` is
+            ``init_fraction``'s deprecated name).
 
     Cost: :meth:`macs` is the evaluation-mode MACs per *output position* (one output
     pixel of one image, all output channels), the sum of the GBLR costs; :meth:`macs`
@@ -79,6 +79,7 @@ class GBLRConv2d(FlopsAliases, nn.Module):
         per_tap: bool = False,
         num_components: int | None = None,
         rank_per_component: int = 1,
+        rank_fraction: float | None = None,
         sigma: float | None = None,
         init: str = "svd",
         init_fraction: float | None = None,
@@ -109,6 +110,7 @@ class GBLRConv2d(FlopsAliases, nn.Module):
                 self.out_channels,
                 num_components=num_components,
                 rank_per_component=rank_per_component,
+                rank_fraction=rank_fraction,
                 bias=False,
                 sigma=sigma,
                 init=init,

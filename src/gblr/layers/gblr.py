@@ -19,7 +19,7 @@ from gblr.core.boxes import INPUT_AXIS, OUTPUT_AXIS
 from gblr.core.budget import check_budget
 from gblr.core.cost import grouped_component_cost
 from gblr.core.deprecation import warn_renamed
-from gblr.core.validate import check_positive
+from gblr.core.validate import check_fraction, check_positive
 from gblr.layers.base import StructuredLinear, provider, register_structure
 from gblr.layers.blocks import truncated_svd_factors
 from gblr.layers.gblr_exact import ExactForms
@@ -121,9 +121,10 @@ class GBLRLinear(ExactForms, StructuredLinear):
         if num_components is not None and rank_fraction is not None:
             raise ValueError("pass num_components or rank_fraction, not both")
         if num_components is None:
-            fraction = 1.0 if rank_fraction is None else check_budget(
-                rank_fraction, "rank_fraction")
-            k = max(1, int(fraction * min_dim) // r)
+            fraction = 1.0 if rank_fraction is None else check_fraction(
+                "rank_fraction", rank_fraction, "a fraction of min(in_features, out_features)")
+            # the floor of fraction * min_dim, safe from rounding (0.29 * 100 = 28.999...)
+            k = max(1, math.floor(fraction * min_dim + 1e-9) // r)
         else:
             k = check_positive("num_components", num_components)
         if init not in INIT_SCHEMES:

@@ -11,10 +11,13 @@ from gblr.core.surgery import replace_modules
 from gblr.layers.base import get_structure
 from gblr.layers.gblr import GBLRLinear
 
-__all__ = ["LINEAR_KINDS", "make_linear", "project_linears"]
+__all__ = ["LINEAR_KINDS", "PROJECTION_KEYS", "make_linear", "project_linears"]
 
 #: Values of the ``linear`` switch of every model in :mod:`gblr.models`.
 LINEAR_KINDS = ("dense", "gblr", "lowrank", "monarch", "blr", "blocksparse")
+#: The keys of a ``gblr`` options dict that a projection (``from_dense``) takes; the others
+#: (``num_components``, ``rank_fraction``, ``init``, ...) describe a fresh layer only.
+PROJECTION_KEYS = ("rank_per_component", "path", "sigma")
 
 
 def make_linear(
@@ -63,8 +66,7 @@ def project_linears(
     cls = get_structure(kind)
     kwargs = {}
     if kind == "gblr":
-        kwargs = {k: v for k, v in dict(gblr or {}).items()
-                  if k in ("rank_per_component", "path", "sigma")}
+        kwargs = {k: v for k, v in dict(gblr or {}).items() if k in PROJECTION_KEYS}
     targets = [(name, module) for name, module in model.named_modules()
                if name.rpartition(".")[2] in names and isinstance(module, nn.Linear)]
     if not targets:

@@ -9,7 +9,7 @@ from torch import nn
 
 from gblr.core.surgery import replace_modules
 from gblr.layers.base import get_structure
-from gblr.models.factory import make_linear
+from gblr.models.factory import PROJECTION_KEYS, make_linear
 
 __all__ = ["fuse_gelu", "GPT", "GPT2_TARGETS", "structure_gpt2"]
 
@@ -40,9 +40,8 @@ def structure_gpt2(
     if linear == "dense":
         return model
     blocks = model.transformer.h if hasattr(model, "transformer") else model.h
-    kwargs = dict(gblr or {}) if linear == "gblr" else {}
-    for key in ("budget", "init_fraction", "init"):  # settings of a fresh layer only
-        kwargs.pop(key, None)
+    kwargs = ({k: v for k, v in dict(gblr or {}).items() if k in PROJECTION_KEYS}
+              if linear == "gblr" else {})
 
     def create(_: str, conv: nn.Module) -> nn.Module:
         if project:

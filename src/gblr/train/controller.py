@@ -219,6 +219,8 @@ class BudgetController:
             checks.append(0.5 * (span + self.total_steps))
             self._time_checks = {max(1, round(c)) for c in checks if c < self.total_steps}
         self.steps = 0
+        if cost == "macs":
+            self._check_reachable()
         self._costs = self._measure()
         self._enforced: float | None = None  # the cost the last enforce() returned
         self.initial_cost = self.cost_fraction
@@ -477,6 +479,20 @@ class BudgetController:
         masks are sharp (``sigma=None``); a blurred mask has more entries above the
         evaluation threshold, so it costs more until ``sigma`` is annealed away."""
         return sum(layer.macs() for _, layer in self.layers) / self.dense_total
+
+    def _check_reachable(self) -> None:
+        """Warn when even full-width components cost less than the target: the layers have
+        too few components (``K r``, e.g. a small ``rank_fraction``) for the budget."""
+        ceiling = sum(layer.sharp_macs(torch.ones_like(layer.widths))
+                      for _, layer in self.layers) / self.dense_total
+        if self.target > ceiling * (1.0 + self.tolerance):
+            warnings.warn(
+                f"target={self.target} is above what these GBLR layers cost with every "
+                f"component at full width ({ceiling:.4f} of dense): the cost cannot reach "
+                "it. Give the layers more components (num_components, or a larger "
+                "rank_fraction) or lower the budget.",
+                RuntimeWarning, stacklevel=_outside_stacklevel(),
+            )
 
     def _warn_collapse(self, why: str) -> None:
         active = sum(int(layer.active_components().sum()) for _, layer in self.layers)
