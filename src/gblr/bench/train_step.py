@@ -38,6 +38,7 @@ import torch
 
 from gblr.bench.timing import cpu_name, steady_allocator, time_samples
 from gblr.core.files import write_text_atomic
+from gblr.layers.gblr import sharp_macs_of
 from gblr.train.controller import BudgetController
 from gblr.train.groups import adamw, gblr_layers, param_groups
 from gblr.train.sigma import SigmaSchedule
@@ -112,19 +113,20 @@ def _controller(model, cfg, total_steps: int) -> BudgetController:
 
 @torch.no_grad()
 def _set_phase(model, cfg, fraction: float, total_steps: int) -> dict[str, Any]:
-    """Shrink the GBLR widths ``fraction`` of the way from full width to the budget and set
-    the ``sigma`` of that point of the anneal; returns what was set."""
+    """Shrink the GBLR widths ``fraction`` of the way from their starting cost (full width,
+    at most dense's) to the budget and set the ``sigma`` of that point of the anneal;
+    returns what was set."""
     s = cfg.structure
     schedule = SigmaSchedule(model, total_steps, start=s.sigma_start, end=s.sigma_end,
                              anneal_frac=s.sigma_anneal)
     for _, layer in gblr_layers(model):
         layer.sigma = None
     budget = float(cfg.budget)
-    target = 1.0 + (budget - 1.0) * fraction
-    probe = BudgetController(model, min(1.0, target), total_steps=1, floor=s.floor,
-                             tolerance=0.0)
+    layers = [layer for _, layer in gblr_layers(model)]
+    start = min(1.0, sum(sharp_macs_of(layers)) / sum(layer.dense_macs() for layer in layers))
     if fraction > 0:
-        probe.enforce()
+        target = start + (budget - start) * fraction
+        BudgetController(model, target, total_steps=1, floor=s.floor, tolerance=0.0).enforce()
     tick = total_steps if fraction >= 1.0 else int(fraction * schedule.anneal)
     sigma = schedule.apply(tick)
     active = sum(int(layer.active_components().sum()) for _, layer in gblr_layers(model))
