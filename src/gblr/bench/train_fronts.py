@@ -142,16 +142,14 @@ def measure_latency(exp: str, runs: list[dict], reps: int, tune: bool = True
     """Median seconds per call of each run's deployed model, per regime: ``{regime:
     {run_dir: seconds}}``, all models of the experiment interleaved."""
     regimes = EXPERIMENTS[exp]["regimes"]
-    models, cfgs = {}, {}
+    models, cfg = {}, None
     for r in runs:
         model, cfg = load_run(Path(r["run_dir"]))
         models[r["run_dir"]] = _deployed(model, exp, cfg, list(regimes.values()), tune)
-        cfgs[r["run_dir"]] = cfg
     out = {}
     with torch.inference_mode():
         for regime, batch in regimes.items():
-            first = next(iter(cfgs.values()))
-            x = _inputs(exp, first, batch)
+            x = _inputs(exp, cfg, batch)  # the runs of an experiment share its input shape
             fns = {}
             for key, model in models.items():
                 if exp == "shakespeare/gpt" and batch == 1:
@@ -179,6 +177,7 @@ def fronts(exp: str, runs: list[dict], latency: dict[str, dict[str, float]]) -> 
     dense = groups.get(("dense", None))
     if not dense:
         raise ValueError(f"{exp}: no finished dense run; every time is a ratio to dense's")
+    dense_seconds = statistics.mean(float(r["fit_seconds"]) for r in dense)
     points = []
     for (kind, budget), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
         q = [_quality(r) for r in rs]
@@ -188,7 +187,7 @@ def fronts(exp: str, runs: list[dict], latency: dict[str, dict[str, float]]) -> 
              "macs": statistics.mean(float(r["cost_fraction"]) for r in rs),
              "train_seconds": statistics.mean(float(r["fit_seconds"]) for r in rs),
              "train_time": statistics.mean(float(r["fit_seconds"]) for r in rs)
-             / statistics.mean(float(r["fit_seconds"]) for r in dense),
+             / dense_seconds,
              "times": {}}
         for regime, seconds in latency.items():
             p["times"][regime] = (statistics.mean(seconds[r["run_dir"]] for r in rs)
@@ -354,10 +353,10 @@ def main(argv: list[str] | None = None) -> int:
 
         mnist1d_splits(data_root, num_samples=600 if args.quick else 10000)
     jobs = _jobs(args.experiments, args.seeds, args.quick, tuple(args.structures))
-    # the other structures' finished runs, whatever their seeds, join the fronts
+    # finished runs beyond these jobs (other structures, other seeds) join the fronts too
+    planned = {(j["seed"], j["folder"]) for j in jobs}
     extra = [j for j in _jobs(args.experiments, MAX_SEEDS, args.quick)
-             if (j["kind"], j["seed"], j["folder"]) not in
-             {(k["kind"], k["seed"], k["folder"]) for k in jobs}]
+             if (j["seed"], j["folder"]) not in planned]
     for j in jobs + extra:
         j["work"] = work / j.pop("folder")
     found = [r for r in (_reused(j, j["work"], data_root) for j in extra) if r is not None]
