@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -127,13 +129,30 @@ def test_report_and_figure(tmp_path):
     ])
     tf.plot(GPT_EXP, points, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 0
+    settings = {"command": "c", "cpu": "x", "torch": "t", "jobs": 1, "reps": 3, "seeds": 1,
+                "tune": True}
     text = tf._markdown({
-        "settings": {"command": "c", "cpu": "x", "torch": "t", "jobs": 1, "reps": 3,
-                     "seeds": 1, "tune": True},
-        "experiments": {GPT_EXP: {"points": points, "figure": "f.png",
+        "experiments": {GPT_EXP: {"settings": settings, "points": points, "figure": "f.png",
                                   "targets": tf.targets(GPT_EXP, points)}}})
     assert "| gblr | 0.4 | 1 | 0.400 | 2.0000 | 0.700 | - | 0.800 | - | 1.00 |" in text
+    assert "Command: `c`. x, torch t; 1 runs at a time; 3 repetitions" in text
     assert "not met" in text
+
+
+def test_experiments_not_rerun_keep_their_earlier_results(tmp_path):
+    path = tmp_path / "results.json"
+    assert tf._earlier(path, [GPT_EXP]) == {}  # no earlier file
+    path.write_text("{not json")
+    assert tf._earlier(path, [GPT_EXP]) == {}
+    # an earlier file with one settings block for all: each kept experiment takes it
+    old = {"settings": {"command": "old"},
+           "experiments": {GPT_EXP: {"points": [1]}, MIXER_EXP: {"points": [2]}}}
+    path.write_text(json.dumps(old))
+    kept = tf._earlier(path, [GPT_EXP])
+    assert kept == {MIXER_EXP: {"points": [2], "settings": {"command": "old"}}}
+    assert tf._earlier(path, [GPT_EXP, MIXER_EXP]) == {}
+    path.write_text(json.dumps({"experiments": {MIXER_EXP: {"points": [2]}}}))
+    assert tf._earlier(path, [GPT_EXP]) == {}  # no settings: not kept
 
 
 def test_decode_times_the_same_token_every_call():

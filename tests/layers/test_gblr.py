@@ -135,6 +135,16 @@ def test_flops_follow_in_place_width_updates():
     assert layer.macs() > 14 + 7
 
 
+def test_flops_of_inference_tensors_follow_in_place_updates():
+    # a layer built under inference_mode has no version counters: its cost is not cached
+    with torch.inference_mode():
+        layer = make(8, 6, num_components=2)
+        set_boxes(layer, torch.ones(2, 2), torch.zeros(2, 2))
+        assert layer.macs() == min(2 * 14, 48)
+        layer.widths[:, 1] = 0.0
+        assert layer.macs() == 14
+
+
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("path", ["dense", "lowrank"])
 def test_bias_false(training, path):

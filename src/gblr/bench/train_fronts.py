@@ -257,21 +257,21 @@ def targets(exp: str, points: list[dict]) -> list[str]:
 
 
 def _markdown(result: dict) -> str:
-    s = result["settings"]
     lines = ["# Trained models at equal measured time", "",
-             f"Command: `{s['command']}`. {s['cpu']}, torch {s['torch']}; training one thread "
-             f"per run, {s['jobs']} runs at a time; timing one thread, {s['reps']} interleaved "
-             "repetitions, medians, all models of an experiment in one process. Quality is "
-             "the mean over seeds (± their standard deviation); time is the deployed "
-             f"model's over dense's (GBLR packed, `tune={s['tune']}`); train time is "
-             "`gblr train`'s fit time over dense's (runs shared the cores). A point is "
-             "beaten by a point of another structure that runs no slower with lower "
-             "loss/error.", ""]
+             "Training: one thread per run; timing: one thread, interleaved repetitions, "
+             "medians, all models of an experiment in one process. Quality is the mean over "
+             "seeds (± their standard deviation); time is the deployed model's over dense's "
+             "(GBLR packed by `gblr.deploy`); train time is `gblr train`'s fit time over "
+             "dense's (runs shared the cores). A point is beaten by a point of another "
+             "structure that runs no slower with lower loss/error.", ""]
     for exp, ex in result["experiments"].items():
+        s = ex["settings"]
+        lines += [f"## {exp}", "",
+                  f"Command: `{s['command']}`. {s['cpu']}, torch {s['torch']}; {s['jobs']} "
+                  f"runs at a time; {s['reps']} repetitions; `tune={s['tune']}`.", ""]
         regimes = list(EXPERIMENTS[exp]["regimes"])
         metric = EXPERIMENTS[exp]["metric"]
-        lines += [f"## {exp}", "",
-                  f"| structure | budget | seeds | MACs / dense | {metric} | "
+        lines += [f"| structure | budget | seeds | MACs / dense | {metric} | "
                   + " | ".join(f"time / dense, {r} | beaten by ({r})" for r in regimes)
                   + " | train time / dense |",
                   "|---|---:|---:|---:|---:|" + "---:|---|" * len(regimes) + "---:|"]
@@ -284,6 +284,21 @@ def _markdown(result: dict) -> str:
         lines += ["", f"![{exp}]({ex['figure']})", "", "Targets:", ""]
         lines += [f"- {t}" for t in ex["targets"]] + [""]
     return "\n".join(lines)
+
+
+def _earlier(path: Path, rerun: list[str]) -> dict:
+    """The experiments of an earlier ``results.json`` at ``path`` that are not in ``rerun``
+    (each with its own settings), or nothing when there is no readable earlier file."""
+    try:
+        earlier = json.loads(path.read_text())
+        kept = {e: ex for e, ex in earlier["experiments"].items()
+                if e in EXPERIMENTS and e not in rerun}
+        for ex in kept.values():  # files written before settings were per experiment
+            ex.setdefault("settings", earlier.get("settings"))
+            ex["settings"]["command"]  # noqa: B018 (a file without settings is not kept)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+    return kept
 
 
 def plot(exp: str, points: list[dict], path: Path) -> None:
@@ -366,20 +381,23 @@ def main(argv: list[str] | None = None) -> int:
     with ThreadPoolExecutor(args.jobs) as pool:
         ran = iter(list(pool.map(lambda j: _run(j, j["work"], data_root), todo)))
     runs = [r if r is not None else next(ran) for r in reused] + found
-    result = {"settings": {"command": "python -m gblr.bench.train_fronts "
-                           + " ".join(argv if argv is not None else sys.argv[1:]),
-                           "cpu": cpu_name(), "torch": torch.__version__, "jobs": args.jobs,
-                           "reps": args.reps, "seeds": args.seeds,
-                           "tune": not args.quick},
-              "experiments": {}}
+    settings = {"command": "python -m gblr.bench.train_fronts "
+                + " ".join(argv if argv is not None else sys.argv[1:]),
+                "cpu": cpu_name(), "torch": torch.__version__, "jobs": args.jobs,
+                "reps": args.reps, "seeds": args.seeds, "tune": not args.quick}
+    # the experiments not run this time keep their results from an earlier command
+    result = {"experiments": _earlier(out / "results.json", args.experiments)}
     out.mkdir(parents=True, exist_ok=True)
     for exp in args.experiments:
         rs = [r for r in runs if _prefix(r) == exp]
         points = fronts(exp, rs, measure_latency(exp, rs, args.reps, tune=not args.quick))
         figure = exp.replace("/", "_") + ".png"
         plot(exp, points, out / figure)
-        result["experiments"][exp] = {"points": points, "targets": targets(exp, points),
-                                      "figure": figure, "runs": rs}
+        result["experiments"][exp] = {"settings": settings, "points": points,
+                                      "targets": targets(exp, points), "figure": figure,
+                                      "runs": rs}
+    result["experiments"] = {e: result["experiments"][e] for e in EXPERIMENTS
+                             if e in result["experiments"]}
     text = _markdown(result)
     write_text_atomic(out / "results.md", text)
     write_text_atomic(out / "results.json", json.dumps(result, indent=1))

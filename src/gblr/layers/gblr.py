@@ -374,9 +374,13 @@ class GBLRLinear(ExactForms, StructuredLinear):
         m_in, m_out = self.eval_masks()
         return m_in != 0, m_out != 0
 
-    def _cost_key(self) -> tuple:
-        """Changes whenever the evaluation-mode cost may change (in-place updates included)."""
+    def _cost_key(self) -> tuple | None:
+        """Changes whenever the evaluation-mode cost may change (in-place updates included);
+        None for inference tensors (made under ``torch.inference_mode()``), which have no
+        version counter: their cost is not cached."""
         w, l = self.widths, self.locations
+        if w.is_inference() or l.is_inference():
+            return None
         return (
             w._version, l._version, w.data_ptr(), l.data_ptr(), w.device, w.dtype, self.sigma
         )
@@ -388,7 +392,7 @@ class GBLRLinear(ExactForms, StructuredLinear):
         """
         key = self._cost_key()
         cached = self.__dict__.get("_cost_cache")
-        if cached is not None and cached[0] == key:
+        if key is not None and cached is not None and cached[0] == key:
             return cached[1]
         in_support, out_support = self.component_supports()
         ranks = torch.full((self.num_components,), self.rank_per_component, dtype=torch.long)
