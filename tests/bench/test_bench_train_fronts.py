@@ -139,20 +139,33 @@ def test_report_and_figure(tmp_path):
     assert "not met" in text
 
 
-def test_experiments_not_rerun_keep_their_earlier_results(tmp_path):
+def test_experiments_not_rerun_keep_their_earlier_results(tmp_path, capsys):
     path = tmp_path / "results.json"
     assert tf._earlier(path, [GPT_EXP]) == {}  # no earlier file
+    assert capsys.readouterr().err == ""
     path.write_text("{not json")
     assert tf._earlier(path, [GPT_EXP]) == {}
+    assert "not kept" in capsys.readouterr().err
+    points = _fronts(MIXER_EXP, [
+        ("dense", None, 0, 0.96, 100.0, {"batch 128": 1.0, "1 sequence": 1.0}),
+        ("gblr", 0.3, 0, 0.965, 100.0, {"batch 128": 0.8, "1 sequence": 0.9}),
+    ], acc=True)
+    mixer = {"points": points, "figure": "m.png", "targets": tf.targets(MIXER_EXP, points)}
+    settings = {"command": "old", "cpu": "x", "torch": "t", "jobs": 1, "reps": 3,
+                "seeds": 1, "tune": True}
     # an earlier file with one settings block for all: each kept experiment takes it
-    old = {"settings": {"command": "old"},
-           "experiments": {GPT_EXP: {"points": [1]}, MIXER_EXP: {"points": [2]}}}
-    path.write_text(json.dumps(old))
+    path.write_text(json.dumps({"settings": settings,
+                                "experiments": {GPT_EXP: {"points": []}, MIXER_EXP: mixer}}))
     kept = tf._earlier(path, [GPT_EXP])
-    assert kept == {MIXER_EXP: {"points": [2], "settings": {"command": "old"}}}
+    assert list(kept) == [MIXER_EXP] and kept[MIXER_EXP]["settings"] == settings
+    text = tf._markdown({"experiments": kept})
+    assert "Command: `old`" in text and "| gblr | 0.3 | 1 | 0.300 |" in text
     assert tf._earlier(path, [GPT_EXP, MIXER_EXP]) == {}
-    path.write_text(json.dumps({"experiments": {MIXER_EXP: {"points": [2]}}}))
-    assert tf._earlier(path, [GPT_EXP]) == {}  # no settings: not kept
+    # a kept experiment must render: settings missing or incomplete, nothing is kept
+    for bad in ({}, {"command": "old"}):
+        path.write_text(json.dumps({"experiments": {MIXER_EXP: {**mixer, "settings": bad}}}))
+        assert tf._earlier(path, [GPT_EXP]) == {}
+        assert "not kept" in capsys.readouterr().err
 
 
 def test_decode_times_the_same_token_every_call():

@@ -288,15 +288,20 @@ def _markdown(result: dict) -> str:
 
 def _earlier(path: Path, rerun: list[str]) -> dict:
     """The experiments of an earlier ``results.json`` at ``path`` that are not in ``rerun``
-    (each with its own settings), or nothing when there is no readable earlier file."""
+    (each with its own settings), or nothing when there is no earlier file or it cannot
+    be reported again (a warning says so when it exists)."""
+    if not path.exists():
+        return {}
     try:
         earlier = json.loads(path.read_text())
         kept = {e: ex for e, ex in earlier["experiments"].items()
                 if e in EXPERIMENTS and e not in rerun}
         for ex in kept.values():  # files written before settings were per experiment
             ex.setdefault("settings", earlier.get("settings"))
-            ex["settings"]["command"]  # noqa: B018 (a file without settings is not kept)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        _markdown({"experiments": kept})  # what is kept must render, or nothing is
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as err:
+        print(f"warning: the earlier results in {path} are not kept ({type(err).__name__}: "
+              f"{err})", file=sys.stderr)
         return {}
     return kept
 

@@ -397,7 +397,8 @@ class GBLRLinear(ExactForms, StructuredLinear):
         in_support, out_support = self.component_supports()
         ranks = torch.full((self.num_components,), self.rank_per_component, dtype=torch.long)
         cost = grouped_component_cost(in_support, out_support, ranks)
-        self.__dict__["_cost_cache"] = (key, cost)
+        if key is not None:
+            self.__dict__["_cost_cache"] = (key, cost)
         return cost
 
     def gemms(self, tokens: int | None = None) -> list[tuple[int, int, int]]:
